@@ -1,0 +1,185 @@
+"""The `mgh-ray` command: one subcommand per stage, each taking a config file and dotlist overrides.
+
+    mgh-ray fetch jobs/configs/tiny.yaml
+    mgh-ray synthesize jobs/configs/tiny.yaml synthesis.num_seeds=32
+    mgh-ray train jobs/configs/tiny.yaml train.steps=40
+    mgh-ray serve jobs/configs/tiny.yaml            # deploys, checks parity, stays up until Ctrl-C
+    mgh-ray evaluate jobs/configs/tiny.yaml --model base=runs/tiny/base --model trained=runs/tiny/train/model
+    mgh-ray pipeline jobs/configs/tiny.yaml         # all of the above, resumable
+    mgh-ray ablate jobs/configs/tiny.yaml
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage synthesis
+
+The same commands run on a cluster through `ray job submit ... -- python -m jobs.<verb> CONFIG ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import typer
+
+from mgh_ray import config
+from mgh_ray.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-granularity hard negatives, curriculum training and ATA pooling on Ray.")
+
+CONFIG = typer.Argument(..., exists=False, help="YAML config, e.g. jobs/configs/tiny.yaml")
+OVERRIDES = typer.Argument(None, help="dotlist overrides, e.g. train.steps=20 run_dir=runs/x")
+
+
+def _setup(config_path: Path, overrides: list[str] | None):
+    from mgh_ray import pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = config.load(pipeline.PipelineConfig, config_path, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return cfg
+
+
+def _ray(cfg) -> None:
+    from mgh_ray import pipeline
+
+    pipeline.init_ray(cfg.ray)
+
+
+def _table(df) -> str:
+    return df.to_markdown(floatfmt=".4f")
+
+
+@app.command()
+def fetch(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """Fetch, verify and cache the pinned models and data (offline when the cache is warm)."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    typer.echo(json.dumps(pipeline.fetch(cfg), indent=1))
+
+
+@app.command()
+def synthesize(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """Write graded hard negatives for the seeds with vLLM actors over Ray Data (resumable)."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    report = pipeline.synthesize(cfg)
+    typer.echo(json.dumps(report, indent=1, default=str))
+
+
+@app.command()
+def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """Mined-negative baseline: graded negatives from the seed corpus by the reference embedder."""
+    from mgh_ray import mining
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    typer.echo(json.dumps(mining.mine(cfg.mining, Path(cfg.run_dir) / "mine"), indent=1, default=str))
+
+
+@app.command()
+def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
+          records: Path = typer.Option(None, help="folder of records (default: RUN_DIR/synthesize)")) -> None:
+    """Train the embedder with Ray Train (DDP, LoRA, ATA pooling, curriculum); resumes."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    typer.echo(str(pipeline.train(cfg, records)))
+
+
+@app.command()
+def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
+          model: Path = typer.Option(None, help="encoder folder (default: RUN_DIR/train/model)"),
+          block: bool = typer.Option(True, help="stay up until Ctrl-C")) -> None:
+    """Deploy the embedder on Ray Serve (/v1/embeddings) and check served == in-process vectors."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    info = pipeline.serve(cfg, model)
+    typer.echo(json.dumps(info, indent=1))
+    while block:
+        time.sleep(3600)
+
+
+@app.command()
+def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
+             model: list[str] = typer.Option(None, help="NAME=FOLDER, repeatable (default: base and trained)")) -> None:
+    """Run the offline MTEB tasks through Serve replicas and write the report."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    models = None
+    if model:
+        bad = [m for m in model if "=" not in m]
+        if bad:
+            typer.echo(f"error: --model takes NAME=FOLDER, got {bad}", err=True)
+            raise typer.Exit(2)
+        models = {k: Path(v) for k, v in (m.split("=", 1) for m in model)}
+    scores = pipeline.evaluate(cfg, models)
+    typer.echo(_table(scores))
+    typer.echo(f"report: {Path(cfg.run_dir) / 'evaluate' / 'report.md'}")
+
+
+@app.command("pipeline")
+def pipeline_(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """fetch -> synthesize -> train -> serve -> evaluate, reusing finished stages of the run folder."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    scores = pipeline.run_pipeline(cfg)
+    out = Path(cfg.run_dir) / "evaluate"
+    typer.echo("\n" + _table(scores))
+    if {"base", "trained"} <= set(scores.columns) and "mean" in scores.index:
+        delta = scores.loc["mean", "trained"] - scores.loc["mean", "base"]
+        typer.echo(f"\ntrained - base, mean over tasks: {delta:+.4f}")
+    typer.echo(f"report: {out / 'report.md'}\nplot:   {out / 'scores.png'}")
+
+
+@app.command()
+def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """The paper's ablations: negative schedule and pooling, same seeds and steps for every arm."""
+    from mgh_ray import ablation
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    for name, table in ablation.run_ablation(cfg).items():
+        typer.echo(f"\n## {name}\n{_table(table)}")
+
+
+@app.command()
+def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving")) -> None:
+    """Speed benchmarks against a baseline in the same run; prints and saves a table."""
+    from mgh_ray.benchmarks import serving, synthesis, training
+
+    cfg = _setup(config_path, overrides)
+    _ray(cfg)
+    out = Path(cfg.run_dir) / "benchmarks"
+    if stage == "synthesis":
+        table = synthesis.run(cfg.synthesis, out)
+    elif stage == "training":
+        table = training.run(cfg.train, out)
+    elif stage == "serving":
+        from mgh_ray import pipeline
+
+        model = pipeline.trained_model(cfg)
+        model = model if model.is_dir() else pipeline.base_model(cfg, Path(cfg.run_dir))
+        table = serving.run(cfg.serve, cfg.evaluate, model, out)
+    else:
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training or serving", err=True)
+        raise typer.Exit(2)
+    typer.echo(_table(table))
+
+
+if __name__ == "__main__":
+    app()
