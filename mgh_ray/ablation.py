@@ -1,0 +1,134 @@
+"""The paper's two ablations as one command: negative schedule and pooling.
+
+Schedule arms (all on the same synthesized records, seeds and steps):
+    curriculum   L1 -> L4, one stage per level (the method)
+    level_k      level k only (k = 1..4)
+    random       a random level per example
+    reverse      L4 -> L1
+    cumulative   stage k samples from levels <= k
+    in_batch     no explicit hard negative, in-batch negatives only
+    mined        curriculum over negatives mined from the seed corpus by the reference embedder
+Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
+
+Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
+evaluated by `evaluation.evaluate` through Serve; results are one table (mean over seeds, with the
+spread when there are several seeds) and one bar chart per ablation.
+
+    mgh-ray ablate jobs/configs/tiny.yaml ablation.steps=40 ablation.seeds=[0,1]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from mgh_ray import config
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse", "cumulative",
+             "in_batch", "mined")
+POOLINGS = ("ata", "mean", "last", "weighted_mean", "cls")
+
+
+def schedule_overrides(arm: str) -> list[str]:
+    """Train-config overrides that turn the base config into the given schedule arm."""
+    if arm in ("curriculum", "mined"):
+        return ["train.curriculum.mode=curriculum"]
+    if arm.startswith("level_") and arm[6:].isdigit():
+        return ["train.curriculum.mode=single", f"train.curriculum.level={int(arm[6:])}"]
+    if arm in ("random", "reverse", "cumulative"):
+        return [f"train.curriculum.mode={arm}"]
+    if arm == "in_batch":
+        return ["train.curriculum.mode=none"]
+    raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
+
+
+def _check_arms(arms: list[str], known: tuple[str, ...], what: str) -> None:
+    bad = [a for a in arms if a not in known]
+    if bad:
+        raise ValueError(f"unknown {what} arm(s) {bad}; known: {', '.join(known)}")
+
+
+def summarize(scores: dict[str, pd.DataFrame], arms: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Rows arm; columns each task's mean over seeds, the task mean, and its std over seeds."""
+    rows = {}
+    for arm in arms:
+        per_seed = pd.concat([scores[f"{arm}-s{s}"] for s in seeds], axis=1)  # (task, seed)
+        row = per_seed.mean(axis=1).to_dict()
+        row["std_over_seeds"] = per_seed.loc["mean"].std(ddof=1) if len(seeds) > 1 else float("nan")
+        rows[arm] = row
+    return pd.DataFrame(rows).T
+
+
+def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(table)), 3.5))
+    err = table["std_over_seeds"].fillna(0.0)
+    ax.bar(table.index, table["mean"], yerr=err, capsize=3, color="#4C72B0")
+    ax.set_ylabel("mean main score over tasks")
+    ax.set_title(title)
+    lo = float(table["mean"].min())
+    ax.set_ylim(max(0.0, lo - 0.05), float(table["mean"].max()) + 0.03)
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_ablation(cfg) -> dict[str, pd.DataFrame]:
+    """Train and evaluate every arm of both ablations; returns {"schedule": table, "pooling": table}."""
+    from mgh_ray import evaluation, mining, pipeline, synthesis, training
+
+    ab = cfg.ablation
+    _check_arms(ab.schedules, SCHEDULES, "schedule")
+    _check_arms(ab.poolings, POOLINGS, "pooling")
+    root = Path(cfg.run_dir) / "ablation"
+    root.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, root / "config.yaml")
+    run = Path(cfg.run_dir)
+    pipeline.run_stage(run / "synthesize", "synthesize", pipeline.fingerprint(cfg.synthesis),
+                       lambda: pipeline.synthesize(cfg))
+    records = {"synth": synthesis.read_records(run / "synthesize")}
+    if "mined" in ab.schedules:
+        pipeline.run_stage(root / "mined", "mine", pipeline.fingerprint(cfg.mining),
+                           lambda: mining.mine(cfg.mining, root / "mined"))
+        records["mined"] = mining.read_records(root / "mined")
+
+    base_over = [f"train.steps={ab.steps}"] if ab.steps else []
+    eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
+    studies = {
+        "schedule": {arm: schedule_overrides(arm) for arm in ab.schedules},
+        "pooling": {arm: ["train.curriculum.mode=curriculum", f"train.encoder.pooling.mode={arm}"]
+                    for arm in ab.poolings},
+    }
+    tables: dict[str, pd.DataFrame] = {}
+    for study, arms in studies.items():
+        if not arms:
+            continue
+        models: dict[str, Path] = {}
+        for arm, over in arms.items():
+            for seed in ab.seeds:
+                arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
+                out = root / study / f"{arm}-s{seed}"
+                data = records["mined" if arm == "mined" else "synth"]
+                pipeline.run_stage(out, f"{study}:{arm}-s{seed}", pipeline.fingerprint(arm_cfg.train),
+                                   lambda c=arm_cfg, d=data, o=out: training.train(c.train, d, o))
+                models[f"{arm}-s{seed}"] = out / "model"
+        scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
+        per_model = {name: scores[name] for name in models}
+        table = summarize(per_model, list(arms), ab.seeds)
+        table.to_csv(root / f"{study}.csv")
+        (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
+        plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
+             root / f"{study}.png")
+        tables[study] = table
+        log.info("%s ablation:\n%s", study, table.to_markdown(floatfmt=".4f"))
+    return tables
