@@ -1,0 +1,131 @@
+"""Training benchmark: pairs/s of ATA vs mean pooling, and of 1 vs 2 workers, in one run.
+
+Each variant is a short real `training.train` run (same records, steps, batch and length); its speed
+is the median `pairs_per_s` of metrics.jsonl after the first `warmup` steps (model start-up, first
+allocations). The table holds ratios against the baseline (mean pooling, same worker count; and
+1 worker, same pooling), so it compares like with like on whatever machine runs it. Target: ATA
+costs under 10% over mean pooling (its extra work is one layer's q/k projections and n^2 scores).
+Runs one after another see the machine's load drift, so the ATA cost is also measured in-process
+(`step_times`: the same batch, mean and ATA steps alternating).
+
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage training
+    python -c "from mgh_ray.benchmarks import training as b; from mgh_ray.training import TrainConfig; \\
+               b.run(TrainConfig(steps=8), Path('runs/bench'))"
+
+`seed_records` builds training records from the BBC seeds (negatives: other seeds' positives, L1 from
+another category, L2-L4 from the same one) for benchmarks and tests, independent of synthesis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mgh_ray import config as config_io
+from mgh_ray.training import TrainConfig, read_metrics, train
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION = "Given a news headline, retrieve the news article it belongs to"
+
+
+def seed_records(n: int, seed: int = 0, levels: int = 4) -> pd.DataFrame:
+    """`n` training records from corpora's seeds, in the synthesis output schema."""
+    from mgh_ray import corpora
+
+    seeds = corpora.table("seeds")
+    picked = seeds.sample(min(n, len(seeds)), random_state=seed).reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in picked.itertuples():
+        other = seeds.positive[seeds.category != r.category].to_numpy()
+        same = seeds.positive[(seeds.category == r.category) & (seeds.id != r.id)].to_numpy()
+        negs = [rng.choice(other)] + list(rng.choice(same, size=levels - 1, replace=False))
+        rows.append({"id": r.id, "query": r.query, "positive": r.positive,
+                     **{f"neg_{k + 1}": str(t) for k, t in enumerate(negs)}, "instruction": INSTRUCTION})
+    return pd.DataFrame(rows)
+
+
+def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dict[str, float]:
+    """Median seconds of one forward+backward of the training step, mean vs ATA pooling, in this
+    process on the same batch, alternating the two so that load from other processes hits both alike."""
+    import torch
+
+    from mgh_ray.encoder import Encoder
+    from mgh_ray.losses import InfoNCE
+    from mgh_ray.training import contrastive_loss
+
+    torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    enc = Encoder.from_config(cfg.encoder).train()
+    batch = records.head(cfg.batch_size)
+    levels = np.ones(len(batch), dtype=int)
+    loss_fn = InfoNCE(cfg.loss)
+    times: dict[str, list[float]] = {"mean": [], "ata": []}
+    for r in range(repeats + 1):  # round 0 warms up
+        for mode in ("mean", "ata") if r % 2 else ("ata", "mean"):
+            enc.config.pooling = cfg.encoder.pooling.model_copy(update={"mode": mode})
+            t0 = time.perf_counter()
+            contrastive_loss(enc, enc, loss_fn, batch, levels).backward()
+            enc.zero_grad(set_to_none=True)
+            if r:
+                times[mode].append(time.perf_counter() - t0)
+    return {mode: float(np.median(ts)) for mode, ts in times.items()}
+
+
+def _speed(out_dir: Path, warmup: int) -> float:
+    m = read_metrics(out_dir)
+    steady = m[m.step > warmup]
+    return float((steady if len(steady) else m).pairs_per_s.median())
+
+
+def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
+        warmup: int = 2) -> pd.DataFrame:
+    """Train each variant briefly and tabulate pairs/s; writes benchmark_training.{md,json} in out_dir."""
+    out_dir = Path(out_dir)
+    records = records if records is not None else seed_records(max(32, 4 * cfg.batch_size * 2), cfg.seed)
+    rows = []
+    for workers in (1, 2):
+        for mode in ("mean", "ata"):
+            variant = config_io.override(cfg, [f"encoder.pooling.mode={mode}", f"num_workers={workers}",
+                                               "export=false", "fail_at_step=null"])
+            run_dir = out_dir / f"{mode}_{workers}w"
+            train(variant, records, run_dir)
+            rows.append({"pooling": mode, "workers": workers, "pairs_per_s": _speed(run_dir, warmup)})
+            log.info("benchmark %s, %d worker(s): %.2f pairs/s", mode, workers, rows[-1]["pairs_per_s"])
+    table = pd.DataFrame(rows)
+    speed = {(r.pooling, r.workers): r.pairs_per_s for r in table.itertuples()}
+    table["vs_mean_same_workers"] = [speed[(r.pooling, r.workers)] / speed[("mean", r.workers)]
+                                     for r in table.itertuples()]
+    table["vs_1_worker_same_pooling"] = [speed[(r.pooling, r.workers)] / speed[(r.pooling, 1)]
+                                         for r in table.itertuples()]
+    overhead = {w: speed[("mean", w)] / speed[("ata", w)] - 1 for w in (1, 2)}
+    step = step_times(cfg, records)
+    step_overhead = step["ata"] / step["mean"] - 1
+    md = table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False)
+    summary = (f"ATA cost over mean pooling (target < 10%): {step_overhead:+.1%} per training step in one "
+               f"process, alternating ({step['mean']:.2f} s mean vs {step['ata']:.2f} s ATA, the cleaner "
+               f"figure); {overhead[1]:+.1%} (1 worker) and {overhead[2]:+.1%} (2 workers) from the Ray "
+               f"Train runs, which run one after another and so also see load drift. Setup: "
+               f"{cfg.encoder.backbone}, batch {cfg.batch_size}/worker, max_length {cfg.encoder.max_length}, "
+               f"{cfg.steps} steps, median after {warmup} warm-up steps.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmark_training.md").write_text(f"# Training throughput\n\n{md}\n\n{summary}\n")
+    report = {"rows": table.to_dict(orient="records"), "ata_overhead_ray_runs": overhead,
+              "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
+              "config": cfg.model_dump(mode="json")}
+    (out_dir / "benchmark_training.json").write_text(json.dumps(report, indent=1))
+    log.info("training benchmark\n%s\n%s", md, summary)
+    return table
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
