@@ -1,0 +1,179 @@
+"""Serving benchmark: HTTP under concurrent clients vs in-process `encode`; evaluation on 1 vs 2 replicas.
+
+One run, one machine, baselines measured in the same run:
+(a) N client threads post `texts_per_request` texts each to `/v1/embeddings` on loopback until each has
+    sent `requests_per_client` requests or `max_seconds` pass: texts/s, p50 and p99 request latency;
+(b) the same texts through in-process `Encoder.encode` (batch = the server's max_batch_size): texts/s;
+(c) wall time of `evaluation.evaluate_model` on the eval config's tasks with 1 and with 2 replicas
+    (fresh result folders, so nothing is skipped), with the deployment's start-up timed apart.
+The table goes to the log and to out_dir/benchmark_serving.{md,json}.
+
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage serving
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from mgh_ray.config import Section
+from mgh_ray.evaluation import EvalConfig
+from mgh_ray.serving import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ServingBenchmarkConfig(Section):
+    clients: int = Field(8, ge=1)
+    requests_per_client: int = Field(8, ge=1)
+    texts_per_request: int = Field(4, ge=1)
+    max_seconds: float = Field(120.0, gt=0)  # a client stops early once this much time has passed
+    replicas: int = Field(1, ge=1)  # replicas behind the HTTP load test
+    eval_replicas: list[int] = [1, 2]
+
+
+def _texts(n: int) -> list[str]:
+    from mgh_ray import corpora
+
+    df = corpora.table("bbc_eval")
+    pool = [f"{t}. {b[:200]}" for t, b in zip(df.title, df.body)]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def http_load(url: str, api_key: str | None, texts: list[str],
+              bench: ServingBenchmarkConfig) -> dict[str, float]:
+    """Closed-loop load: each client sends its next request when the last one returned."""
+    from mgh_ray.serving import EmbeddingClient
+
+    k = bench.texts_per_request
+    latencies: list[float] = []
+    sent = [0] * bench.clients
+    lock = threading.Lock()
+    deadline = time.perf_counter() + bench.max_seconds
+
+    def client(c: int) -> None:
+        with EmbeddingClient(url, api_key) as http:
+            for r in range(bench.requests_per_client):
+                if time.perf_counter() > deadline:
+                    break
+                start = (c * bench.requests_per_client + r) * k
+                batch = [texts[(start + j) % len(texts)] for j in range(k)]
+                t0 = time.perf_counter()
+                http.embed(batch)
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                sent[c] += k
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(bench.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"texts": float(sum(sent)), "wall_s": wall, "texts_per_s": sum(sent) / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: Path,
+        bench: ServingBenchmarkConfig | None = None) -> pd.DataFrame:
+    """All three measurements on the running cluster; returns (and saves) the table."""
+    import torch
+
+    from mgh_ray import evaluation, serving
+    from mgh_ray.encoder import Encoder
+
+    bench = bench or ServingBenchmarkConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(model_dir)
+    n = bench.clients * bench.requests_per_client * bench.texts_per_request
+    texts = _texts(n)
+    cfg = serve_cfg.model_copy(update={"app_name": "bench", "route_prefix": "/bench",
+                                       "num_replicas": bench.replicas, "autoscaling": None})
+    url = serving.deploy(cfg, model_dir)
+    try:
+        with serving.EmbeddingClient(url, serving.api_key(cfg)) as warm:
+            warm.embed(texts[:2])
+        http = http_load(url, serving.api_key(cfg), texts, bench)
+    finally:
+        serving.undeploy("bench")
+
+    encoder = Encoder.load(model_dir)
+    encoder.encode(texts[:2])  # warm-up
+    t0 = time.perf_counter()
+    encoder.encode(texts[: int(http["texts"])], batch_size=serve_cfg.max_batch_size)
+    local_tps = http["texts"] / (time.perf_counter() - t0)
+    del encoder
+
+    rows = [
+        (f"HTTP texts/s ({bench.clients} clients, {bench.texts_per_request} texts/request, "
+         f"{bench.replicas} replica(s))", http["texts_per_s"], "texts/s"),
+        ("HTTP request latency p50", http["p50_ms"], "ms"),
+        ("HTTP request latency p99", http["p99_ms"], "ms"),
+        (f"in-process encode texts/s (batch {serve_cfg.max_batch_size}, torch threads "
+         f"{torch.get_num_threads()})", local_tps, "texts/s"),
+        ("HTTP / in-process throughput", http["texts_per_s"] / local_tps, "ratio"),
+    ]
+    walls = {}
+    for replicas in bench.eval_replicas:
+        ecfg = eval_cfg.model_copy(update={"num_replicas": replicas, "overwrite": True})
+        app = f"bench-eval-r{replicas}"
+        t0 = time.perf_counter()
+        serving.start_app(evaluation.eval_serve_config(ecfg, serve_cfg), model_dir, app, route_prefix=None)
+        t1 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+                evaluation.evaluate_model(ecfg, app, model_dir, Path(tmp), serve_cfg, app=app)
+        finally:
+            serving.undeploy(app)
+        walls[replicas] = time.perf_counter() - t1
+        what = f"{replicas} replica(s), {len(eval_cfg.tasks)} tasks, max_rows={eval_cfg.max_rows}"
+        rows += [(f"deploy time, {replicas} replica(s)", t1 - t0, "s"),
+                 (f"evaluation wall time (deployed), {what}", walls[replicas], "s")]
+    if len(walls) >= 2:
+        lo, hi = min(walls), max(walls)
+        rows.append((f"evaluation speed-up, {hi} vs {lo} replica(s)", walls[lo] / walls[hi], "ratio"))
+    table = pd.DataFrame(rows, columns=["measure", "value", "unit"]).set_index("measure")
+    _save(table, out_dir, {"serve": serve_cfg.model_dump(mode="json"),
+                           "eval": eval_cfg.model_dump(mode="json"), "bench": bench.model_dump(mode="json"),
+                           "model_dir": str(model_dir),
+                           "cpus": os.cpu_count(), "http": http, "eval_wall_s": walls})
+    return table
+
+
+def _save(table: pd.DataFrame, out_dir: Path, meta: dict) -> None:
+    lines = ["| measure | value | unit |", "|---|---:|---|"]
+    lines += [f"| {m} | {r.value:.3f} | {r.unit} |" for m, r in table.iterrows()]
+    md = "\n".join(lines)
+    (out_dir / "benchmark_serving.md").write_text("# Serving benchmark\n\n" + md + "\n")
+    (out_dir / "benchmark_serving.json").write_text(json.dumps(
+        {"table": table.reset_index().to_dict(orient="records"), **meta}, indent=1, default=str))
+    log.info("serving benchmark (%s):\n%s", out_dir, md)
+
+
+def main() -> None:
+    """python -m mgh_ray.benchmarks.serving MODEL_DIR OUT_DIR: the tiny defaults on a local cluster."""
+    import sys
+
+    import ray
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m mgh_ray.benchmarks.serving MODEL_DIR OUT_DIR")
+    ray.init()
+    run(ServeConfig(), EvalConfig(), Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""MTEB evaluation through Ray Serve: encode batches spread over replicas, tasks fanned out as Ray tasks.
+
+For every named model (an encoder folder, or the URL of a running endpoint), `evaluate`:
+1. skips the tasks whose results already sit in `out_dir/results` for this model revision and task
+   size (mteb's own result folder format, `results/<model>/<revision>/<task>.json`);
+2. deploys the folder as a handle-only Serve app with `num_replicas` replicas (a URL is used as is);
+3. runs each remaining task as one Ray task calling `mteb.evaluate` with a `ServedEncoder`: it cuts
+   the texts into `batch_size` requests and keeps up to `concurrency` in flight, so they spread over
+   the replicas (a `DeploymentHandle` inside the cluster, HTTP outside);
+4. saves each result as it lands, removes the app, and finally writes `report.md` and `scores.png`.
+
+Instructions follow `tasks.instruction` for served and in-process encoders alike. `score_in_process`
+runs the same tasks on an in-process encoder, for parity checks and baselines.
+
+    mgh-ray evaluate jobs/configs/tiny.yaml --model base=runs/tiny/base --model trained=runs/tiny/train/model
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from mgh_ray.config import Section
+from mgh_ray.serving import ServeConfig
+
+log = logging.getLogger(__name__)
+
+ALL_TASKS = ["BBCHeadlineRetrieval", "MovieDialogReranking", "LeeSTS", "TRECCoarseClassification",
+             "ReutersR8Clustering", "SDGPairClassification"]  # = tasks.NAMES (kept here so import is cheap)
+
+
+class EvalConfig(Section):
+    """Which tasks, how big, and how the work spreads over the cluster."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
+    max_rows: int | None = Field(40, ge=1)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)  # texts per request to the deployment
+    concurrency: int = Field(4, ge=1)  # requests in flight per task
+    num_replicas: int = Field(2, ge=1)  # replicas of the evaluation deployment
+    # logical CPUs per evaluation replica (torch still gets one thread at least); None: the serve
+    # config's num_cpus. Half a CPU lets 2 replicas fit beside a running serve app on a 2-CPU machine.
+    replica_num_cpus: float | None = Field(0.5, ge=0)
+    task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
+    overwrite: bool = False  # True: rerun tasks that already have results
+
+
+class MtebAdapter:
+    """mteb's encoder protocol over `embed(texts, instruction)`; instructions from `tasks.instruction`."""
+
+    mteb_model_meta: Any
+
+    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        return int(self.mteb_model_meta.embed_dim)
+
+    def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
+               prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+        from mgh_ray.tasks import instruction
+
+        texts = [t for batch in inputs for t in batch["text"]]
+        return self.embed(texts, instruction(task_metadata, prompt_type))
+
+    def similarity(self, a: Any, b: Any) -> Any:
+        from mteb.similarity_functions import cos_sim
+
+        return cos_sim(a, b)
+
+    def similarity_pairwise(self, a: Any, b: Any) -> Any:
+        from mteb.similarity_functions import pairwise_cos_sim
+
+        return pairwise_cos_sim(a, b)
+
+
+class ServedEncoder(MtebAdapter):
+    """The served model: `app` (a DeploymentHandle, inside the cluster) or `url` (HTTP, from anywhere).
+
+    Texts go out in `batch_size` requests with at most `concurrency` in flight, so they spread over
+    the replicas; `replicas` counts which replica answered. Picklable, so it travels to Ray tasks.
+    """
+
+    def __init__(self, name: str, revision: str, dim: int, *, app: str | None = None, url: str | None = None,
+                 api_key: str | None = None, batch_size: int = 32, concurrency: int = 4) -> None:
+        if (app is None) == (url is None):
+            raise ValueError("ServedEncoder needs exactly one of app= (Serve app name) or url= (endpoint)")
+        self.app, self.url, self.api_key = app, url, api_key
+        self.batch_size, self.concurrency = batch_size, concurrency
+        self.mteb_model_meta = model_meta(name, revision, dim)
+        self.replicas: Counter[str] = Counter()
+        self._conn: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_conn": None}  # handles and HTTP clients are made where they are used
+
+    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
+        chunks = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+        if self.app is not None:
+            from ray import serve
+
+            self._conn = self._conn or serve.get_app_handle(self.app)
+            outs, pending = [], deque()
+            for chunk in chunks:  # at most `concurrency` requests in flight, results kept in order
+                if len(pending) >= self.concurrency:
+                    outs.append(pending.popleft().result())
+                pending.append(self._conn.embed.remote(chunk, instruction))
+            outs += [p.result() for p in pending]
+            parts = [(o["vectors"], o["replica"]) for o in outs]
+        else:
+            from mgh_ray.serving import EmbeddingClient
+
+            self._conn = self._conn or EmbeddingClient(self.url, self.api_key)
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                parts = list(pool.map(lambda c: self._conn.embed(c, instruction), chunks))
+        self.replicas.update(r for _, r in parts)
+        return np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, self.dim), np.float32)
+
+
+class LocalEncoder(MtebAdapter):
+    """An in-process object with `encode(texts, *, instruction, batch_size)` (an Encoder, or a stand-in)."""
+
+    def __init__(self, encoder: Any, name: str = "local", revision: str = "local",
+                 batch_size: int = 32) -> None:
+        self.encoder, self.batch_size = encoder, batch_size
+        self.mteb_model_meta = model_meta(name, revision, int(encoder.dim))
+        self.replicas: Counter[str] = Counter()
+
+    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
+        return np.asarray(self.encoder.encode(texts, instruction=instruction, batch_size=self.batch_size),
+                          dtype=np.float32)
+
+
+def model_meta(name: str, revision: str, dim: int) -> Any:
+    """mteb's ModelMeta for one of our models (names become 'mgh-ray/<name>' folders in the results)."""
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+    return ModelMeta.create_empty(overwrites={
+        "name": f"mgh-ray/{name}", "revision": revision, "embed_dim": dim,
+        "similarity_fn_name": ScoringFunction.COSINE,
+        "use_instructions": True, "modalities": ["text"], "framework": ["PyTorch"]})
+
+
+def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig) -> tuple[Any, dict[str, int]]:
+    """One task through mteb's own evaluator; returns its TaskResult and the replicas that answered."""
+    import mteb
+
+    from mgh_ray import tasks
+
+    task = tasks.build(task_name, max_rows=cfg.max_rows, seed=cfg.seed)
+    start = time.perf_counter()
+    res = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", co2_tracker=False,
+                        show_progress_bar=False, encode_kwargs={"batch_size": cfg.batch_size})
+    log.info("%s on %s: %.4f in %.1f s (replicas %s)", encoder.mteb_model_meta.name, task_name,
+             res.task_results[0].get_score(), time.perf_counter() - start, dict(encoder.replicas))
+    return res.task_results[0], dict(encoder.replicas)
+
+
+def score_in_process(cfg: EvalConfig, encoder: Any, name: str = "local") -> dict[str, float]:
+    """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions."""
+    adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size)
+    return {t: float(run_task(adapter, t, cfg)[0].get_score()) for t in cfg.tasks}
+
+
+def finished(cache: Any, task: Any, meta: Any) -> Any:
+    """The stored result of `task` for this model if it is complete and of the same dataset revision."""
+    old = cache.load_task_result(task.metadata.name, meta)
+    if old is None or old.dataset_revision != task.metadata.revision or old.get_missing_evaluations(task):
+        return None
+    return old
+
+
+def endpoint_url(model: Path | str) -> str | None:
+    """The URL if `model` names a running endpoint (also after `Path("http://h")` ate a slash), else None."""
+    match = re.match(r"^(https?):/+(.*)$", str(model))
+    return f"{match.group(1)}://{match.group(2)}" if match else None
+
+
+def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
+    """The serve config of an evaluation deployment: `num_replicas` fixed replicas of `replica_num_cpus`."""
+    return serve_cfg.model_copy(update={
+        "num_replicas": cfg.num_replicas, "autoscaling": None,
+        "num_cpus": serve_cfg.num_cpus if cfg.replica_num_cpus is None else cfg.replica_num_cpus})
+
+
+def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
+                   serve_cfg: ServeConfig | None = None, app: str | None = None
+                   ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Evaluate one model: an encoder folder (deployed here for the run, unless `app` names a Serve app
+    already serving it) or an endpoint URL. Returns {task: TaskResult} and requests per replica."""
+    import ray
+    from mteb.cache import ResultCache
+
+    from mgh_ray import serving, tasks
+
+    serve_cfg = serve_cfg or ServeConfig()
+    unknown = [t for t in cfg.tasks if t not in tasks.TASKS]
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown}; known: {', '.join(tasks.NAMES)}")
+    url = endpoint_url(model)
+    if url:
+        with serving.EmbeddingClient(url, serving.api_key(serve_cfg)) as client:
+            card = client.models()[0]
+        revision = card["revision"]
+    else:
+        revision = serving.model_revision(model)
+    cache = ResultCache(out_dir)
+    results, todo = {}, []
+    for t in cfg.tasks:
+        task = tasks.build(t, max_rows=cfg.max_rows, seed=cfg.seed)
+        old = None if cfg.overwrite else finished(cache, task, model_meta(name, revision, 0))
+        if old is not None:
+            results[t] = old
+        else:
+            todo.append(t)
+    if results:
+        log.info("%s: %d task(s) already finished, skipped: %s", name, len(results), ", ".join(results))
+    if not todo:
+        return results, {}
+    if not ray.is_initialized():
+        ray.init()
+    own_app = url is None and app is None
+    replicas: Counter[str] = Counter()
+    try:
+        if url is not None:
+            encoder = ServedEncoder(name, revision, int(card["dim"]), url=url,
+                                    api_key=serving.api_key(serve_cfg), batch_size=cfg.batch_size,
+                                    concurrency=cfg.concurrency)
+        else:
+            if own_app:
+                app = f"eval-{name}"
+                serving.start_app(eval_serve_config(cfg, serve_cfg), Path(model), app, route_prefix=None)
+            from ray import serve
+
+            info = serve.get_app_handle(app).info.remote().result()
+            if info["revision"] != revision:
+                raise ValueError(f"Serve app {app!r} serves revision {info['revision']}, not {model} "
+                                 f"({revision})")
+            encoder = ServedEncoder(name, revision, int(info["dim"]), app=app, batch_size=cfg.batch_size,
+                                    concurrency=cfg.concurrency)
+        remote = ray.remote(run_task).options(num_cpus=cfg.task_num_cpus, max_retries=1)
+        pending = {remote.remote(encoder, t, cfg): t for t in todo}
+        while pending:  # save each result as it lands, so an interrupted run keeps what it finished
+            done, _ = ray.wait(list(pending), num_returns=1)
+            task_name = pending.pop(done[0])
+            result, seen = ray.get(done[0])
+            cache.save_to_cache(result, encoder.mteb_model_meta, encode_kwargs={"batch_size": cfg.batch_size})
+            results[task_name] = result
+            replicas.update(seen)
+    finally:
+        if own_app and app is not None:
+            serving.undeploy(app)
+    return results, dict(replicas)
+
+
+def scores_table(results: dict[str, dict[str, Any]], task_names: list[str]) -> pd.DataFrame:
+    """Main score per task (rows, in `task_names` order) and model (columns), plus a 'mean' row."""
+    table = pd.DataFrame({m: {t: float(r[t].get_score()) for t in task_names if t in r}
+                          for m, r in results.items()}).reindex(task_names)
+    table.loc["mean"] = table.mean(axis=0)
+    table.index.name = "task"
+    return table
+
+
+def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
+             serve_cfg: ServeConfig | None = None) -> pd.DataFrame:
+    """Evaluate every named model on `cfg.tasks` through Serve; write results, report.md and scores.png."""
+    from mgh_ray import report, tasks
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = {}
+    for name, model in models.items():
+        results[name], seen = evaluate_model(cfg, name, model, out_dir, serve_cfg)
+        if seen:
+            log.info("%s: encode requests per replica %s", name, seen)
+    table = scores_table(results, cfg.tasks)
+    metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
+    report.write(table, out_dir, metrics=metrics,
+                 note=f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}; "
+                      f"{time.perf_counter() - start:.0f} s")
+    log.info("main scores (%s):\n%s", out_dir, report.markdown_table(table))
+    return table

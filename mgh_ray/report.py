@@ -1,0 +1,100 @@
+"""Readable evaluation report: a markdown table of main scores and a PNG bar chart, next to the results.
+
+Input is the scores table of `evaluation.evaluate` (rows: tasks plus "mean"; columns: models, e.g.
+base vs trained or pooling variants). The best score of each row is in bold.
+
+    python -m mgh_ray.report runs/tiny/evaluate/scores.csv    # rewrites report.md / scores.png beside it
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def _cell(value: float, best: bool, floatfmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = format(value, floatfmt)
+    return f"**{text}**" if best else text
+
+
+def markdown_table(table: pd.DataFrame, metrics: dict[str, str] | None = None, floatfmt: str = ".4f") -> str:
+    """GitHub markdown for a task x model table; `metrics` adds a column naming each task's main score."""
+    cols = [str(c) for c in table.columns]
+    head = ["task"] + (["metric"] if metrics else []) + cols
+    rule = ["---"] * (len(head) - len(cols)) + ["---:"] * len(cols)  # numbers right-aligned
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for task, row in table.iterrows():
+        values = [float(v) for v in row.tolist()]
+        finite = [v for v in values if not math.isnan(v)]
+        top = max(finite) if len(finite) > 1 else None
+        cells = [_cell(v, top is not None and v == top, floatfmt) for v in values]
+        label = f"**{task}**" if task == "mean" else str(task)
+        extra = [metrics.get(str(task), "")] if metrics else []
+        lines.append("| " + " | ".join([label, *extra, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(table: pd.DataFrame, path: Path, title: str = "MTEB main score per task") -> Path:
+    """Grouped bars: one group per row (task, then mean), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, models = list(table.index), list(table.columns)
+    x = np.arange(len(rows))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+    for i, model in enumerate(models):
+        values = table[model].astype(float).fillna(0.0).to_numpy()
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values, width, label=str(model))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(x, [str(r) for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("main score")
+    ax.set_ylim(0, max(1.0, float(np.nanmax(table.to_numpy(dtype=float))) * 1.1) if len(rows) else 1.0)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = None,
+          note: str = "") -> tuple[Path, Path]:
+    """Write `out_dir/report.md` and `out_dir/scores.png`; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = bar_chart(table, out_dir / "scores.png")
+    text = ["# Evaluation", "", note, "", markdown_table(table, metrics), "",
+            "Scores are mteb main scores on our offline tasks (see mgh_ray/tasks.py); they compare our own "
+            "runs, not the public MTEB leaderboard. Per-task details: `results/`.", "",
+            "![scores](scores.png)", ""]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(line for line in text if line is not None))
+    log.info("report written: %s, %s", md, png)
+    return md, png
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m mgh_ray.report SCORES_CSV")
+    path = Path(argv[0])
+    write(pd.read_csv(path, index_col=0), path.parent)
+
+
+if __name__ == "__main__":
+    main()

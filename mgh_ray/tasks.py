@@ -1,0 +1,269 @@
+"""Offline MTEB tasks built from the fetched corpora (DATA.md): one per task family, none from `seeds`.
+
+Each task is an `mteb` task subclass whose `load_data` builds its dataset from `corpora.table(...)`,
+so `mteb.evaluate` scores it with mteb's own evaluator and writes mteb's own result files:
+
+    name                        family               source        main score
+    BBCHeadlineRetrieval        Retrieval            bbc_eval      ndcg_at_10   (headline -> its article)
+    MovieDialogReranking        Reranking            moviedialog   map_at_1000  (statement -> reply among k)
+    LeeSTS                      STS                  lee           cosine_spearman
+    TRECCoarseClassification    Classification       trec          accuracy     (6 coarse classes)
+    ReutersR8Clustering         Clustering           reuters_r8    v_measure
+    SDGPairClassification       PairClassification   sdg           similarity_ap (text, goal name)
+
+Sizes are small and seeded: `build(name, max_rows=200, seed=0)` subsamples every table the same way on
+every machine, and the subsample size is part of the task's dataset revision, so results of a
+different size never count as "already finished".
+
+Instructions (E5 style) live in each task's `metadata.prompt`. Asymmetric tasks (retrieval,
+reranking) carry `{"query": ...}`: queries get the instruction, documents none. Symmetric tasks carry
+one string and every text gets it, on both sides of a pair. `instruction(metadata, prompt_type)` is
+the one place that decides, for the served and the in-process encoder alike.
+
+    python -m mgh_ray.tasks        # logs each task's size after loading it
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+from datasets import Dataset, DatasetDict
+from mteb.abstasks.classification import AbsTaskClassification
+from mteb.abstasks.clustering import AbsTaskClustering
+from mteb.abstasks.pair_classification import AbsTaskPairClassification
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.sts import AbsTaskSTS
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.types import PromptType
+
+from mgh_ray import corpora
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "mgh1"  # bump when a task's construction changes, so old results are not reused
+
+_COMMON: dict[str, Any] = {
+    "category": "t2t",
+    "eval_splits": ["test"],
+    "eval_langs": ["eng-Latn"],
+    "dialect": [],
+    "modalities": ["text"],
+    "sample_creation": "found",
+    "bibtex_citation": "",
+    "license": "not specified",
+}
+
+
+def _meta(**kwargs: Any) -> TaskMetadata:
+    kwargs["dataset"] = {"path": f"mgh_ray/{kwargs['name']}", "revision": DATA_VERSION}
+    return TaskMetadata(**(_COMMON | kwargs))
+
+
+def _sample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or n >= len(df):
+        return df.reset_index(drop=True)
+    return df.sample(n=n, random_state=seed).reset_index(drop=True)
+
+
+class _Sized:
+    """Mixin: a seeded row cap, recorded in the dataset revision (so a resize is a new dataset)."""
+
+    metadata: TaskMetadata
+
+    def __init__(self, max_rows: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+        self.max_rows = max_rows
+        size = "all" if max_rows is None else str(max_rows)
+        dataset = dict(self.metadata.dataset) | {"revision": f"{DATA_VERSION}-n{size}-s{seed}"}
+        self.metadata = self.metadata.model_copy(update={"dataset": dataset})
+        super().__init__(seed=seed, **kwargs)  # type: ignore[call-arg]
+
+
+class BBCHeadlineRetrieval(_Sized, AbsTaskRetrieval):
+    """Headline -> article over held-out BBC articles. The document is the body only (no title)."""
+
+    metadata = _meta(
+        name="BBCHeadlineRetrieval", type="Retrieval", main_score="ndcg_at_10",
+        description="Find the BBC News article (body only) that a headline belongs to; BBC articles held "
+                    "out from the training seeds, deduplicated.",
+        reference="http://mlg.ucd.ie/datasets/bbc.html", date=("2004-01-01", "2005-12-31"),
+        domains=["News", "Written"], annotations_creators="derived",
+        prompt={"query": "Given a news headline, retrieve the news article it belongs to"},
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = _sample(corpora.table("bbc_eval"), self.max_rows, self.seed)
+        split = {
+            "queries": Dataset.from_dict({"id": [f"q{i}" for i in df.id], "text": df.title.tolist()}),
+            "corpus": Dataset.from_dict({"id": [f"d{i}" for i in df.id], "text": df.body.tolist()}),
+            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in df.id},
+            "top_ranked": None,
+        }
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+class MovieDialogReranking(_Sized, AbsTaskRetrieval):
+    """Rank the true reply to a movie line among `n_candidates - 1` replies sampled from other lines."""
+
+    n_candidates = 10
+    metadata = _meta(
+        name="MovieDialogReranking", type="Reranking", main_score="map_at_1000",
+        description="Given a line from a film dialogue, rank its true reply above replies to other lines "
+                    "(Cornell movie-dialog pairs).",
+        reference="https://www.cs.cornell.edu/~cristian/Cornell_Movie-Dialogs_Corpus.html",
+        date=("1927-01-01", "2010-12-31"), domains=["Fiction", "Spoken"], annotations_creators="derived",
+        prompt={"query": "Given a line of movie dialogue, retrieve the reply that follows it"},
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = _sample(corpora.table("moviedialog"), self.max_rows, self.seed)
+        df = df.drop_duplicates("reply").reset_index(drop=True)
+        rng = pd.Series(range(len(df))).sample(frac=1.0, random_state=self.seed + 1).tolist()
+        k = min(self.n_candidates, len(df))
+        top_ranked = {}
+        for i, row in df.iterrows():
+            # distractors: the next k-1 rows of one seeded permutation, skipping this row
+            others = [j for j in (rng[(i + s) % len(df)] for s in range(1, k + 1)) if j != i][: k - 1]
+            top_ranked[f"q{row.id}"] = [f"d{row.id}"] + [f"d{df.id[j]}" for j in others]
+        split = {
+            "queries": Dataset.from_dict({"id": [f"q{i}" for i in df.id], "text": df.statement.tolist()}),
+            "corpus": Dataset.from_dict({"id": [f"d{i}" for i in df.id], "text": df.reply.tolist()}),
+            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in df.id},
+            "top_ranked": top_ranked,
+        }
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+class LeeSTS(_Sized, AbsTaskSTS):
+    """Document-level similarity of news articles (Lee, Pincombe & Welsh 2005), human scores in 0-1."""
+
+    min_score = 0
+    max_score = 1
+    metadata = _meta(
+        name="LeeSTS", type="STS", main_score="cosine_spearman",
+        description="Mean human similarity judgements of pairs of 50 short news documents.",
+        reference="https://hdl.handle.net/2440/28910", date=("2005-01-01", "2005-12-31"),
+        domains=["News", "Written"], annotations_creators="human-annotated",
+        prompt="Retrieve semantically similar text",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = _sample(corpora.table("lee"), self.max_rows, self.seed)
+        test = Dataset.from_dict({"sentence1": df.text1.tolist(), "sentence2": df.text2.tolist(),
+                                  "score": df.score.astype(float).tolist()})
+        self.dataset = DatasetDict({"test": test})
+        self.data_loaded = True
+
+
+class TRECCoarseClassification(_Sized, AbsTaskClassification):
+    """TREC questions -> 6 coarse answer types; logistic regression on a seeded train/test split.
+
+    The train table gets `train_factor` x max_rows rows (questions are short): with as few training
+    rows as test rows, mteb's logistic regression only ever predicts the majority class.
+    """
+
+    samples_per_label = 16
+    n_experiments = 5
+    train_factor = 4
+    metadata = _meta(
+        name="TRECCoarseClassification", type="Classification", main_score="accuracy",
+        eval_splits=["test"],
+        description="Classify a question by the coarse type of its answer (TREC QC, Li & Roth 2002).",
+        reference="https://cogcomp.seas.upenn.edu/Data/QA/QC/", date=("2002-01-01", "2002-12-31"),
+        domains=["Written"], annotations_creators="expert-annotated",
+        prompt="Classify the given question by the type of its answer: abbreviation, entity, description, "
+               "person, location or number",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = corpora.table("trec")
+        splits = {}
+        for name in ("train", "test"):
+            n = self.max_rows * (self.train_factor if name == "train" else 1) if self.max_rows else None
+            part = _sample(df[df.split == name], n, self.seed)
+            splits[name] = Dataset.from_dict({"text": part.text.tolist(), "label": part.coarse.tolist()})
+        self.dataset = DatasetDict(splits)
+        self.data_loaded = True
+
+
+class ReutersR8Clustering(_Sized, AbsTaskClustering):
+    """Reuters R8 test documents clustered by topic; every sampled document is embedded."""
+
+    max_fraction_of_documents_to_embed = None  # mteb's default embeds only 4% of the documents
+    metadata = _meta(
+        name="ReutersR8Clustering", type="Clustering", main_score="v_measure",
+        description="Cluster Reuters-21578 newswire documents (R8 subset, test part) by their topic.",
+        reference="https://ana.cachopo.org/datasets-for-single-label-text-categorization",
+        date=("1987-01-01", "1987-12-31"), domains=["News", "Written"],
+        annotations_creators="expert-annotated",
+        prompt="Identify the topic or theme of the given news article",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = _sample(corpora.table("reuters_r8"), self.max_rows, self.seed)
+        # each bootstrap draw resamples as many documents as there are (mteb's default is 16,384)
+        self.max_documents_per_cluster = len(df)
+        test = Dataset.from_dict({"sentences": df.text.tolist(), "labels": df.label.tolist()})
+        self.dataset = DatasetDict({"test": test})
+        self.data_loaded = True
+
+
+class SDGPairClassification(_Sized, AbsTaskPairClassification):
+    """Is a text relevant to a UN sustainable development goal (pair = text, goal name)?"""
+
+    metadata = _meta(
+        name="SDGPairClassification", type="PairClassification", main_score="similarity_ap",
+        description="Expert labels of whether a text addresses a UN Sustainable Development Goal, given as "
+                    "(text, goal name) pairs.",
+        reference="https://pypi.org/project/sdgclassification-benchmark/", date=("2015-01-01", "2023-12-31"),
+        domains=["Government", "Written"], annotations_creators="expert-annotated",
+        prompt="Decide whether the text addresses the given sustainable development goal",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        df = _sample(corpora.table("sdg"), self.max_rows, self.seed)
+        test = Dataset.from_dict({"sentence1": df.text.tolist(), "sentence2": df.goal.tolist(),
+                                  "labels": df.label.astype(int).tolist()})
+        self.dataset = DatasetDict({"test": test})
+        self.data_loaded = True
+
+
+TASKS: dict[str, type] = {cls.metadata.name: cls for cls in (
+    BBCHeadlineRetrieval, MovieDialogReranking, LeeSTS, TRECCoarseClassification, ReutersR8Clustering,
+    SDGPairClassification)}
+NAMES = tuple(TASKS)
+SOURCES = {"BBCHeadlineRetrieval": "bbc_eval", "MovieDialogReranking": "moviedialog", "LeeSTS": "lee",
+           "TRECCoarseClassification": "trec", "ReutersR8Clustering": "reuters_r8",
+           "SDGPairClassification": "sdg"}
+
+
+def build(name: str, *, max_rows: int | None = None, seed: int = 0) -> Any:
+    """A fresh task instance (an `mteb` AbsTask) by name, capped at `max_rows` seeded rows per table."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(NAMES)}")
+    return TASKS[name](max_rows=max_rows, seed=seed)
+
+
+def instruction(metadata: TaskMetadata, prompt_type: PromptType | str | None) -> str | None:
+    """The instruction an encoder gets for these texts: None means "documents, no instruction"."""
+    prompt = metadata.prompt
+    if isinstance(prompt, dict):  # asymmetric: only the query side is instructed
+        kind = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
+        return prompt.get(kind) if kind else None
+    return prompt or None  # symmetric: the same instruction on every text
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in NAMES:
+        task = build(name, max_rows=200)
+        task.load_data()
+        log.info("%s (%s): revision %s, main score %s", name, task.metadata.type, task.metadata.revision,
+                 task.metadata.main_score)
+
+
+if __name__ == "__main__":
+    main()

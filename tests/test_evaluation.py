@@ -1,0 +1,125 @@
+"""Distributed evaluation: mteb tasks as Ray tasks, encode batches over 2 real Serve replicas, scores equal
+to in-process evaluation, mteb's result folders, reruns that skip finished work, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mgh_ray import evaluation, serving
+
+PORT = 18731  # the same Serve HTTP port as tests/test_serving.py (one Serve per Ray session)
+TASKS = ["LeeSTS", "BBCHeadlineRetrieval"]
+
+
+@pytest.fixture(scope="module")
+def minilm_encoder(minilm_path):
+    from mgh_ray.encoder import Encoder, EncoderConfig
+    from mgh_ray.pooling import PoolingConfig
+
+    return Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean")))
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory, minilm_encoder):
+    return minilm_encoder.save(tmp_path_factory.mktemp("eval") / "minilm")
+
+
+def test_config_and_adapter_contracts():
+    cfg = evaluation.EvalConfig()
+    assert cfg.num_replicas == 2 and cfg.max_rows and cfg.tasks == evaluation.ALL_TASKS
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation.ServedEncoder("m", "r", 8)
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation.ServedEncoder("m", "r", 8, app="a", url="http://127.0.0.1:1")
+
+
+def test_scores_table_adds_the_mean_row():
+    class Result:
+        def __init__(self, score):
+            self.score = score
+
+        def get_score(self):
+            return self.score
+
+    table = evaluation.scores_table({"base": {"A": Result(0.2), "B": Result(0.4)},
+                                     "trained": {"A": Result(0.6), "B": Result(0.8)}}, ["B", "A"])
+    assert list(table.index) == ["B", "A", "mean"] and list(table.columns) == ["base", "trained"]
+    assert table.loc["mean", "base"] == pytest.approx(0.3)
+    assert table.loc["mean", "trained"] == pytest.approx(0.7)
+
+
+def test_endpoint_urls_are_told_from_folders(tmp_path):
+    from pathlib import Path
+
+    assert evaluation.endpoint_url("http://127.0.0.1:8000/emb") == "http://127.0.0.1:8000/emb"
+    assert evaluation.endpoint_url(Path("http://127.0.0.1:8000/emb")) == "http://127.0.0.1:8000/emb"
+    assert evaluation.endpoint_url(tmp_path) is None and evaluation.endpoint_url("runs/http/model") is None
+
+
+def test_unknown_task_fails_before_deploying(tmp_path):
+    cfg = evaluation.EvalConfig(tasks=["LeeSTS", "NoSuchTask"])
+    with pytest.raises(KeyError, match="NoSuchTask"):
+        evaluation.evaluate(cfg, {"m": tmp_path}, tmp_path / "out")
+
+
+@pytest.mark.integration
+def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, minilm_dir, tmp_path):
+    from ray import serve
+
+    cfg = evaluation.EvalConfig(tasks=TASKS, max_rows=24, batch_size=8, concurrency=4, num_replicas=2,
+                                replica_num_cpus=1)
+    serve_cfg = serving.ServeConfig(port=PORT, api_key_env=None)
+    out = tmp_path / "eval"
+    local = evaluation.score_in_process(cfg, minilm_encoder)
+
+    results, replicas = evaluation.evaluate_model(cfg, "minilm", minilm_dir, out, serve_cfg)
+    assert len(replicas) == 2  # encode requests of the fanned-out tasks reached both replicas
+    assert "eval-minilm" not in serve.status().applications  # the evaluation app is removed afterwards
+    for task in TASKS:
+        assert results[task].get_score() == pytest.approx(local[task], abs=1e-4), task
+
+    table = evaluation.evaluate(cfg, {"minilm": minilm_dir}, out, serve_cfg)  # a rerun: nothing left to do
+    for task in TASKS:
+        assert table.loc[task, "minilm"] == pytest.approx(local[task], abs=1e-4)
+    assert table.loc["mean", "minilm"] == pytest.approx(np.mean([local[t] for t in TASKS]), abs=1e-4)
+
+    # mteb's own result folder format, one file per task, readable by mteb
+    from mteb.cache import ResultCache
+
+    folder = out / "results" / "mgh-ray__minilm" / serving.model_revision(minilm_dir)
+    files = {p.stem: p for p in folder.glob("*.json") if p.stem in TASKS}
+    assert set(files) == set(TASKS) and (folder / "model_meta.json").is_file()
+    assert json.loads(files["LeeSTS"].read_text())["dataset_revision"] == "mgh1-n24-s0"
+    stored = ResultCache(out).load_task_result("LeeSTS", evaluation.model_meta("minilm", folder.name, 384))
+    assert stored.get_score() == pytest.approx(local["LeeSTS"], abs=1e-4)
+    stamps = {t: p.stat().st_mtime_ns for t, p in files.items()}
+    assert "minilm" in (out / "report.md").read_text() and (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+    # finished tasks are skipped (files untouched); another size or seed is another dataset: not finished
+    evaluation.evaluate(cfg, {"minilm": minilm_dir}, out, serve_cfg)
+    assert {t: p.stat().st_mtime_ns for t, p in files.items()} == stamps
+    from mgh_ray import tasks
+
+    meta = evaluation.model_meta("minilm", folder.name, 384)
+    assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24), meta) is not None
+    assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=20), meta) is None
+    assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24, seed=1), meta) is None
+
+
+@pytest.mark.integration
+def test_evaluation_against_a_running_endpoint(ray_cluster, minilm_encoder, minilm_dir, tmp_path):
+    cfg = evaluation.EvalConfig(tasks=["LeeSTS"], max_rows=20, batch_size=8)
+    serve_cfg = serving.ServeConfig(port=PORT, app_name="test-endpoint", route_prefix="/endpoint",
+                                    api_key_env=None)
+    url = serving.deploy(serve_cfg, minilm_dir)
+    try:
+        table = evaluation.evaluate(cfg, {"endpoint": url}, tmp_path, serve_cfg)
+    finally:
+        serving.undeploy("test-endpoint")
+    local = evaluation.score_in_process(cfg, minilm_encoder)
+    assert table.loc["LeeSTS", "endpoint"] == pytest.approx(local["LeeSTS"], abs=1e-4)
+    folder = tmp_path / "results" / "mgh-ray__endpoint" / serving.model_revision(minilm_dir)
+    assert (folder / "LeeSTS.json").is_file()

@@ -1,0 +1,266 @@
+"""A real Ray Serve deployment of real encoder folders, answering real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import httpx
+import numpy as np
+import pytest
+
+from mgh_ray import serving
+from mgh_ray.config import ConfigError, load
+
+PORT = 18731  # fixed loopback port for every Serve test in this session
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory, minilm_path):
+    from mgh_ray.encoder import Encoder, EncoderConfig
+    from mgh_ray.pooling import PoolingConfig
+
+    folder = tmp_path_factory.mktemp("serve") / "minilm"
+    Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, minilm_dir):
+    cfg = serving.ServeConfig(port=PORT, app_name="test-serve", model_name="minilm", api_key_env=None,
+                              max_inputs=8, max_chars=200, max_batch_size=8, batch_wait_timeout_s=0.05,
+                              num_cpus=1)
+    url = serving.deploy(cfg, minilm_dir)
+    yield cfg, url
+    serving.undeploy(cfg.app_name)
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served[1], timeout=120, trust_env=False) as client:
+        yield client
+
+
+# ---------------------------------------------------------------- fast checks, no cluster
+
+
+def test_config_defaults_are_a_loopback_cpu_preset(tmp_path):
+    cfg = serving.ServeConfig()
+    assert cfg.host == "127.0.0.1" and cfg.num_gpus == 0 and cfg.num_replicas == 1
+    path = tmp_path / "serve.yaml"
+    path.write_text("num_replicas: 2\nautoscaling: {min_replicas: 1, max_replicas: 3}\n")
+    assert load(serving.ServeConfig, path).autoscaling.max_replicas == 3
+    path.write_text("num_replica: 2\n")
+    with pytest.raises(ConfigError, match="num_replica"):
+        load(serving.ServeConfig, path)
+
+
+def test_build_app_names_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="model_dir"):
+        serving.build_app({"num_replicas": 1})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        serving.build_app({"model_dir": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="unknown key 'num_replica'"):
+        serving.build_app({"model_dir": str(tmp_path), "num_replica": "2"})
+
+
+def test_serve_config_file_builds_the_app(tmp_path):
+    """The path `serve deploy config.yaml` takes: Serve's schema, import path and builder call."""
+    import yaml
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    text = f"""
+http_options: {{host: 127.0.0.1, port: {PORT}}}
+applications:
+  - name: embedder
+    route_prefix: /
+    import_path: mgh_ray.serving:build_app
+    args: {{model_dir: "{tmp_path}", num_replicas: "2", max_batch_size: 16, num_cpus: 0.5}}
+"""
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications[0]
+    app = call_user_app_builder_with_args_if_necessary(import_attr(spec.import_path), spec.args)
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_cpus"] == 0.5
+    assert deployment.init_args[0] == str(tmp_path.resolve())
+    assert deployment.init_args[1]["max_batch_size"] == 16
+    auto = serving.build_app({"model_dir": str(tmp_path), "autoscaling": {"max_replicas": 4}})
+    auto = auto._bound_deployment
+    assert auto._deployment_config.autoscaling_config.max_replicas == 4
+
+
+def test_public_host_without_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MGH_RAY_API_KEY", raising=False)
+    cfg = serving.ServeConfig(host="0.0.0.0")
+    with pytest.raises(PermissionError, match="API key"):
+        serving.start_app(cfg, tmp_path, "never", "/never")
+
+
+def test_dimensions_keep_a_prefix_and_renormalise():
+    v = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    cut = serving.shorten(v, 4)
+    assert cut.shape == (3, 4)
+    np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(cut * np.linalg.norm(v[:, :4], axis=1, keepdims=True), v[:, :4], rtol=1e-5)
+
+
+def test_model_revision_follows_content(tmp_path):
+    (tmp_path / "a.txt").write_text("one")
+    first = serving.model_revision(tmp_path)
+    assert serving.model_revision(tmp_path) == first
+    (tmp_path / "a.txt").write_text("two")
+    assert serving.model_revision(tmp_path) != first
+
+
+# ---------------------------------------------------------------- the real deployment
+
+
+@pytest.mark.integration
+def test_embeddings_over_http(http, served):
+    one = http.post("/v1/embeddings", json={"input": "A cup of tea", "model": "minilm"})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert body["usage"]["prompt_tokens"] == 6  # [CLS] a cup of tea [SEP]
+    assert [d["index"] for d in body["data"]] == [0] and len(body["data"][0]["embedding"]) == 384
+    assert one.headers["x-pooling"] == "mean"
+    texts = ["A cup of tea", "The striker scored twice", "Interest rates rise"]
+    floats = http.post("/v1/embeddings", json={"input": texts}).json()
+    b64 = http.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"}).json()
+    a = np.array([d["embedding"] for d in floats["data"]], dtype=np.float32)
+    b = np.stack([serving.decode_b64(d["embedding"]) for d in b64["data"]])
+    np.testing.assert_array_equal(a, b)  # base64 carries the same float32 bits
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(a[0], np.array(body["data"][0]["embedding"]), atol=1e-6)
+    short = http.post("/v1/embeddings", json={"input": texts, "dimensions": 64}).json()
+    cut = np.array([d["embedding"] for d in short["data"]])
+    np.testing.assert_allclose(cut, serving.shorten(a, 64), atol=1e-6)
+    query = http.post("/v1/embeddings", json={"input": texts, "instruction": "Find the topic"}).json()
+    assert not np.allclose(np.array([d["embedding"] for d in query["data"]]), a)  # queries differ
+
+
+@pytest.mark.integration
+def test_models_and_health(http):
+    assert http.get("/health").json()["status"] == "ok"
+    models = http.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["minilm"] and models[0]["dim"] == 384 and models[0]["revision"]
+
+
+BAD = [
+    ({"input": []}, 400, "empty"),
+    ({"input": ""}, 400, "empty string"),
+    ({"input": ["ok", "   "]}, 400, "input[1] is an empty string"),
+    ({"input": ["t"] * 9}, 400, "9 items; at most 8"),
+    ({"input": ["ok", 3.5]}, 400, "input[1] is a float"),
+    ({"input": [101, 2023, 102]}, 400, "token ids"),
+    ({"input": {"text": "x"}}, 400, "string or a list of strings"),
+    ({"model": "minilm"}, 400, "'input' is required"),
+    ({"input": "x" * 201}, 413, "201 characters; the limit is 200"),
+    ({"input": "hello", "model": "text-embedding-3-small"}, 404, "not served here"),
+    ({"input": "hello", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "hello", "dimensions": 385}, 400, "1..384"),
+    ({"input": "hello", "dimensions": True}, 400, "dimensions"),
+    ({"input": "hello", "instruction": ""}, 400, "instruction"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("body", "status", "message"), BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_gets_a_4xx_that_names_the_problem(http, body, status, message):
+    resp = http.post("/v1/embeddings", json=body)
+    assert resp.status_code == status
+    err = resp.json()["error"]
+    assert message in err["message"] and err["code"] == status
+
+
+@pytest.mark.integration
+def test_bad_requests_never_take_the_replica_down(http):
+    before = http.get("/v1/models").json()["data"][0]["replica"]
+    assert http.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+                     ).status_code == 400
+    assert http.get("/v1/embeddings").status_code == 405
+    assert http.get("/v2/nothing").status_code == 404
+    for body, _, _ in BAD:
+        http.post("/v1/embeddings", json=body)
+    assert http.post("/v1/embeddings", json={"input": "still alive"}).status_code == 200
+    assert http.get("/v1/models").json()["data"][0]["replica"] == before  # same replica, not restarted
+
+
+@pytest.mark.integration
+def test_parity_and_handle_path(served, minilm_dir):
+    from ray import serve
+
+    from mgh_ray.encoder import Encoder
+
+    texts = ["Kenya wins the marathon", "Oil prices fall", "a", "The government announced new taxes " * 5]
+    assert serving.check_parity(served[0], minilm_dir, texts) >= 0.9999
+    local = Encoder.load(minilm_dir).encode(texts, instruction="Find the topic")
+    out = serve.get_app_handle("test-serve").embed.remote(texts, "Find the topic").result()
+    cos = np.sum(local * out["vectors"], axis=1)
+    assert cos.min() >= 0.9999 and out["replica"]
+    with pytest.raises(Exception, match="at most 8"):  # the handle path keeps the same limits
+        serve.get_app_handle("test-serve").embed.remote(["t"] * 9).result()
+
+
+@pytest.mark.integration
+def test_concurrent_requests_share_forward_passes(served, http):
+    from ray import serve
+
+    handle = serve.get_app_handle("test-serve")
+    before = handle.info.remote().result()["batches"]
+    texts = [f"sentence number {i} about a topic" for i in range(24)]
+    with cf.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda t: http.post("/v1/embeddings", json={"input": t}).status_code, texts))
+    assert codes == [200] * len(texts)
+    info = handle.info.remote().result()
+    passes = info["batches"] - before
+    sizes = info["recent_batches"][-passes:]
+    assert sum(sizes) == len(texts) and passes < len(texts)
+    assert max(sizes) > 1  # every request held one text: @serve.batch merged texts of different requests
+
+
+@pytest.mark.integration
+def test_api_key_and_truncation_policy(served, minilm_dir, monkeypatch):
+    monkeypatch.setenv("MGH_TEST_SERVE_KEY", "s3cret-key")
+    cfg = served[0].model_copy(update={
+        "app_name": "test-guarded", "route_prefix": "/guarded", "api_key_env": "MGH_TEST_SERVE_KEY",
+        "truncation": "truncate", "max_chars": 20, "num_cpus": 0.5,
+        "autoscaling": serving.AutoscalingSection(min_replicas=1, max_replicas=2)})
+    url = serving.deploy(cfg, minilm_dir)
+    try:
+        assert url.endswith("/guarded")
+        with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+            assert client.get("/health").status_code == 200  # probes need no key
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+                resp = client.post("/v1/embeddings", json={"input": "hi"}, headers=headers)
+                assert resp.status_code == 401 and "API key" in resp.json()["error"]["message"]
+            assert client.get("/v1/models").status_code == 401
+            ok = {"Authorization": "Bearer s3cret-key"}
+            long = "word " * 30
+            resp = client.post("/v1/embeddings", json={"input": ["short", long]}, headers=ok)
+            assert resp.status_code == 200 and resp.headers["x-truncated-inputs"] == "1"
+            cut = client.post("/v1/embeddings", json={"input": long[:20]}, headers=ok).json()
+            np.testing.assert_allclose(resp.json()["data"][1]["embedding"], cut["data"][0]["embedding"],
+                                       atol=1e-6)
+        assert serving.check_parity(cfg, minilm_dir, ["short text"]) >= 0.9999  # the client sends the key
+    finally:
+        serving.undeploy("test-guarded")
+
+
+@pytest.mark.integration
+def test_smollm2_ata_parity(served, tmp_path_factory, smollm2_path):
+    from mgh_ray.encoder import Encoder, EncoderConfig
+    from mgh_ray.pooling import PoolingConfig
+
+    folder = tmp_path_factory.mktemp("serve") / "smollm2-ata"
+    Encoder.from_config(EncoderConfig(backbone="smollm2", pooling=PoolingConfig(mode="ata"))).save(folder)
+    cfg = served[0].model_copy(update={"app_name": "test-ata", "route_prefix": "/ata", "model_name": None})
+    url = serving.deploy(cfg, folder)
+    try:
+        resp = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=120, trust_env=False)
+        assert resp.headers["x-pooling"] == "ata" and resp.json()["model"] == "smollm2-ata"
+        texts = ["Kenya wins the marathon", "Oil prices fall sharply in Asian trading", "Short"]
+        assert serving.check_parity(cfg, folder, texts) >= 0.9999
+    finally:
+        serving.undeploy("test-ata")
