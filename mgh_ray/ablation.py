@@ -42,7 +42,7 @@ def schedule_overrides(arm: str) -> list[str]:
     if arm in ("random", "reverse", "cumulative"):
         return [f"train.curriculum.mode={arm}"]
     if arm == "in_batch":
-        return ["train.curriculum.mode=none"]
+        return ["train.curriculum.mode=curriculum", "train.loss.hard_negatives=false"]
     raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
 
 

@@ -54,6 +54,13 @@ def _table(df) -> str:
     return df.to_markdown(floatfmt=".4f")
 
 
+def _scores(df) -> str:
+    """A task x model score table, best per task in bold."""
+    from mgh_ray import report
+
+    return report.markdown_table(df)
+
+
 @app.command()
 def fetch(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Fetch, verify and cache the pinned models and data (offline when the cache is warm)."""
@@ -104,15 +111,18 @@ def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    info = pipeline.serve(cfg, model)
+    info = pipeline.serve(cfg, model, keep=block)
     typer.echo(json.dumps(info, indent=1))
+    if block:
+        typer.echo(f"serving at {info['url']}/v1/embeddings; Ctrl-C to stop")
     while block:
         time.sleep(3600)
 
 
 @app.command()
 def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-             model: list[str] = typer.Option(None, help="NAME=FOLDER, repeatable (default: base and trained)")) -> None:
+             model: list[str] = typer.Option(None, help="NAME=FOLDER or NAME=http://host:port, repeatable "
+                                                        "(default: base and trained of RUN_DIR)")) -> None:
     """Run the offline MTEB tasks through Serve replicas and write the report."""
     from mgh_ray import pipeline
 
@@ -124,9 +134,10 @@ def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         if bad:
             typer.echo(f"error: --model takes NAME=FOLDER, got {bad}", err=True)
             raise typer.Exit(2)
-        models = {k: Path(v) for k, v in (m.split("=", 1) for m in model)}
+        models = {k: v if v.startswith(("http://", "https://")) else Path(v)
+                  for k, v in (m.split("=", 1) for m in model)}
     scores = pipeline.evaluate(cfg, models)
-    typer.echo(_table(scores))
+    typer.echo(_scores(scores))
     typer.echo(f"report: {Path(cfg.run_dir) / 'evaluate' / 'report.md'}")
 
 
@@ -138,7 +149,7 @@ def pipeline_(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> N
     cfg = _setup(config_path, overrides)
     scores = pipeline.run_pipeline(cfg)
     out = Path(cfg.run_dir) / "evaluate"
-    typer.echo("\n" + _table(scores))
+    typer.echo("\n" + _scores(scores))
     if {"base", "trained"} <= set(scores.columns) and "mean" in scores.index:
         delta = scores.loc["mean", "trained"] - scores.loc["mean", "base"]
         typer.echo(f"\ntrained - base, mean over tasks: {delta:+.4f}")

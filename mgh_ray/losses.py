@@ -37,6 +37,9 @@ class LossConfig(Section):
     temperature: float = Field(0.05, gt=0)
     gather: bool = True  # candidates from every DDP worker (else: this worker's batch only)
     mask_duplicates: bool = True  # drop candidates whose text equals the query's positive
+    # False: in-batch negatives only (the ablation's "no hard negative" arm); the curriculum then
+    # still advances but its negatives are never embedded
+    hard_negatives: bool = True
 
 
 def distributed() -> bool:

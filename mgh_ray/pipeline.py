@@ -143,15 +143,24 @@ def trained_model(cfg: PipelineConfig) -> Path:
     return Path(cfg.run_dir) / "train" / "model"
 
 
-def serve(cfg: PipelineConfig, model_dir: Path | None = None) -> dict:
-    """Deploy the trained model and check that served vectors equal in-process ones."""
+def serve(cfg: PipelineConfig, model_dir: Path | None = None, keep: bool = False) -> dict:
+    """Deploy the trained model and check that served vectors equal in-process ones.
+
+    The pipeline undeploys it afterwards (`keep=False`): evaluation starts its own replicas, and on a
+    small machine the CPUs are better spent there. `mgh-ray serve` keeps it up."""
     from mgh_ray import corpora, serving
 
     model_dir = model_dir or trained_model(cfg)
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"no model folder {model_dir}: run `mgh-ray train` first, or pass --model")
     texts = corpora.table("bbc_eval").title.head(16).tolist()
-    url = serving.deploy(cfg.serve, model_dir, name="trained")
-    cos = serving.check_parity(cfg.serve, model_dir, texts)
-    info = {"url": url, "model": str(model_dir), "parity_min_cosine": cos}
+    url = serving.deploy(cfg.serve, model_dir, name=cfg.serve.app_name)
+    try:
+        cos = serving.check_parity(cfg.serve, model_dir, texts)
+    finally:
+        if not keep:
+            serving.undeploy(cfg.serve.app_name)
+    info = {"url": url, "model": str(model_dir), "parity_min_cosine": cos, "kept_running": keep}
     folder = Path(cfg.run_dir) / "serve"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "serve.json").write_text(json.dumps(info, indent=1))
@@ -160,7 +169,7 @@ def serve(cfg: PipelineConfig, model_dir: Path | None = None) -> dict:
     return info
 
 
-def evaluate(cfg: PipelineConfig, models: dict[str, Path] | None = None) -> pd.DataFrame:
+def evaluate(cfg: PipelineConfig, models: dict[str, Path | str] | None = None) -> pd.DataFrame:
     from mgh_ray import evaluation
 
     run = Path(cfg.run_dir)

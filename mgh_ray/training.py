@@ -269,15 +269,19 @@ def contrastive_loss(model: torch.nn.Module, encoder: Encoder, loss_fn: torch.nn
     from mgh_ray.losses import text_keys
 
     b = len(batch)
-    negs = [batch[f"neg_{lv}"].iloc[i] for i, lv in enumerate(levels)]
+    use_negs = getattr(getattr(loss_fn, "cfg", None), "hard_negatives", True)
+    negs = [batch[f"neg_{lv}"].iloc[i] for i, lv in enumerate(levels)] if use_negs else []
     q = encoder.tokenize(list(batch["query"]), list(batch["instruction"]))
     d = encoder.tokenize(list(batch["positive"]) + negs)
     # one forward for queries and documents together: DDP expects one forward per backward
     inputs = _concat(q, d, encoder.tokenizer.padding_side == "left", encoder.tokenizer.pad_token_id)
-    emb = model(**{k: v.to(device) for k, v in inputs.items()})  # (3b, dim)
-    qe, pe, ne = emb[:b], emb[b:2 * b], emb[2 * b:].unsqueeze(1)  # (b, dim), (b, dim), (b, 1, dim)
-    p_keys, n_keys = text_keys(list(batch["positive"])), text_keys(negs).view(b, 1)
-    return loss_fn(qe, pe, ne, p_keys.to(device), n_keys.to(device))
+    emb = model(**{k: v.to(device) for k, v in inputs.items()})  # (3b, dim), or (2b, dim) in-batch only
+    qe, pe = emb[:b], emb[b:2 * b]  # (b, dim), (b, dim)
+    p_keys = text_keys(list(batch["positive"])).to(device)
+    if not use_negs:
+        return loss_fn(qe, pe, None, p_keys, None)
+    ne, n_keys = emb[2 * b:].unsqueeze(1), text_keys(negs).view(b, 1)  # (b, 1, dim), (b, 1)
+    return loss_fn(qe, pe, ne, p_keys, n_keys.to(device))
 
 
 def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], left: bool,

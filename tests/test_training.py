@@ -91,6 +91,22 @@ def test_a_few_steps_change_only_lora_and_lower_the_loss(smollm2_path):
     assert losses[-1] < 0.85 * losses[0], losses
 
 
+def test_in_batch_only_loss_never_embeds_the_hard_negatives(smollm2_path):
+    torch.manual_seed(0)
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=32,
+                                            lora={"top_layers": 2})).eval()
+    batch = seed_records(4)
+    levels = np.full(len(batch), 4)
+    garbage = batch.assign(neg_4=["zzz qqq"] * len(batch))
+    plain = InfoNCE(LossConfig(hard_negatives=False))
+    with torch.no_grad():
+        a = contrastive_loss(enc, enc, plain, batch, levels)
+        b = contrastive_loss(enc, enc, plain, garbage, levels)  # other negatives: same loss
+        with_negs = contrastive_loss(enc, enc, InfoNCE(LossConfig()), batch, levels)
+    assert torch.equal(a, b)
+    assert with_negs > a  # one more candidate per query can only raise InfoNCE
+
+
 def _tiny(tmp_path, **kw) -> TrainConfig:
     # 4 stages of 2 steps; checkpoints after steps 3, 6, 8: a failure at step index 3 is mid-stage 2
     return TrainConfig(steps=8, batch_size=2, checkpoint_every=3, warmup=1, export=False,

@@ -1,0 +1,185 @@
+"""Quality gates for graded negatives: a reference embedder checks level order and false negatives.
+
+For every record (query q, positive p, negatives n1..n4 as written for levels L1..L4) the reference
+embedder (all-MiniLM-L6-v2 by default) gives cosine similarities. Two questions are asked:
+
+- level order: does sim(q,n1) < sim(q,n2) < sim(q,n3) < sim(q,n4) < sim(q,p) hold? Agreement is
+  reported for every pair of levels (and the positive), so one sees which levels the LLM confuses.
+- probable false negative (NV-Retriever's positive-aware test): a negative that copies the positive
+  (same text, or sim(n,p) >= `copy_sim`) or that scores at or above the positive
+  (sim(q,n) >= sim(q,p) - (1 - fn_ratio) * |sim(q,p)|). Small generators often "answer the query
+  anyway"; this is how that shows up, and the report gives its rate.
+
+The policy decides what training sees: `keep` (everything, flags only), `drop` (only records with
+no false negative and the full order), `relabel` (default: drop records with a false negative and
+re-assign the rest to levels by measured similarity, so neg_1 is the least similar).
+
+Similarities are computed once, when a record is written (`Scorer`, a load-once Ray Data stage);
+flags and the policy are applied when records are read (`gate`), so thresholds and policy can change
+without generating again.
+
+    df = quality.gate(raw_records, QualityConfig(policy="drop"))
+    quality.summarize(raw_records, QualityConfig())
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pandas as pd
+
+from mgh_ray import assets
+from mgh_ray.config import Section
+
+log = logging.getLogger(__name__)
+
+LEVELS = (1, 2, 3, 4)
+GEN_COLS = tuple(f"gen_{k}" for k in LEVELS)  # negatives as written, by requested level
+NEG_COLS = tuple(f"neg_{k}" for k in LEVELS)  # negatives as used for training, after the policy
+SIM_COLS = ("sim_pos", *(f"sim_{k}" for k in LEVELS), *(f"simp_{k}" for k in LEVELS))
+_RANKED = (*(f"L{k}" for k in LEVELS), "pos")  # coarse .. fine, then the positive
+
+
+class QualityConfig(Section):
+    """Reference embedder, thresholds and policy of the quality gate."""
+
+    embedder: str = "minilm"  # assets.model_path name, a local sentence-transformers folder or a hub id
+    policy: Literal["keep", "drop", "relabel"] = "relabel"
+    fn_ratio: float = 0.95  # a negative scoring >= 95% of the positive's similarity is a probable positive
+    copy_sim: float = 0.95  # a negative this similar to the positive is a copy of it
+    batch_size: int = 64
+    device: str | None = None  # None: sentence-transformers picks (cuda when there is one)
+    num_cpus: float = 1.0  # resources of the scoring actor in the synthesis pipeline
+    num_gpus: float = 0.0
+
+
+def load_embedder(cfg: QualityConfig):
+    """The reference embedder (a SentenceTransformer), loaded from the local cache when it is 'minilm'."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(assets.model_path(cfg.embedder)), device=cfg.device)
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).casefold().split()).strip(" .")
+
+
+def similarities(df: pd.DataFrame, encode: Callable[[list[str]], np.ndarray]) -> pd.DataFrame:
+    """sim_pos = cos(q,p), sim_k = cos(q,n_k), simp_k = cos(n_k,p) for each row of `df`.
+
+    `encode` maps texts to L2-normalised vectors; `df` needs query, positive and gen_1..gen_4.
+    """
+    n = len(df)
+    out = pd.DataFrame(index=df.index, columns=list(SIM_COLS), dtype="float64")
+    if n == 0:
+        return out
+    texts = [*df["query"], *df["positive"], *(t for c in GEN_COLS for t in df[c])]
+    vecs = encode([str(t) for t in texts])  # (n * 6, dim), unit length
+    q, p = vecs[:n], vecs[n:2 * n]  # (n, dim) each
+    negs = vecs[2 * n:].reshape(len(LEVELS), n, -1)  # (4, n, dim)
+    out["sim_pos"] = np.einsum("nd,nd->n", q, p)
+    for i, k in enumerate(LEVELS):
+        out[f"sim_{k}"] = np.einsum("nd,nd->n", q, negs[i])
+        out[f"simp_{k}"] = np.einsum("nd,nd->n", negs[i], p)
+    return out
+
+
+class Scorer:
+    """Ray Data stage: adds SIM_COLS to rows with status 'ok' (others get NaN). Loads the model once."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = QualityConfig.model_validate(cfg)
+        self.model = load_embedder(self.cfg)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.cfg.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.copy()
+        for col in SIM_COLS:
+            batch[col] = np.nan
+        ok = batch["status"] == "ok"
+        if ok.any():
+            batch.loc[ok, list(SIM_COLS)] = similarities(batch[ok], self.encode)
+        return batch
+
+
+def flags(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
+    """Per-record gate flags from stored similarities: copy_k, above_k, fn_k, pair orders, ordered."""
+    out = pd.DataFrame(index=df.index)
+    pos = df["sim_pos"].to_numpy()
+    threshold = pos - (1.0 - cfg.fn_ratio) * np.abs(pos)
+    norm_pos = df["positive"].map(_norm)
+    for k in LEVELS:
+        same_text = df[f"gen_{k}"].map(_norm) == norm_pos
+        out[f"copy_{k}"] = same_text.to_numpy() | (df[f"simp_{k}"].to_numpy() >= cfg.copy_sim)
+        out[f"above_{k}"] = df[f"sim_{k}"].to_numpy() >= threshold
+        out[f"fn_{k}"] = out[f"copy_{k}"] | out[f"above_{k}"]
+    sims = {f"L{k}": df[f"sim_{k}"].to_numpy() for k in LEVELS} | {"pos": pos}
+    for a, b in itertools.combinations(_RANKED, 2):
+        out[f"order_{a}_{b}"] = sims[a] < sims[b]
+    adjacent = [f"order_{a}_{b}" for a, b in zip(_RANKED, _RANKED[1:])]
+    out["ordered"] = out[adjacent].all(axis=1)
+    out["n_false_negatives"] = out[[f"fn_{k}" for k in LEVELS]].sum(axis=1)
+    return out
+
+
+def gate(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
+    """`df` plus flags, `passed`, and the training negatives neg_1..neg_4 chosen by `cfg.policy`.
+
+    `levels_from` says which written level each neg_k came from (e.g. "2,1,3,4" after relabelling).
+    """
+    if df.empty:
+        return df.assign(**{c: pd.Series(dtype=object) for c in NEG_COLS},
+                         passed=pd.Series(dtype=bool), levels_from=pd.Series(dtype=object))
+    f = flags(df, cfg)
+    out = pd.concat([df, f], axis=1)
+    gens = df[list(GEN_COLS)].to_numpy(dtype=object)  # (n, 4)
+    if cfg.policy == "relabel":
+        order = np.argsort(df[[f"sim_{k}" for k in LEVELS]].to_numpy(), axis=1, kind="stable")  # (n, 4)
+        gens = np.take_along_axis(gens, order, axis=1)
+        out["levels_from"] = [",".join(str(i + 1) for i in row) for row in order]
+    else:
+        out["levels_from"] = "1,2,3,4"
+    for i, col in enumerate(NEG_COLS):
+        out[col] = gens[:, i]
+    if cfg.policy == "keep":
+        out["passed"] = True
+    elif cfg.policy == "drop":
+        out["passed"] = f["ordered"] & (f["n_false_negatives"] == 0)
+    else:
+        out["passed"] = f["n_false_negatives"] == 0
+    return out
+
+
+def summarize(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, Any]:
+    """Rates for the report: level-order agreement per pair, false negatives, what the policy keeps."""
+    n = len(df)
+    if n == 0:
+        return {"records": 0}
+    f = flags(df, cfg)
+    fn = f[[f"fn_{k}" for k in LEVELS]].to_numpy()
+    above = f[[f"above_{k}" for k in LEVELS]].to_numpy()
+    copy = f[[f"copy_{k}" for k in LEVELS]].to_numpy()
+    passed = gate(df, cfg)["passed"]
+    return {
+        "records": n,
+        "policy": cfg.policy,
+        "passed": int(passed.sum()),
+        "passed_rate": round(float(passed.mean()), 4),
+        "order_agreement": {f"{a}<{b}": round(float(f[f"order_{a}_{b}"].mean()), 4)
+                            for a, b in itertools.combinations(_RANKED, 2)},
+        "fully_ordered_rate": round(float(f["ordered"].mean()), 4),
+        "false_negative_rate": round(float(fn.mean()), 4),  # per negative
+        "false_negative_rate_by_level": {f"L{k}": round(float(fn[:, i].mean()), 4)
+                                         for i, k in enumerate(LEVELS)},
+        "records_with_false_negative": round(float(fn.any(axis=1).mean()), 4),
+        "answers_query_rate": round(float(above.any(axis=1).mean()), 4),  # some negative scores >= positive
+        "copies_positive_rate": round(float(copy.any(axis=1).mean()), 4),
+        "mean_similarity": {**{f"L{k}": round(float(df[f"sim_{k}"].mean()), 4) for k in LEVELS},
+                            "pos": round(float(df["sim_pos"].mean()), 4)},
+    }

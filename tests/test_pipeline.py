@@ -1,0 +1,88 @@
+"""The main job end to end on a micro budget, its resume, and the ablation runner in CI size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mgh_ray import ablation, config, pipeline
+
+TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
+STAGES = ("fetch", "synthesize", "train", "serve", "evaluate")
+
+
+def micro(run_dir: Path, *extra: str) -> pipeline.PipelineConfig:
+    """tiny.yaml cut down to CI size: 12 seeds, 4 training steps, 2 small tasks."""
+    return config.load(pipeline.PipelineConfig, TINY, [
+        f"run_dir={run_dir}", "synthesis.num_seeds=12", "synthesis.max_tokens=200", "synthesis.rows_per_shard=4",
+        "synthesis.quality.policy=keep", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
+        "train.warmup=1", "train.export=false", "train.encoder.max_length=32", "train.encoder.lora.top_layers=2",
+        "evaluate.tasks=[LeeSTS,SDGPairClassification]", "evaluate.max_rows=16", "evaluate.num_replicas=1",
+        *extra])
+
+
+def test_schedule_arms_map_to_training_settings():
+    tiny = config.load(pipeline.PipelineConfig, TINY, [])
+    for arm in ablation.SCHEDULES:
+        cfg = config.override(tiny, ablation.schedule_overrides(arm))
+        if arm.startswith("level_"):
+            assert (cfg.train.curriculum.mode, cfg.train.curriculum.level) == ("single", int(arm[-1]))
+        elif arm == "in_batch":
+            assert not cfg.train.loss.hard_negatives
+        else:
+            assert cfg.train.curriculum.mode == ("curriculum" if arm == "mined" else arm)
+            assert cfg.train.loss.hard_negatives
+    with pytest.raises(ValueError, match="unknown schedule arm"):
+        ablation.schedule_overrides("level_x")
+
+
+def test_finished_stage_with_another_config_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "_SUCCESS").write_text("abc")
+    with pytest.raises(pipeline.StaleStageError, match="train"):
+        pipeline.run_stage(tmp_path / "train", "train", "def", lambda: None)
+    assert pipeline.run_stage(tmp_path / "train", "train", "abc", lambda: 1 / 0) is False  # reused, not run
+
+
+@pytest.mark.integration
+def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, ray_cluster, smollm2_path, minilm_path):
+    run = tmp_path / "run"
+    cfg = micro(run)
+    scores = pipeline.run_pipeline(cfg)
+
+    assert {"base", "trained"} <= set(scores.columns)
+    assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
+    assert scores.notna().all().all()
+    for stage in STAGES:
+        assert (run / stage / "_SUCCESS").is_file(), stage
+    assert (run / "config.yaml").is_file() and (run / "train" / "config.yaml").is_file()
+    assert (run / "synthesize" / "report.json").is_file() and (run / "train" / "model").is_dir()
+    assert (run / "evaluate" / "report.md").is_file() and (run / "evaluate" / "scores.png").stat().st_size > 0
+    parity = pd.read_json(run / "serve" / "serve.json", typ="series")
+    assert parity["parity_min_cosine"] >= 0.9999
+
+    # a rerun reuses every stage: nothing is rewritten, the same table comes back
+    stamps = {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
+    metrics = (run / "train" / "metrics.jsonl").read_text()
+    again = pipeline.run_pipeline(cfg)
+    pd.testing.assert_frame_equal(again, scores)
+    assert stamps == {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
+    assert (run / "train" / "metrics.jsonl").read_text() == metrics
+
+    # a different training config must not silently reuse the trained model
+    with pytest.raises(pipeline.StaleStageError, match="train"):
+        pipeline.run_pipeline(micro(run, "train.steps=5"))
+
+    # the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
+    ab = micro(run, "ablation.schedules=[curriculum,in_batch]", "ablation.poolings=[]", "ablation.steps=4",
+               "ablation.tasks=[LeeSTS]")
+    tables = ablation.run_ablation(ab)
+    table = tables["schedule"]
+    assert list(table.index) == ["curriculum", "in_batch"] and "pooling" not in tables
+    assert table["mean"].notna().all()
+    for arm in ("curriculum-s0", "in_batch-s0"):
+        assert (run / "ablation" / "schedule" / arm / "_SUCCESS").is_file()
+    assert (run / "ablation" / "schedule.png").stat().st_size > 0
+    assert (run / "ablation" / "schedule.md").is_file()

@@ -1,0 +1,120 @@
+"""Prompt file loading, rendering and the tolerant parser (pure functions, no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mgh_ray import prompts as P
+
+GOOD = {"L1": "A report on farm subsidies in France.", "L2": "Oil prices rose after the OPEC meeting.",
+        "L3": "Yukos shares fell as the court case dragged on.",
+        "L4": "Yukos unit buyer wins a loan claim in Moscow."}
+
+
+@pytest.fixture(scope="module")
+def ps():
+    return P.load()
+
+
+def test_load_has_four_levels_and_all_kinds(ps):
+    assert ps.version == "mgh_v1"
+    assert sorted(ps.levels) == [1, 2, 3, 4]
+    assert {"short-long", "long-short", "short-short", "long-long", "sts"} <= set(ps.kinds)
+    assert ps.kinds["sts"].symmetric and not ps.kinds["short-long"].symmetric
+    assert len(ps.topics) >= 10
+
+
+def test_load_rejects_unknown_version_and_bad_file(tmp_path):
+    with pytest.raises(P.PromptError, match="no prompt set"):
+        P.load("mgh_v999")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("version: x\nsystem: s\nlevels: {1: {name: a, definition: b}}\n")
+    with pytest.raises(P.PromptError, match="lacks section"):
+        P.load(bad)
+
+
+def test_load_rejects_a_template_with_an_unknown_placeholder(tmp_path):
+    text = (P.resources.files("mgh_ray") / "prompts" / "mgh_v1.yaml").read_text()
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text.replace("${query}", "${qurey}", 1))
+    with pytest.raises(P.PromptError, match="qurey"):
+        P.load(bad)
+
+
+def test_augment_messages_carry_seed_and_every_level_definition(ps):
+    msgs = P.augment_messages(ps, "Yukos unit buyer faces loan claim", "The owners of Yukos ... " * 3)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    user = msgs[1]["content"]
+    assert "Yukos unit buyer faces loan claim" in user
+    for k in P.LEVELS:
+        assert ps.levels[k] in user
+    assert "${" not in user
+
+
+def test_augment_clips_long_positive_at_a_word(ps):
+    user = P.augment_messages(ps, "q", "word " * 1000, max_chars=100)[1]["content"]
+    assert "word " * 19 in user and "word " * 30 not in user
+
+
+def test_generate_mode_prompts_name_kind_topic_and_task(ps):
+    b = P.brainstorm_messages(ps, "long-short", "space")[1]["content"]
+    assert "space" in b and ps.kinds["long-short"].description in b
+    g = P.generate_messages(ps, "sts", "Retrieve sentences that mean the same")[1]["content"]
+    assert "Retrieve sentences that mean the same" in g and ps.kinds["sts"].query_length in g
+
+
+def test_schemas_require_every_field():
+    assert P.negatives_schema()["required"] == ["L4", "L3", "L2", "L1"]  # finest written first
+    assert P.example_schema()["required"] == ["query", "positive", "L4", "L3", "L2", "L1"]
+    assert P.task_schema()["required"] == ["task"]
+
+
+def test_parse_valid_json(ps):
+    r = P.parse_negatives(json.dumps(GOOD))
+    assert r.ok and r.value == GOOD
+
+
+@pytest.mark.parametrize("text", [
+    "Sure! Here are the passages:\n```json\n" + json.dumps(GOOD) + "\n```\nHope this helps.",
+    "Answer: " + json.dumps(GOOD) + " -- done",
+    json.dumps(GOOD)[:-1] + ",}",  # trailing comma
+    json.dumps({"level_1": GOOD["L1"], "Level 2": GOOD["L2"], "negative_3": GOOD["L3"], "l4": GOOD["L4"]}),
+    json.dumps({"negatives": [GOOD[k] for k in P.LEVEL_KEYS]}),
+    json.dumps({"note": "x"}) + " then " + json.dumps(GOOD),  # first object lacks the keys, second is right
+])
+def test_parse_tolerates_prose_fences_commas_and_key_spellings(text):
+    r = P.parse_negatives(text)
+    assert r.ok, r
+    assert r.value == GOOD
+
+
+@pytest.mark.parametrize("text, reason", [
+    (json.dumps(GOOD)[:60], P.TRUNCATED),
+    ('{"L1": "a b c", "L2": ', P.TRUNCATED),
+    ("I cannot help with that.", P.NO_JSON),
+    ('{"L1": tomorrow}', P.BAD_JSON),
+    (json.dumps({"L1": GOOD["L1"], "L2": GOOD["L2"], "L3": GOOD["L3"]}), P.WRONG_KEYS),
+    (json.dumps({"a": 1, "b": 2}), P.WRONG_KEYS),
+    (json.dumps({**GOOD, "L2": ["a", "list"]}), P.WRONG_TYPE),
+    (json.dumps({**GOOD, "L3": "   "}), P.EMPTY),
+    (json.dumps({**GOOD, "L3": "L3"}), P.TOO_SHORT),
+    (json.dumps({**GOOD, "L4": GOOD["L1"].upper() + " "}), P.DUPLICATE),
+])
+def test_parse_rejects_with_reason(text, reason):
+    r = P.parse_negatives(text)
+    assert not r.ok and r.value is None
+    assert r.reason == reason, r
+
+
+def test_parse_task_and_example():
+    assert P.parse_task('ok {"task": "Given a recipe title, retrieve the recipe"}').value == {
+        "task": "Given a recipe title, retrieve the recipe"}
+    assert P.parse_task('{"tasks": ["Retrieve a match"]}').value == {"task": "Retrieve a match"}
+    assert P.parse_task('{"title": "x"}').reason == P.WRONG_KEYS
+    ex = {"query": "best pasta sauce", "positive": "A slow tomato sauce with basil and garlic.", **GOOD}
+    assert P.parse_example(json.dumps(ex)).value == ex
+    assert P.parse_example(json.dumps({**ex, "query": ""})).reason == P.EMPTY
+    assert P.parse_example(json.dumps({**ex, "positive": ex["query"]})).reason == P.DUPLICATE
+    assert P.parse_example(json.dumps(GOOD)).reason == P.WRONG_KEYS
