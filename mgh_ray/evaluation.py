@@ -17,6 +17,7 @@ runs the same tasks on an in-process encoder, for parity checks and baselines.
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 import time
@@ -54,13 +55,14 @@ class EvalConfig(Section):
     overwrite: bool = False  # True: rerun tasks that already have results
 
 
-class MtebAdapter:
+class MtebAdapter(abc.ABC):
     """mteb's encoder protocol over `embed(texts, instruction)`; instructions from `tasks.instruction`."""
 
     mteb_model_meta: Any
 
+    @abc.abstractmethod
     def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
-        raise NotImplementedError
+        """(len(texts), dim) unit vectors; `instruction` prefixes each text when not None."""
 
     @property
     def dim(self) -> int:

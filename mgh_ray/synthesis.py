@@ -79,7 +79,7 @@ class SynthesisConfig(config.Section):
         "short-long", "long-short", "short-short", "long-long", "sts"])  # generate mode: task families
     prompt_version: str = prompts.DEFAULT_VERSION  # a shipped version or a path to a prompt YAML
     instruction: str = DEFAULT_INSTRUCTION  # E5 query instruction of augment mode (a seed column overrides)
-    max_input_chars: int = 1200  # query/positive are clipped to this in prompts
+    max_input_chars: int = 500  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
     # engine (one vLLM engine per actor)
     model: str = "smollm2"  # assets name, local folder, or hub id on a cluster
     # bfloat16: 1.6x float32 on this CPU (AMX/avx512_bf16); use float32 on CPUs without bf16 support
@@ -105,7 +105,7 @@ class SynthesisConfig(config.Section):
     # sampling
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int = 256
+    max_tokens: int = 320  # 4 negatives of <= 240 characters, keys and quotes included
     seed: int = 0
     max_retries: int = 2  # extra attempts for a row whose output does not parse, each with a new seed
     # output
@@ -306,12 +306,12 @@ class Generator:
         if c.mode == "augment":
             steps.append(("augment", lambda _: prompts.augment_messages(ps, row["query"], row["positive"],
                                                                          c.max_input_chars),
-                          prompts.negatives_schema(), prompts.parse_negatives))
+                          prompts.negatives_schema(ps), prompts.parse_negatives))
         else:
             steps.append(("brainstorm", lambda _: prompts.brainstorm_messages(ps, row["kind"], row["topic"]),
                           prompts.task_schema(), prompts.parse_task))
             steps.append(("generate", lambda got: prompts.generate_messages(ps, row["kind"], got["task"]),
-                          prompts.example_schema(), prompts.parse_example))
+                          prompts.example_schema(ps), prompts.parse_example))
         got: dict[str, Any] = {}
         for step, render, schema, parse in steps:
             res = await self._ask(rid, step, render(got), schema, parse)

@@ -80,6 +80,17 @@ class _Sized:
         super().__init__(seed=seed, **kwargs)  # type: ignore[call-arg]
 
 
+def _retrieval_split(ids: pd.Series, queries: pd.Series, docs: pd.Series,
+                     top_ranked: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """mteb's retrieval split: query q<id> has the one relevant document d<id>."""
+    return {
+        "queries": Dataset.from_dict({"id": [f"q{i}" for i in ids], "text": queries.tolist()}),
+        "corpus": Dataset.from_dict({"id": [f"d{i}" for i in ids], "text": docs.tolist()}),
+        "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in ids},
+        "top_ranked": top_ranked,
+    }
+
+
 class BBCHeadlineRetrieval(_Sized, AbsTaskRetrieval):
     """Headline -> article over held-out BBC articles. The document is the body only (no title)."""
 
@@ -94,13 +105,7 @@ class BBCHeadlineRetrieval(_Sized, AbsTaskRetrieval):
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         df = _sample(corpora.table("bbc_eval"), self.max_rows, self.seed)
-        split = {
-            "queries": Dataset.from_dict({"id": [f"q{i}" for i in df.id], "text": df.title.tolist()}),
-            "corpus": Dataset.from_dict({"id": [f"d{i}" for i in df.id], "text": df.body.tolist()}),
-            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in df.id},
-            "top_ranked": None,
-        }
-        self.dataset = {"default": {"test": split}}
+        self.dataset = {"default": {"test": _retrieval_split(df.id, df.title, df.body)}}
         self.data_loaded = True
 
 
@@ -127,13 +132,7 @@ class MovieDialogReranking(_Sized, AbsTaskRetrieval):
             # distractors: the next k-1 rows of one seeded permutation, skipping this row
             others = [j for j in (rng[(i + s) % len(df)] for s in range(1, k + 1)) if j != i][: k - 1]
             top_ranked[f"q{row.id}"] = [f"d{row.id}"] + [f"d{df.id[j]}" for j in others]
-        split = {
-            "queries": Dataset.from_dict({"id": [f"q{i}" for i in df.id], "text": df.statement.tolist()}),
-            "corpus": Dataset.from_dict({"id": [f"d{i}" for i in df.id], "text": df.reply.tolist()}),
-            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in df.id},
-            "top_ranked": top_ranked,
-        }
-        self.dataset = {"default": {"test": split}}
+        self.dataset = {"default": {"test": _retrieval_split(df.id, df.statement, df.reply, top_ranked)}}
         self.data_loaded = True
 
 

@@ -16,7 +16,7 @@ STAGES = ("fetch", "synthesize", "train", "serve", "evaluate")
 def micro(run_dir: Path, *extra: str) -> pipeline.PipelineConfig:
     """tiny.yaml cut down to CI size: 12 seeds, 4 training steps, 2 small tasks."""
     return config.load(pipeline.PipelineConfig, TINY, [
-        f"run_dir={run_dir}", "synthesis.num_seeds=12", "synthesis.max_tokens=200", "synthesis.rows_per_shard=4",
+        f"run_dir={run_dir}", "synthesis.num_seeds=12", "synthesis.rows_per_shard=4",
         "synthesis.quality.policy=keep", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
         "train.warmup=1", "train.export=false", "train.encoder.max_length=32", "train.encoder.lora.top_layers=2",
         "evaluate.tasks=[LeeSTS,SDGPairClassification]", "evaluate.max_rows=16", "evaluate.num_replicas=1",

@@ -19,7 +19,7 @@ def ps():
 
 
 def test_load_has_four_levels_and_all_kinds(ps):
-    assert ps.version == "mgh_v1"
+    assert ps.version == P.DEFAULT_VERSION == "mgh_v2"
     assert sorted(ps.levels) == [1, 2, 3, 4]
     assert {"short-long", "long-short", "short-short", "long-long", "sts"} <= set(ps.kinds)
     assert ps.kinds["sts"].symmetric and not ps.kinds["short-long"].symmetric
@@ -45,8 +45,8 @@ def test_load_rejects_a_template_with_an_unknown_placeholder(tmp_path):
 
 def test_augment_messages_carry_seed_and_every_level_definition(ps):
     msgs = P.augment_messages(ps, "Yukos unit buyer faces loan claim", "The owners of Yukos ... " * 3)
-    assert [m["role"] for m in msgs] == ["system", "user"]
-    user = msgs[1]["content"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]  # worked example first
+    user = msgs[-1]["content"]
     assert "Yukos unit buyer faces loan claim" in user
     for k in P.LEVELS:
         assert ps.levels[k] in user
@@ -54,7 +54,7 @@ def test_augment_messages_carry_seed_and_every_level_definition(ps):
 
 
 def test_augment_clips_long_positive_at_a_word(ps):
-    user = P.augment_messages(ps, "q", "word " * 1000, max_chars=100)[1]["content"]
+    user = P.augment_messages(ps, "q", "word " * 1000, max_chars=100)[-1]["content"]
     assert "word " * 19 in user and "word " * 30 not in user
 
 
@@ -65,10 +65,35 @@ def test_generate_mode_prompts_name_kind_topic_and_task(ps):
     assert "Retrieve sentences that mean the same" in g and ps.kinds["sts"].query_length in g
 
 
-def test_schemas_require_every_field():
+def test_worked_example_is_a_valid_answer_and_v1_has_none(ps):
+    msgs = P.augment_messages(ps, "q", "p")
+    shot = P.parse_negatives(msgs[2]["content"])
+    assert shot.ok and shot.value == {k: ps.example[k] for k in P.LEVEL_KEYS}
+    assert ps.example["query"] in msgs[1]["content"]
+    lo, hi = ps.negative_chars
+    assert all(lo <= len(ps.example[k]) <= hi for k in P.LEVEL_KEYS)  # the example obeys its own bounds
+    v1 = P.load("mgh_v1")
+    assert v1.example is None and [m["role"] for m in P.augment_messages(v1, "q", "p")] == ["system", "user"]
+
+
+def test_load_rejects_a_bad_example_or_bounds(tmp_path):
+    text = (P.resources.files("mgh_ray") / "prompts" / "mgh_v2.yaml").read_text()
+    bad = tmp_path / "ex.yaml"
+    bad.write_text(text.replace("  L2: Engineers are testing", "  L9: Engineers are testing", 1))
+    with pytest.raises(P.PromptError, match="example lacks"):
+        P.load(bad)
+    bad.write_text(text.replace("negative_chars: [40, 240]", "negative_chars: [240, 40]", 1))
+    with pytest.raises(P.PromptError, match="negative_chars"):
+        P.load(bad)
+
+
+def test_schemas_require_every_field(ps):
     assert P.negatives_schema()["required"] == ["L4", "L3", "L2", "L1"]  # finest written first
     assert P.example_schema()["required"] == ["query", "positive", "L4", "L3", "L2", "L1"]
     assert P.task_schema()["required"] == ["task"]
+    bounded = P.negatives_schema(ps)["properties"]["L1"]
+    assert (bounded["minLength"], bounded["maxLength"]) == ps.negative_chars
+    assert P.example_schema(ps)["properties"]["query"] == {"type": "string", "minLength": 1}
 
 
 def test_parse_valid_json(ps):

@@ -23,7 +23,7 @@ ALLOWED_REASONS = set(prompts.REASONS) | {"bad_seed", "engine_error"}
 
 def _tiny(**kw) -> SynthesisConfig:
     """Small, fast settings for tests: short outputs, one retry."""
-    base = dict(max_tokens=200, max_retries=1, batch_size=3, rows_per_shard=3)
+    base = dict(max_tokens=320, max_retries=1, batch_size=3, rows_per_shard=3)
     return SynthesisConfig(**{**base, **kw})
 
 
@@ -100,7 +100,7 @@ def test_seeds_that_are_all_bad_are_recorded_without_an_engine(tmp_path):
     assert report["written"] == 0 and report["missing"] == 0
     assert report["failed_by_reason"] == {"bad_seed": 2}
     failures = pd.read_parquet(next((tmp_path / "out" / "failures").glob("*.parquet")))
-    assert set(failures["id"]) == {synthesis.row_id(s, "mgh_v1") for s in ("a", "b")}
+    assert set(failures["id"]) == {synthesis.row_id(s, prompts.DEFAULT_VERSION) for s in ("a", "b")}
     assert synthesis.read_records(tmp_path / "out").columns.tolist() == READ_COLS
 
 
@@ -169,7 +169,7 @@ def test_real_engine_run_killed_then_resumed_keeps_every_row_once(tmp_path, ray_
     after = _ids(out / "records") + _ids(out / "failures")
     assert len(after) == len(set(after)) == 10  # no duplicates, nothing missing
     seed_ids = [*corpora.table("seeds").head(9)["id"], "empty"]
-    assert set(after) == {synthesis.row_id(s, "mgh_v1") for s in seed_ids}
+    assert set(after) == {synthesis.row_id(s, prompts.DEFAULT_VERSION) for s in seed_ids}
     assert set(before) <= set(after) and report["this_run"]["rows"] == 10 - len(before)
     assert all(p.read_bytes() == data for p, data in shards_before.items())  # earlier shards untouched
 
@@ -182,8 +182,8 @@ def test_real_engine_run_killed_then_resumed_keeps_every_row_once(tmp_path, ray_
     for rec in records.itertuples():
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
         assert all(isinstance(n, str) and n for n in negatives)
-        assert rec.prompt_version == "mgh_v1" and rec.model == "smollm2" and rec.attempts >= 1
-        assert json.loads(rec.sampling)["max_tokens"] == 200
+        assert rec.prompt_version == prompts.DEFAULT_VERSION and rec.model == "smollm2" and rec.attempts >= 1
+        assert json.loads(rec.sampling)["max_tokens"] == 320
     llm_failures = failures[failures["reason"] != "bad_seed"]
     assert (llm_failures["attempts"] == 2).all()  # one retry, then recorded with its raw output
     assert llm_failures["raw_output"].map(bool).all()
