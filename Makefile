@@ -33,8 +33,11 @@ fetch: install
 ablate: install
 	$(VENV)/bin/mgh-ray ablate $(CONFIG)
 
+# each prints and saves a table under runs/tiny/benchmarks/ (ratios against a baseline of the same run)
 benchmark: install
-	$(VENV)/bin/mgh-ray benchmark $(CONFIG)
+	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage synthesis
+	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage training
+	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage serving
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

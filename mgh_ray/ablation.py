@@ -110,6 +110,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                     for arm in ab.poolings},
     }
     tables: dict[str, pd.DataFrame] = {}
+    trained: dict[tuple[str, str], Path] = {}  # (records, train fingerprint) -> model: arms that coincide
     for study, arms in studies.items():
         if not arms:
             continue
@@ -118,10 +119,15 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
             for seed in ab.seeds:
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
                 out = root / study / f"{arm}-s{seed}"
-                data = records["mined" if arm == "mined" else "synth"]
-                pipeline.run_stage(out, f"{study}:{arm}-s{seed}", pipeline.fingerprint(arm_cfg.train),
-                                   lambda c=arm_cfg, d=data, o=out: training.train(c.train, d, o))
-                models[f"{arm}-s{seed}"] = out / "model"
+                source = "mined" if arm == "mined" else "synth"
+                key = (source, pipeline.fingerprint(arm_cfg.train))
+                if key in trained:  # e.g. pooling "ata" is schedule "curriculum": train once, use twice
+                    log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, trained[key])
+                    models[f"{arm}-s{seed}"] = trained[key]
+                    continue
+                pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
+                                   lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o))
+                models[f"{arm}-s{seed}"] = trained[key] = out / "model"
         scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
         per_model = {name: scores[name] for name in models}
         table = summarize(per_model, list(arms), ab.seeds)
