@@ -119,3 +119,13 @@ def save(cfg: BaseModel, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def module_args(cls: type[T], argv: list[str], module: str) -> tuple[T, Path]:
+    """`python -m <module> [config.yaml] OUT_DIR [key=value ...]` -> (config, OUT_DIR); logs to stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
+    rest = argv[1:] if path else argv
+    if not rest:
+        raise SystemExit(f"usage: python -m {module} [config.yaml] OUT_DIR [key=value ...]")
+    return load(cls, path, rest[1:]), Path(rest[0])

@@ -152,12 +152,8 @@ def read_records(out_dir: Path, policy: str | None = None) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
-    rest = argv[1:] if path else argv
-    if not rest:
-        raise SystemExit("usage: python -m mgh_ray.mining [config.yaml] OUT_DIR [key=value ...]")
-    mine(config.load(MiningConfig, path, rest[1:]), Path(rest[0]))
+    cfg, out_dir = config.module_args(MiningConfig, argv, "mgh_ray.mining")
+    mine(cfg, out_dir)
 
 
 if __name__ == "__main__":

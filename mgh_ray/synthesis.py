@@ -576,13 +576,8 @@ def read_records(out_dir: Path, policy: str | None = None) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
-    rest = argv[1:] if path else argv
-    if not rest:
-        raise SystemExit("usage: python -m mgh_ray.synthesis [config.yaml] OUT_DIR [key=value ...]")
-    cfg = config.load(SynthesisConfig, path, rest[1:])
-    synthesize(cfg, Path(rest[0]))
+    cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.synthesis")
+    synthesize(cfg, out_dir)
 
 
 if __name__ == "__main__":

@@ -105,12 +105,8 @@ def run(cfg: SynthesisConfig, out_dir: Path, baseline_rows: int = 8) -> pd.DataF
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
-    rest = argv[1:] if path else argv
-    if not rest:
-        raise SystemExit("usage: python -m mgh_ray.benchmarks.synthesis [config.yaml] OUT_DIR [key=value]")
-    run(config.load(SynthesisConfig, path, rest[1:]), Path(rest[0]))
+    cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.benchmarks.synthesis")
+    run(cfg, out_dir)
 
 
 if __name__ == "__main__":
