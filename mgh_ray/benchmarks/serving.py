@@ -3,7 +3,9 @@
 One run, one machine, baselines measured in the same run:
 (a) N client threads post `texts_per_request` texts each to `/v1/embeddings` on loopback until each has
     sent `requests_per_client` requests or `max_seconds` pass: texts/s, p50 and p99 request latency;
-(b) the same texts through in-process `Encoder.encode` (batch = the server's max_batch_size): texts/s;
+(b) the same texts through in-process `Encoder.encode` (batch = the server's max_batch_size): texts/s,
+    once with a replica's torch threads (the like-for-like baseline of the HTTP/in-process ratio) and
+    once with this process's own threads where those differ;
 (c) wall time of `evaluation.evaluate_model` on the eval config's tasks with 1 and with 2 replicas
     (fresh result folders, so nothing is skipped), with the deployment's start-up timed apart.
 The table goes to the log and to out_dir/benchmark_serving.{md,json}.
@@ -111,20 +113,30 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
 
     encoder = Encoder.load(model_dir)
     encoder.encode(texts[:2])  # warm-up
-    t0 = time.perf_counter()
-    encoder.encode(texts[: int(http["texts"])], batch_size=serve_cfg.max_batch_size)
-    local_tps = http["texts"] / (time.perf_counter() - t0)
+    own_threads = torch.get_num_threads()
+    replica_threads = serve_cfg.torch_threads or max(1, int(serve_cfg.num_cpus))
+    local_tps = {}
+    for threads in dict.fromkeys([replica_threads, own_threads]):
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        encoder.encode(texts[: int(http["texts"])], batch_size=serve_cfg.max_batch_size)
+        local_tps[threads] = http["texts"] / (time.perf_counter() - t0)
+    torch.set_num_threads(own_threads)
     del encoder
 
     rows = [
         (f"HTTP texts/s ({bench.clients} clients, {bench.texts_per_request} texts/request, "
-         f"{bench.replicas} replica(s))", http["texts_per_s"], "texts/s"),
+         f"{bench.replicas} replica(s) of {replica_threads} torch thread(s))", http["texts_per_s"], "texts/s"),
         ("HTTP request latency p50", http["p50_ms"], "ms"),
         ("HTTP request latency p99", http["p99_ms"], "ms"),
-        (f"in-process encode texts/s (batch {serve_cfg.max_batch_size}, torch threads "
-         f"{torch.get_num_threads()})", local_tps, "texts/s"),
-        ("HTTP / in-process throughput", http["texts_per_s"] / local_tps, "ratio"),
     ]
+    # the baseline: in-process encode with one replica's torch threads, so that with the default single
+    # replica the ratio is what HTTP, Serve and batching cost, not a difference in threads
+    for threads, tps in local_tps.items():
+        rows.append((f"in-process encode texts/s (batch {serve_cfg.max_batch_size}, torch threads {threads})",
+                     tps, "texts/s"))
+    rows.append((f"HTTP / in-process throughput, same torch threads ({replica_threads})",
+                 http["texts_per_s"] / local_tps[replica_threads], "ratio"))
     walls = {}
     for replicas in bench.eval_replicas:
         ecfg = eval_cfg.model_copy(update={"num_replicas": replicas, "overwrite": True})
