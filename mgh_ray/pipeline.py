@@ -38,7 +38,10 @@ class RayConfig(Section):
 
     address: str | None = None
     num_cpus: int | None = None  # only when this process starts a local cluster
-    include_dashboard: bool = False
+    # A new local cluster starts Ray's dashboard on 127.0.0.1:8265 by default: it also serves the State
+    # API that Ray Train's placement-group cleaner polls every second (without it that actor logs
+    # "Failed to query Ray Train Controller actor state" each time and cannot clean up after a crash).
+    include_dashboard: bool = True
 
 
 class AblationConfig(Section):
