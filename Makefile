@@ -36,7 +36,7 @@ ablate: install
 # each prints and saves a table under runs/tiny/benchmarks/ (ratios against a baseline of the same run)
 benchmark: install
 	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage synthesis
-	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage training
+	$(VENV)/bin/mgh-ray benchmark $(CONFIG) train.steps=16 --stage training
 	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage serving
 
 clean:

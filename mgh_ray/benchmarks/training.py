@@ -5,8 +5,8 @@ is the median `pairs_per_s` of metrics.jsonl after the first `warmup` steps (mod
 allocations). The table holds ratios against the baseline (mean pooling, same worker count; and
 1 worker, same pooling), so it compares like with like on whatever machine runs it. Target: ATA
 costs under 10% over mean pooling (its extra work is one layer's q/k projections and n^2 scores).
-Runs one after another see the machine's load drift, so the ATA cost is also measured in-process
-(`step_times`: the same batch, mean and ATA steps alternating).
+Runs one after another see the machine's load drift: each variant runs twice, in ABBA order, and the
+ATA cost is also measured in-process (`step_times`: the same batch, mean and ATA steps alternating).
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage training
     python -c "from mgh_ray.benchmarks import training as b; from mgh_ray.training import TrainConfig; \\
@@ -84,20 +84,28 @@ def _speed(out_dir: Path, warmup: int) -> float:
 
 
 def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
-        warmup: int = 2) -> pd.DataFrame:
-    """Train each variant briefly and tabulate pairs/s; writes benchmark_training.{md,json} in out_dir."""
+        warmup: int = 2, repeats: int = 2) -> pd.DataFrame:
+    """Train each variant briefly and tabulate pairs/s; writes benchmark_training.{md,json} in out_dir.
+
+    Each worker count runs its pooling variants `repeats` times in ABBA order (mean, ATA, ATA, mean,
+    ...), so that a steady drift in machine load hits both alike; a variant's speed is the mean of its
+    runs, and `spread` is (max - min) / mean over them."""
     out_dir = Path(out_dir)
     records = records if records is not None else seed_records(max(32, 4 * cfg.batch_size * 2), cfg.seed)
-    rows = []
+    runs: dict[tuple[str, int], list[float]] = {}
     for workers in (1, 2):
-        for mode in ("mean", "ata"):
-            variant = config_io.override(cfg, [f"encoder.pooling.mode={mode}", f"num_workers={workers}",
-                                               "export=false", "fail_at_step=null"])
-            run_dir = out_dir / f"{mode}_{workers}w"
-            train(variant, records, run_dir)
-            rows.append({"pooling": mode, "workers": workers, "pairs_per_s": _speed(run_dir, warmup)})
-            log.info("benchmark %s, %d worker(s): %.2f pairs/s", mode, workers, rows[-1]["pairs_per_s"])
-    table = pd.DataFrame(rows)
+        for r in range(repeats):
+            for mode in ("mean", "ata") if r % 2 == 0 else ("ata", "mean"):
+                variant = config_io.override(cfg, [f"encoder.pooling.mode={mode}", f"num_workers={workers}",
+                                                   "export=false", "fail_at_step=null"])
+                run_dir = out_dir / f"{mode}_{workers}w_r{r}"
+                train(variant, records, run_dir)
+                runs.setdefault((mode, workers), []).append(_speed(run_dir, warmup))
+                log.info("benchmark %s, %d worker(s), run %d: %.2f pairs/s", mode, workers, r,
+                         runs[(mode, workers)][-1])
+    rows = [{"pooling": mode, "workers": workers, "runs": len(v), "pairs_per_s": float(np.mean(v)),
+             "spread": float((max(v) - min(v)) / np.mean(v))} for (mode, workers), v in runs.items()]
+    table = pd.DataFrame(rows).sort_values(["workers", "pooling"], ascending=[True, False], ignore_index=True)
     speed = {(r.pooling, r.workers): r.pairs_per_s for r in table.itertuples()}
     table["vs_mean_same_workers"] = [speed[(r.pooling, r.workers)] / speed[("mean", r.workers)]
                                      for r in table.itertuples()]
@@ -110,12 +118,14 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
     summary = (f"ATA cost over mean pooling (target < 10%): {step_overhead:+.1%} per training step in one "
                f"process, alternating ({step['mean']:.2f} s mean vs {step['ata']:.2f} s ATA, the cleaner "
                f"figure); {overhead[1]:+.1%} (1 worker) and {overhead[2]:+.1%} (2 workers) from the Ray "
-               f"Train runs, which run one after another and so also see load drift. Setup: "
+               f"Train runs ({repeats} each, ABBA order; they run one after another, so load drift that is not "
+               f"linear still shows: see the spread column). Setup: "
                f"{cfg.encoder.backbone}, batch {cfg.batch_size}/worker, max_length {cfg.encoder.max_length}, "
                f"{cfg.steps} steps, median after {warmup} warm-up steps.")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark_training.md").write_text(f"# Training throughput\n\n{md}\n\n{summary}\n")
-    report = {"rows": table.to_dict(orient="records"), "ata_overhead_ray_runs": overhead,
+    report = {"rows": table.to_dict(orient="records"), "runs": {f"{m}_{w}w": v for (m, w), v in runs.items()},
+              "ata_overhead_ray_runs": overhead,
               "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
               "config": cfg.model_dump(mode="json")}
     (out_dir / "benchmark_training.json").write_text(json.dumps(report, indent=1))
