@@ -89,6 +89,11 @@ class ServeConfig(Section):
     torch_threads: int | None = None  # None: num_cpus rounded, at least 1
     deploy_timeout_s: float = 300.0
 
+    @property
+    def threads(self) -> int:
+        """Torch threads of one replica: torch_threads, else num_cpus rounded down, at least 1."""
+        return self.torch_threads or max(1, int(self.num_cpus))
+
 
 class RequestError(ValueError):
     """A request the server refuses: HTTP status and a message naming the problem."""
@@ -203,7 +208,7 @@ class Embedder:
         from mgh_ray.encoder import Encoder
 
         self.cfg = ServeConfig.model_validate(settings)
-        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.num_cpus)))
+        torch.set_num_threads(self.cfg.threads)
         self.encoder = Encoder.load(model_dir)
         self.name = served_name(self.cfg, model_dir)
         self.revision = model_revision(model_dir)
@@ -244,10 +249,13 @@ class Embedder:
         return {"vectors": await self._encode(req["texts"], req["instruction"]), "replica": self.replica}
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves, and its batching (forward passes so far, sizes of the last 256)."""
+        """What this replica serves, its torch threads and its batching (forward passes so far, sizes of
+        the last 256)."""
+        import torch
+
         return {"model": self.name, "revision": self.revision, "dim": self.encoder.dim,
-                "pooling": self.pooling, "replica": self.replica, "batches": self.batches,
-                "recent_batches": list(self.recent_batches)}
+                "pooling": self.pooling, "replica": self.replica, "torch_threads": torch.get_num_threads(),
+                "batches": self.batches, "recent_batches": list(self.recent_batches)}
 
     def _count_tokens(self, texts: list[str]) -> int:
         """Tokens the model reads for `texts` (documents, after `max_length`), for the `usage` field."""

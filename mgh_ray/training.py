@@ -86,6 +86,11 @@ class TrainConfig(Section):
     fail_at_step: int | None = None  # testing only: worker `fail_rank` dies at this step, once
     fail_rank: int = Field(1, ge=0)
 
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker: threads_per_worker, else cpus_per_worker rounded down, at least 1."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
 
 RECORD_COLUMNS = ["id", "query", "positive", "instruction"]
 
@@ -190,7 +195,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)

@@ -54,6 +54,12 @@ def test_config_defaults_are_a_loopback_cpu_preset(tmp_path):
         load(serving.ServeConfig, path)
 
 
+def test_replica_threads_follow_its_cpus_unless_set():
+    assert serving.ServeConfig(num_cpus=0.5).threads == 1
+    assert serving.ServeConfig(num_cpus=2).threads == 2
+    assert serving.ServeConfig(num_cpus=0.5, torch_threads=3).threads == 3
+
+
 def test_build_app_names_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="model_dir"):
         serving.build_app({"num_replicas": 1})
@@ -218,6 +224,7 @@ def test_concurrent_requests_share_forward_passes(served, http):
     sizes = info["recent_batches"][-passes:]
     assert sum(sizes) == len(texts) and passes < len(texts)
     assert max(sizes) > 1  # every request held one text: @serve.batch merged texts of different requests
+    assert info["torch_threads"] == served[0].threads == 1  # num_cpus=1: one thread, as the benchmark assumes
 
 
 @pytest.mark.integration

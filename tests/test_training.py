@@ -34,6 +34,8 @@ def test_default_is_the_tiny_cpu_preset_and_a_gpu_cluster_is_expressible(tmp_pat
     assert gpu.num_workers == 16 and gpu.encoder.dtype == "bfloat16"
     with pytest.raises(config_io.ConfigError, match="unknown key"):
         config_io.load(TrainConfig, None, ["workers=2"])
+    threads = [cfg.threads, TrainConfig(cpus_per_worker=2.5).threads, TrainConfig(threads_per_worker=3).threads]
+    assert threads == [1, 2, 3]
 
 
 def test_records_are_checked():

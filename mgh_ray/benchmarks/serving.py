@@ -114,7 +114,7 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
     encoder = Encoder.load(model_dir)
     encoder.encode(texts[:2])  # warm-up
     own_threads = torch.get_num_threads()
-    replica_threads = serve_cfg.torch_threads or max(1, int(serve_cfg.num_cpus))
+    replica_threads = serve_cfg.threads
     local_tps = {}
     for threads in dict.fromkeys([replica_threads, own_threads]):
         torch.set_num_threads(threads)
@@ -126,7 +126,8 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
 
     rows = [
         (f"HTTP texts/s ({bench.clients} clients, {bench.texts_per_request} texts/request, "
-         f"{bench.replicas} replica(s) of {replica_threads} torch thread(s))", http["texts_per_s"], "texts/s"),
+         f"{bench.replicas} replica(s) of {replica_threads} torch thread(s))", http["texts_per_s"],
+         "texts/s"),
         ("HTTP request latency p50", http["p50_ms"], "ms"),
         ("HTTP request latency p99", http["p99_ms"], "ms"),
     ]

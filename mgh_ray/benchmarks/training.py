@@ -60,7 +60,7 @@ def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dic
     from mgh_ray.losses import InfoNCE
     from mgh_ray.training import contrastive_loss
 
-    torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.threads)
     enc = Encoder.from_config(cfg.encoder).train()
     batch = records.head(cfg.batch_size)
     levels = np.ones(len(batch), dtype=int)
@@ -105,7 +105,7 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                          runs[(mode, workers)][-1])
     rows = [{"pooling": mode, "workers": workers, "runs": len(v), "pairs_per_s": float(np.mean(v)),
              "spread": float((max(v) - min(v)) / np.mean(v))} for (mode, workers), v in runs.items()]
-    table = pd.DataFrame(rows).sort_values(["workers", "pooling"], ascending=[True, False], ignore_index=True)
+    table = pd.DataFrame(rows)  # (mean, 1), (ata, 1), (mean, 2), (ata, 2): the order `runs` was filled in
     speed = {(r.pooling, r.workers): r.pairs_per_s for r in table.itertuples()}
     table["vs_mean_same_workers"] = [speed[(r.pooling, r.workers)] / speed[("mean", r.workers)]
                                      for r in table.itertuples()]
@@ -118,8 +118,8 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
     summary = (f"ATA cost over mean pooling (target < 10%): {step_overhead:+.1%} per training step in one "
                f"process, alternating ({step['mean']:.2f} s mean vs {step['ata']:.2f} s ATA, the cleaner "
                f"figure); {overhead[1]:+.1%} (1 worker) and {overhead[2]:+.1%} (2 workers) from the Ray "
-               f"Train runs ({repeats} each, ABBA order; they run one after another, so load drift that is not "
-               f"linear still shows: see the spread column). Setup: "
+               f"Train runs ({repeats} each, ABBA order; they run one after another, so load drift that is "
+               f"not linear still shows: see the spread column). Setup: "
                f"{cfg.encoder.backbone}, batch {cfg.batch_size}/worker, max_length {cfg.encoder.max_length}, "
                f"{cfg.steps} steps, median after {warmup} warm-up steps.")
     out_dir.mkdir(parents=True, exist_ok=True)
