@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mgh_ray import config
+from mgh_ray import config, storage
+from mgh_ray.layout import RunLayout, save_config
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +86,21 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
 
 def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm of both ablations; returns {"schedule": table, "pooling": table}."""
-    from mgh_ray import evaluation, mining, pipeline, synthesis, training
+    from mgh_ray import evaluation, mining, pipeline, training
 
     ab = cfg.ablation
     _check_arms(ab.schedules, SCHEDULES, "schedule")
     _check_arms(ab.poolings, POOLINGS, "pooling")
-    root = Path(cfg.run_dir) / "ablation"
-    root.mkdir(parents=True, exist_ok=True)
-    config.save(cfg, root / "config.yaml")
-    run = Path(cfg.run_dir)
-    pipeline.run_stage(run / "synthesize", "synthesize", pipeline.fingerprint(cfg.synthesis),
+    run = RunLayout(cfg.run_dir)
+    root = Path(pipeline.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
+    save_config(cfg, str(root))
+    pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
                        lambda: pipeline.synthesize(cfg))
-    records = {"synth": synthesis.read_records(run / "synthesize")}
+    records = {"synth": run.synthesize}  # records folders: training streams their gated view
     if "mined" in ab.schedules:
-        pipeline.run_stage(root / "mined", "mine", pipeline.fingerprint(cfg.mining),
-                           lambda: mining.mine(cfg.mining, root / "mined"))
-        records["mined"] = mining.read_records(root / "mined")
+        pipeline.run_stage(run.mine, "mine", pipeline.fingerprint(cfg.mining),
+                           lambda: mining.mine(cfg.mining, run.mine))
+        records["mined"] = run.mine
 
     base_over = [f"train.steps={ab.steps}"] if ab.steps else []
     eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
@@ -118,7 +118,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
         for arm, over in arms.items():
             for seed in ab.seeds:
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
-                out = root / study / f"{arm}-s{seed}"
+                out = run.arm(study, f"{arm}-s{seed}")
                 source = "mined" if arm == "mined" else "synth"
                 key = (source, pipeline.fingerprint(arm_cfg.train))
                 if key in trained:  # e.g. pooling "ata" is schedule "curriculum": train once, use twice
@@ -127,7 +127,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                     continue
                 pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
                                    lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o))
-                models[f"{arm}-s{seed}"] = trained[key] = out / "model"
+                models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
         scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
         per_model = {name: scores[name] for name in models}
         table = summarize(per_model, list(arms), ab.seeds)
@@ -137,4 +137,5 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
              root / f"{study}.png")
         tables[study] = table
         log.info("%s ablation:\n%s", study, table.to_markdown(floatfmt=".4f"))
+    pipeline.publish(root, run.ablation)
     return tables

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import typer
 
-from mgh_ray import config
+from mgh_ray import config, storage
 from mgh_ray.config import ConfigError
+from mgh_ray.layout import RunLayout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-granularity hard negatives, curriculum training and ATA pooling on Ray.")
@@ -88,12 +89,12 @@ def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    typer.echo(json.dumps(mining.mine(cfg.mining, Path(cfg.run_dir) / "mine"), indent=1, default=str))
+    typer.echo(json.dumps(mining.mine(cfg.mining, RunLayout(cfg.run_dir).mine), indent=1, default=str))
 
 
 @app.command()
 def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-          records: Path = typer.Option(None, help="folder of records (default: RUN_DIR/synthesize)")) -> None:
+          records: str = typer.Option(None, help="folder of records, path or URI (default: RUN_DIR/synthesize)")) -> None:
     """Train the embedder with Ray Train (DDP, LoRA, ATA pooling, curriculum); resumes."""
     from mgh_ray import pipeline
 
@@ -104,7 +105,7 @@ def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
 @app.command()
 def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-          model: Path = typer.Option(None, help="encoder folder (default: RUN_DIR/train/model)"),
+          model: str = typer.Option(None, help="encoder folder, path or URI (default: RUN_DIR/train/model)"),
           block: bool = typer.Option(True, help="stay up until Ctrl-C")) -> None:
     """Deploy the embedder on Ray Serve (/v1/embeddings) and check served == in-process vectors."""
     from mgh_ray import pipeline
@@ -134,11 +135,11 @@ def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         if bad:
             typer.echo(f"error: --model takes NAME=FOLDER, got {bad}", err=True)
             raise typer.Exit(2)
-        models = {k: v if v.startswith(("http://", "https://")) else Path(v)
+        models = {k: v if v.startswith(("http://", "https://")) else storage.normalize(v)
                   for k, v in (m.split("=", 1) for m in model)}
     scores = pipeline.evaluate(cfg, models)
     typer.echo(_scores(scores))
-    typer.echo(f"report: {Path(cfg.run_dir) / 'evaluate' / 'report.md'}")
+    typer.echo(f"report: {storage.join(RunLayout(cfg.run_dir).evaluate, 'report.md')}")
 
 
 @app.command("pipeline")
@@ -148,12 +149,12 @@ def pipeline_(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> N
 
     cfg = _setup(config_path, overrides)
     scores = pipeline.run_pipeline(cfg)
-    out = Path(cfg.run_dir) / "evaluate"
+    out = RunLayout(cfg.run_dir).evaluate
     typer.echo("\n" + _scores(scores))
     if {"base", "trained"} <= set(scores.columns) and "mean" in scores.index:
         delta = scores.loc["mean", "trained"] - scores.loc["mean", "base"]
         typer.echo(f"\ntrained - base, mean over tasks: {delta:+.4f}")
-    typer.echo(f"report: {out / 'report.md'}\nplot:   {out / 'scores.png'}")
+    typer.echo(f"report: {storage.join(out, 'report.md')}\nplot:   {storage.join(out, 'scores.png')}")
 
 
 @app.command()
@@ -175,7 +176,7 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    out = Path(cfg.run_dir) / "benchmarks"
+    out = Path(RunLayout(cfg.run_dir).benchmarks)  # benchmarks write local tables
     if stage == "synthesis":
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":
@@ -184,7 +185,7 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         from mgh_ray import pipeline
 
         model = pipeline.trained_model(cfg)
-        model = model if model.is_dir() else pipeline.base_model(cfg, Path(cfg.run_dir))
+        model = model if storage.is_dir(model) else pipeline.base_model(cfg)
         table = serving.run(cfg.serve, cfg.evaluate, model, out)
     else:
         typer.echo(f"error: unknown stage {stage!r}; use synthesis, training or serving", err=True)

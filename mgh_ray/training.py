@@ -1,25 +1,38 @@
 """Training: Ray Train DDP contrastive learning of the encoder over MGH records, with the curriculum.
 
 `train(cfg, records, out_dir)` runs a `TorchTrainer` (N workers; gloo on CPU, nccl on GPU) on the
-Ray cluster already up (or a local one). Records reach the workers as Ray Data shards; each worker
-keeps its shard (sorted by id) and draws batches from seeded epoch permutations, so the data cursor
-is the step itself. Each step: queries (with their E5 instruction), positives and the hard negative
-of the level the curriculum picks are embedded in one forward (one DDP forward per backward), then
-InfoNCE over candidates gathered from every worker.
+Ray cluster already up (or a local one). `records` is a records folder (path or URI: its gated view,
+`records.gated`) or a ray.data.Dataset of training rows; it reaches the workers as Ray Data
+streaming-split shards, read batch by batch (`iter_batches`), never materialised whole. Each step:
+queries (with their E5 instruction), positives and the hard negative(s) of the level(s) the
+curriculum picks are embedded in one forward (one DDP forward per backward), then InfoNCE over
+candidates gathered from every worker. Every record holds all levels' negatives, so the curriculum
+chooses the column per example: one stream serves every stage.
 
 Checkpoints (every `checkpoint_every` steps and at the end) hold the adapter (`model/`, an
 `Encoder.save` folder), optimizer, scheduler, curriculum cursor (rank 0) and each rank's RNG states.
-`FailureConfig(max_failures)` restarts failed workers from the latest one, at the same step and stage.
+Ray Train's `storage_path` is `out_dir` itself (a path or a URI: checkpoints go to object storage).
+`FailureConfig(max_failures)` restarts failed workers from the latest one.
+
+What a restart guarantees. Exactly restored: the step, the curriculum cursor (stage, levels of every
+later step, its RNG), optimizer, scheduler, the adapter and each rank's RNG. The data stream is not
+replayed: Ray Data does not promise that a streaming split hands a worker the same rows twice, so a
+restored run starts a new pass over all gated records, in an order seeded by (seed, resume step).
+Rows of the interrupted pass may repeat; none is lost: every pass visits every record once (up to
+`drop_last` of fewer than one global batch). `log_batch_ids=true` writes each step's row ids into
+metrics.jsonl, which the tests use to check exactly this.
+
 A rerun with the same `out_dir` is a new driver on the same Ray Train run (same storage path and
 name): it resumes from the latest checkpoint, and returns at once when training had finished.
 
 Outputs under out_dir: config.yaml (resolved), metrics.jsonl (one line per step: loss, stage, level,
-lr, pairs_per_s), <run_name>/ (Ray Train storage), model/ (final `Encoder.save`), export/ (merged,
-adapter). Failure injection for tests, off by default: `fail_at_step=k` or env MGH_RAY_FAIL_AT_STEP=k
-makes worker `fail_rank` exit hard at step k, once per out_dir.
+lr, pairs_per_s; written by rank 0 with each checkpoint), <run_name>/ (Ray Train storage), model/
+(final `Encoder.save`), export/ (merged, adapter; made by a Ray task with the workers' resources,
+never in the driver). Failure injection for tests, off by default: `fail_at_step=k` or env
+MGH_RAY_FAIL_AT_STEP=k makes worker `fail_rank` exit hard at step k, once per out_dir.
 
     from mgh_ray.training import TrainConfig, train
-    model_dir = train(TrainConfig(), records, Path("runs/tiny/train"))
+    model_dir = train(TrainConfig(), "runs/tiny/synthesize", "runs/tiny/train")
 """
 
 from __future__ import annotations
@@ -29,7 +42,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +52,8 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import config as config_io
+from mgh_ray import records as records_io
+from mgh_ray import storage
 from mgh_ray.config import Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
@@ -85,6 +98,7 @@ class TrainConfig(Section):
     export: bool = True  # write export/ (merged + adapter + sentence-transformers) after training
     fail_at_step: int | None = None  # testing only: worker `fail_rank` dies at this step, once
     fail_rank: int = Field(1, ge=0)
+    log_batch_ids: bool = False  # write every step's row ids (all ranks) into metrics.jsonl
 
     @property
     def threads(self) -> int:
@@ -92,46 +106,47 @@ class TrainConfig(Section):
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
-RECORD_COLUMNS = ["id", "query", "positive", "instruction"]
-
-
 def negative_columns(levels: int) -> list[str]:
     return [f"neg_{k}" for k in range(1, levels + 1)]
 
 
-def check_records(records: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
-    """The columns training reads, as str; a clear error when the synthesis output lacks one."""
-    cols = RECORD_COLUMNS + negative_columns(cfg.curriculum.levels)
-    missing = [c for c in cols if c not in records.columns]
+def required_columns(cfg: TrainConfig) -> list[str]:
+    return ["id", "query", "positive", "instruction", *negative_columns(cfg.curriculum.levels)]
+
+
+def check_dataset(ds: Any, cfg: TrainConfig) -> int:
+    """Row count of the training dataset (computed on workers), with a clear error for missing
+    columns or too few rows for one global batch."""
+    names = list(ds.schema().names) if ds.schema() is not None else []
+    missing = [c for c in required_columns(cfg) if c not in names]
     if missing:
-        raise ValueError(f"records lack columns {missing}; expected {cols} (the synthesis stage's output)")
-    if len(records) < cfg.num_workers:
-        raise ValueError(f"{len(records)} records cannot feed {cfg.num_workers} workers")
-    return records[cols].astype(str).reset_index(drop=True)
+        raise ValueError(f"records lack columns {missing}; expected {required_columns(cfg)} "
+                         "(the gated view of a synthesis or mining folder)")
+    n = ds.count()
+    if n < cfg.num_workers * cfg.batch_size:
+        raise ValueError(f"{n} training records cannot fill one step of {cfg.num_workers} workers x "
+                         f"batch_size {cfg.batch_size}; synthesize more, or lower train.batch_size")
+    return n
 
 
 # ------------------------------------------------------------------ worker side
 
 
-class ShardSampler:
-    """Batches of this worker's rows; batch t is a pure function of (seed, rank, t), so a restored
-    run draws exactly the batches the first run would have drawn."""
-
-    def __init__(self, rows: pd.DataFrame, batch_size: int, seed: int, rank: int) -> None:
-        self.rows = rows.sort_values("id").reset_index(drop=True)
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            rng = np.random.default_rng([self.seed, self.rank, epoch])
-            self._perms = {epoch: rng.permutation(len(self.rows))}
-        return self._perms[epoch]
-
-    def batch(self, step: int) -> pd.DataFrame:
-        n = len(self.rows)
-        pos = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return self.rows.iloc[[int(self._perm(p // n)[p % n]) for p in pos]]
+def batch_stream(shard: Any, batch_size: int, seed: int, rank: int, start: int):
+    """Endless batches of this worker's shard: pass after pass (each pass re-reads the stream), rows
+    shuffled within a buffer with a seed of (seed, rank, resume step, pass). Never holds more than the
+    shuffle buffer and one batch."""
+    epoch = 0
+    while True:
+        got = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas", drop_last=True,
+                                        local_shuffle_buffer_size=max(4 * batch_size, 64),
+                                        local_shuffle_seed=hash((seed, rank, start, epoch)) % (2**31)):
+            got += 1
+            yield batch
+        if not got:
+            raise RuntimeError(f"worker {rank}'s shard yielded no full batch of {batch_size}")
+        epoch += 1
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -158,12 +173,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _maybe_fail(cfg: TrainConfig, step: int, rank: int, out_dir: Path) -> None:
+def _maybe_fail(cfg: TrainConfig, step: int, rank: int, out_dir: str) -> None:
     at = os.environ.get(FAIL_ENV) or cfg.fail_at_step
-    marker = out_dir / ".failure_injected"
-    if at is None or int(at) != step or rank != cfg.fail_rank or marker.exists():
+    marker = storage.join(out_dir, "_failure_injected")
+    if at is None or int(at) != step or rank != cfg.fail_rank or storage.exists(marker):
         return
-    marker.write_text(f"step {step} rank {rank}\n")
+    storage.write_text(marker, f"step {step} rank {rank}\n")
     # Ray's controller collects reports every health-check interval; a death right after a report
     # can lose that report's checkpoint (Ray then resumes from the one before, also correct). Wait
     # so that the test sees the deterministic case.
@@ -172,14 +187,13 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int, out_dir: Path) -> None:
     os._exit(17)  # a hard death, as an OOM kill or a lost node would look to Ray
 
 
-def _metrics_file(out_dir: Path, resume_step: int) -> Path:
-    """metrics.jsonl without lines of steps that will run again (a restart replays them)."""
-    path = out_dir / "metrics.jsonl"
-    if path.exists():
-        # "step" counts completed steps (1-based): lines up to resume_step hold, later ones rerun
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-    return path
+def _metrics_lines(out_dir: str, resume_step: int) -> list[str]:
+    """metrics.jsonl lines of steps that will not run again (a restart replays later ones)."""
+    loc = storage.join(out_dir, "metrics.jsonl")
+    if not storage.is_file(loc):
+        return []
+    # "step" counts completed steps (1-based): lines up to resume_step hold, later ones rerun
+    return [ln for ln in storage.read_text(loc).splitlines() if ln and json.loads(ln)["step"] <= resume_step]
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -191,7 +205,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mgh_ray.losses import InfoNCE
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
-    out_dir = Path(loop_config["out_dir"])
+    out_dir = loop_config["out_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO)
@@ -201,8 +215,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     random.seed(cfg.seed + rank)
 
     shard = ray.train.get_dataset_shard("train")
-    rows = pd.concat(list(shard.iter_batches(batch_format="pandas", batch_size=4096)), ignore_index=True)
-    sampler = ShardSampler(rows, cfg.batch_size, cfg.seed, rank)
     curriculum = Curriculum(cfg.curriculum, cfg.steps, cfg.seed)
 
     encoder = Encoder.from_config(cfg.encoder)
@@ -218,6 +230,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rng_file.exists():
                 _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     start = curriculum.step
+    batches = batch_stream(shard, cfg.batch_size, cfg.seed, rank, start)
     # every LoRA parameter takes part in each forward: no unused-parameter search (ANCHORS R11)
     model = ray.train.torch.prepare_model(encoder, parallel_strategy_kwargs={"find_unused_parameters": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,7 +240,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     loss_fn = InfoNCE(cfg.loss)
-    metrics_path = _metrics_file(out_dir, start) if rank == 0 else None
+    metric_lines = _metrics_lines(out_dir, start) if rank == 0 else []
     if rank == 0:
         log.info("training %d steps from step %d (stage %d); plan %s", cfg.steps, start, curriculum.stage,
                  curriculum.plan())
@@ -239,7 +252,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         stage = curriculum.stage
         levels = curriculum.levels(world * b)[rank * b:(rank + 1) * b]  # (b,): this worker's slice
-        loss = contrastive_loss(model, encoder, loss_fn, sampler.batch(step), levels, device)
+        batch = next(batches)
+        loss = contrastive_loss(model, encoder, loss_fn, batch, levels, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -255,16 +269,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "loss": float(mean_loss), "stage": stage + 1,
                    "level": float(np.mean(levels)), "lr": scheduler.get_last_lr()[0],
                    "pairs_per_s": world * b / elapsed, "step_s": elapsed, "resumed_from": start}
+        if cfg.log_batch_ids:
+            ids = [None] * world
+            if world > 1:
+                dist.all_gather_object(ids, batch["id"].tolist())
+            else:
+                ids = [batch["id"].tolist()]
+            metrics["ids"] = ids
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            metric_lines.append(json.dumps(metrics))
             if (step + 1) % cfg.log_every == 0 or step == start:
                 log.info("step %d/%d stage %d loss %.4f lr %.2e %.1f pairs/s", step + 1, cfg.steps, stage + 1,
                          metrics["loss"], metrics["lr"], metrics["pairs_per_s"])
+        report = {k: v for k, v in metrics.items() if k != "ids"}
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _report_with_checkpoint(metrics, encoder, optimizer, scheduler, curriculum, rank)
+            if rank == 0:  # the metrics of every step so far, written with the checkpoint that ends them
+                storage.write_text(storage.join(out_dir, "metrics.jsonl"), "\n".join(metric_lines) + "\n")
+            _report_with_checkpoint(report, encoder, optimizer, scheduler, curriculum, rank)
         else:
-            ray.train.report(metrics)
+            ray.train.report(report)
 
 
 def contrastive_loss(model: torch.nn.Module, encoder: Encoder, loss_fn: torch.nn.Module, batch: pd.DataFrame,
@@ -325,55 +348,75 @@ def _report_with_checkpoint(metrics: dict[str, Any], encoder: Encoder, optimizer
 # ------------------------------------------------------------------ driver side
 
 
-def train(cfg: TrainConfig, records: pd.DataFrame, out_dir: Path) -> Path:
-    """Train on `records`; returns `out_dir / "model"` (an `Encoder.save` folder, also exported)."""
+def _export(model_loc: str, export_loc: str) -> str:
+    """Merge and export a trained model folder (a Ray task: the model loads on a worker)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Encoder.load(storage.local_dir(model_loc)).export(Path(tmp) / "export")
+        return storage.upload_dir(Path(tmp) / "export", export_loc)
+
+
+def training_dataset(records: Any) -> Any:
+    """A records folder (path/URI) -> its gated view; a Dataset as is; a DataFrame (small, tests) ->
+    a Dataset."""
+    import ray.data
+
+    if isinstance(records, pd.DataFrame):
+        return ray.data.from_pandas(records)
+    if isinstance(records, (str, Path)):
+        return records_io.gated(str(records))
+    return records
+
+
+def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
+    """Train on `records` (a records folder, a ray.data.Dataset, or a small DataFrame); returns the
+    location of `out_dir/model` (an `Encoder.save` folder, also exported to `out_dir/export`)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out_dir = Path(out_dir).resolve()
-    model_dir, done = out_dir / "model", out_dir / "done.json"
-    finished = done.is_file() and json.loads(done.read_text())["steps"] == cfg.steps
-    if finished and (model_dir / "encoder.yaml").is_file():
+    from mgh_ray.layout import save_config
+
+    out_dir = storage.normalize(out_dir)
+    model_loc, export_loc, done = (storage.join(out_dir, n) for n in ("model", "export", "done.json"))
+    finished = storage.is_file(done) and json.loads(storage.read_text(done))["steps"] == cfg.steps
+    if finished and storage.is_file(storage.join(model_loc, "encoder.yaml")):
         log.info("%s already holds a finished run of %d steps; not training again", out_dir, cfg.steps)
-        return model_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_io.save(cfg, out_dir / "config.yaml")
-    rows = check_records(records, cfg)
+        return model_loc
+    storage.check_writable(out_dir)
+    save_config(cfg, out_dir)
     if not ray.is_initialized():
         ray.init()
+    ds = training_dataset(records)
+    n = check_dataset(ds, cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out_dir)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(out_dir),
+        run_config=RunConfig(name=cfg.run_name, storage_path=out_dir,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets={"train": ray.data.from_pandas(rows)},
+        datasets={"train": ds},
     )
-    log.info("training: %d workers (%s), %d steps x %d pairs per worker; storage %s", cfg.num_workers,
-             backend, cfg.steps, cfg.batch_size, out_dir / cfg.run_name)
+    log.info("training: %d workers (%s), %d steps x %d pairs per worker over %d records; storage %s",
+             cfg.num_workers, backend, cfg.steps, cfg.batch_size, n, storage.join(out_dir, cfg.run_name))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {out_dir} finished without a checkpoint")
-    tmp = out_dir / "model.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / "model", tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.replace(model_dir)
+    with result.checkpoint.as_directory() as d:  # adapter-sized files; no model is loaded here
+        storage.upload_dir(Path(d) / "model", model_loc)
     if cfg.export:
-        Encoder.load(model_dir).export(out_dir / "export")
-    done.write_text(json.dumps({"steps": cfg.steps, "checkpoint": result.checkpoint.path}))
-    log.info("trained model in %s%s", model_dir, f", export in {out_dir / 'export'}" if cfg.export else "")
-    return model_dir
+        remote = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(_export)
+        ray.get(remote.remote(model_loc, export_loc))
+    storage.write_text(done, json.dumps({"steps": cfg.steps, "checkpoint": result.checkpoint.path}))
+    log.info("trained model in %s%s", model_loc, f", export in {export_loc}" if cfg.export else "")
+    return model_loc
 
 
-def read_metrics(out_dir: Path) -> pd.DataFrame:
+def read_metrics(out_dir: str | Path) -> pd.DataFrame:
     """metrics.jsonl as a table (one row per step)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return pd.DataFrame([json.loads(ln) for ln in path.read_text().splitlines() if ln])
+    text = storage.read_text(storage.join(str(out_dir), "metrics.jsonl"))
+    return pd.DataFrame([json.loads(ln) for ln in text.splitlines() if ln])

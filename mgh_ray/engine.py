@@ -1,0 +1,146 @@
+"""The engine stage of synthesis: a load-once vLLM engine per Ray Data actor, one coroutine per row.
+
+`Generator` is the `map_batches` class of `synthesis`: each actor starts one vLLM AsyncLLM engine
+(model, dtype and resources from `SynthesisConfig`) and gives every row its own coroutine: render the
+prompt (prompts.py) -> generate (guided JSON where enabled) -> parse; an output that does not parse is
+re-sent, this row only and with a new sampling seed, up to `max_retries` times, so retries interleave
+with other rows in the running engine and never restart it. In generate mode a row makes two
+dependent calls (brainstorm a task, then write the example). Seeds marked with a `problem` upstream
+pass through as `bad_seed` failures without an LLM call. Every row comes out with a `status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Any
+
+import pandas as pd
+
+from mgh_ray import prompts
+
+
+def sampling_seed(cfg: Any, rid: str, step: str, attempt: int) -> int:
+    """Per-request seed: reproducible for a row, different for every retry."""
+    return int(hashlib.sha1(f"{cfg.seed}:{rid}:{step}:{attempt}".encode()).hexdigest()[:8], 16)
+
+
+def sampling_json(cfg: Any) -> str:
+    return json.dumps({k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "seed",
+                                                    "max_retries", "guided_decoding")}, sort_keys=True)
+
+
+class Generator:
+    """Ray Data stage: one vLLM AsyncLLM engine per actor, loaded once; one coroutine per row.
+
+    Each row: render prompt -> generate -> parse; an output that does not parse is re-sent (this row
+    only, new sampling seed) up to `max_retries` times, then returned as a failure with its raw text.
+    """
+
+    def __init__(self, cfg: dict[str, Any], model_path: str):
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.config import StructuredOutputsConfig
+
+        from mgh_ray.synthesis import SynthesisConfig
+
+        self.cfg = SynthesisConfig.model_validate(cfg)
+        self.ps = prompts.load(self.cfg.prompt_version)
+        c = self.cfg
+        kwargs: dict[str, Any] = dict(
+            model=model_path, dtype=c.dtype, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
+            gpu_memory_utilization=c.gpu_memory_utilization, enforce_eager=c.enforce_eager,
+            enable_chunked_prefill=c.enable_chunked_prefill, seed=c.seed, disable_log_stats=True)
+        if c.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = c.max_num_batched_tokens
+        if c.guided_decoding:
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                backend=c.structured_outputs_backend, disable_any_whitespace=True)
+        kwargs.update(c.engine_kwargs)
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model_name = c.model
+        self.sampling = sampling_json(c)
+
+    async def _ask(self, rid: str, step: str, messages: list[dict[str, str]], schema: dict, parse) -> dict:
+        """Generate until `parse` accepts (bounded); returns parsed value or failure, with counts."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        c = self.cfg
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokens, text, result = 0, "", prompts.Parsed(False, reason="not_run")
+        for attempt in range(c.max_retries + 1):
+            guided = StructuredOutputsParams(json=schema) if c.guided_decoding else None
+            sp = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
+                                seed=sampling_seed(c, rid, step, attempt), structured_outputs=guided)
+            try:
+                final = None
+                async for out in self.engine.generate(prompt, sp, request_id=f"{rid}-{step}-{attempt}"):
+                    final = out
+            except EngineDeadError:
+                raise  # the actor is broken: fail the task so Ray restarts it; the rerun resumes
+            except Exception as exc:  # a bad request (e.g. too long) fails this row only, without retry
+                return {"ok": False, "reason": "engine_error", "detail": f"{type(exc).__name__}: {exc}"[:500],
+                        "raw": "", "attempts": attempt + 1, "tokens": tokens}
+            completion = final.outputs[0]
+            tokens += len(completion.token_ids)
+            text = completion.text
+            result = parse(text)
+            if result.ok:
+                return {"ok": True, "value": result.value, "attempts": attempt + 1, "tokens": tokens}
+            if completion.finish_reason == "length" and result.reason != prompts.TRUNCATED:
+                result = prompts.Parsed(False, reason=prompts.TRUNCATED,
+                                        detail=f"hit max_tokens; {result.detail}")
+        return {"ok": False, "reason": result.reason, "detail": result.detail[:500], "raw": text,
+                "attempts": c.max_retries + 1, "tokens": tokens}
+
+    async def _row(self, row: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.time()
+        rid, ps, c = row["id"], self.ps, self.cfg
+        out = {**{k: row.get(k) for k in ("id", "seed_id", "kind", "query", "positive", "instruction")},
+               "mode": c.mode, "task": "", "prompt_version": ps.version, "model": self.model_name,
+               "sampling": self.sampling, "attempts": 0, "retries": 0, "gen_tokens": 0}
+        if row.get("problem"):  # a bad seed: recorded, never sent to the LLM
+            out.update(status="failed", stage="seed", reason="bad_seed", detail=row["problem"], raw_output="",
+                       t_start=None, t_end=None)
+            return out
+        steps: list[tuple[str, Any, dict, Any]] = []
+        if c.mode == "augment":
+            steps.append(("augment", lambda _: prompts.augment_messages(ps, row["query"], row["positive"],
+                                                                         c.max_input_chars),
+                          prompts.negatives_schema(ps), prompts.parse_negatives))
+        else:
+            steps.append(("brainstorm", lambda _: prompts.brainstorm_messages(ps, row["kind"], row["topic"]),
+                          prompts.task_schema(), prompts.parse_task))
+            steps.append(("generate", lambda got: prompts.generate_messages(ps, row["kind"], got["task"]),
+                          prompts.example_schema(ps), prompts.parse_example))
+        got: dict[str, Any] = {}
+        for step, render, schema, parse in steps:
+            res = await self._ask(rid, step, render(got), schema, parse)
+            out["attempts"] += res["attempts"]
+            out["retries"] += res["attempts"] - 1
+            out["gen_tokens"] += res["tokens"]
+            if not res["ok"]:
+                out.update(status="failed", stage=step, reason=res["reason"], detail=res["detail"],
+                           raw_output=res["raw"], t_start=t0, t_end=time.time())
+                return out
+            got.update(res["value"])
+        if c.mode == "generate":
+            out.update(task=got["task"], instruction=got["task"], query=got["query"],
+                       positive=got["positive"])
+        out.update({f"gen_{k}": got[f"L{k}"] for k in prompts.LEVELS})
+        out.update(status="ok", t_start=t0, t_end=time.time())
+        return out
+
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = await asyncio.gather(*(self._row(r) for r in batch.to_dict("records")))
+        return pd.DataFrame(rows)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()  # stops the engine's child processes with the actor

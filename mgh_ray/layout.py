@@ -1,0 +1,119 @@
+"""The run layout: where every stage's files live under one `run_dir` (a local path or a URI).
+
+    run = RunLayout("s3://bucket/run")          # or RunLayout("runs/tiny")
+    run.synthesize        -> s3://bucket/run/synthesize      (records/, failures/, report.*, config.yaml)
+    run.records(run.synthesize)                 (and run.failures(...))
+    run.train             -> .../train          (Ray Train storage, metrics.jsonl, config.yaml)
+    run.model, run.export -> .../train/model, .../train/export
+    run.base              -> .../base           (the untrained backbone, same pooling)
+    run.serve, run.evaluate, run.mine, run.ablation, run.benchmarks, run.fetch
+
+Pipeline, CLI, ablation, mining and benchmarks all ask this object; nothing else spells a stage's
+folder. Every stage folder gets its resolved config as `config.yaml` (`save_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from mgh_ray import storage
+
+CONFIG_FILE = "config.yaml"
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    run_dir: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", storage.normalize(self.run_dir))
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.run_dir, *parts)
+
+    # stage folders
+    @property
+    def fetch(self) -> str:
+        return self.path("fetch")
+
+    @property
+    def synthesize(self) -> str:
+        return self.path("synthesize")
+
+    @property
+    def mine(self) -> str:
+        return self.path("mine")
+
+    @property
+    def train(self) -> str:
+        return self.path("train")
+
+    @property
+    def model(self) -> str:
+        return self.path("train", "model")
+
+    @property
+    def export(self) -> str:
+        return self.path("train", "export")
+
+    @property
+    def base(self) -> str:
+        return self.path("base")
+
+    @property
+    def serve(self) -> str:
+        return self.path("serve")
+
+    @property
+    def evaluate(self) -> str:
+        return self.path("evaluate")
+
+    @property
+    def ablation(self) -> str:
+        return self.path("ablation")
+
+    @property
+    def benchmarks(self) -> str:
+        return self.path("benchmarks")
+
+    def arm(self, study: str, name: str) -> str:
+        """Training folder of one ablation arm."""
+        return self.path("ablation", study, name)
+
+    # inside a records folder (synthesis, mining)
+    @staticmethod
+    def records(folder: str) -> str:
+        return storage.join(folder, "records")
+
+    @staticmethod
+    def failures(folder: str) -> str:
+        return storage.join(folder, "failures")
+
+    @staticmethod
+    def config(folder: str) -> str:
+        return storage.join(folder, CONFIG_FILE)
+
+    @staticmethod
+    def success(folder: str) -> str:
+        return storage.join(folder, SUCCESS)
+
+
+def save_config(cfg: BaseModel, folder: str) -> str:
+    """Write a stage's resolved config into its folder, so the folder describes itself."""
+    import yaml
+
+    return storage.write_text(RunLayout.config(folder), yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                                        sort_keys=False))
+
+
+def load_config_dict(folder: str) -> dict | None:
+    """The config.yaml a stage folder holds, as a dict; None if there is none."""
+    import yaml
+
+    loc = RunLayout.config(folder)
+    if not storage.is_file(loc):
+        return None
+    return yaml.safe_load(storage.read_text(loc)) or {}
