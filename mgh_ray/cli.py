@@ -170,7 +170,7 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving | dataplane")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
@@ -187,8 +187,12 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         model = pipeline.trained_model(cfg)
         model = model if storage.is_dir(model) else pipeline.base_model(cfg)
         table = serving.run(cfg.serve, cfg.evaluate, model, out)
+    elif stage == "dataplane":
+        from mgh_ray.benchmarks import dataplane
+
+        table = dataplane.run(out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training or serving", err=True)
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving or dataplane", err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))
 

@@ -147,8 +147,11 @@ class Encoder(torch.nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> Encoder:
-        """The encoder a `save(folder)` wrote (config, adapter/weights); eval mode."""
-        folder = Path(folder)
+        """The encoder a `save(folder)` wrote (config, adapter/weights); eval mode. `folder` may be a
+        URI: it is then copied once into this node's cache (storage.local_dir)."""
+        from mgh_ray import storage
+
+        folder = storage.local_dir(str(folder))
         cfg = config_io.load(EncoderConfig, folder / CONFIG_FILE)
         return cls.from_config(cfg, weights=folder).eval()
 

@@ -75,7 +75,11 @@ def pick_negatives(sims_q: np.ndarray, sims_p: np.ndarray, own: int, cfg: Mining
     threshold = pos - (1.0 - cfg.fn_ratio) * abs(pos)
     valid = (sims_q < threshold) & (sims_p < cfg.dup_sim) & ~same_text
     valid[own] = False
-    ranked = np.flatnonzero(valid)[np.argsort(-sims_q[valid], kind="stable")]  # most similar first
+    cand = np.flatnonzero(valid)
+    deepest = max(end for _, end in cfg.bands)
+    if len(cand) > deepest:  # only the top `deepest` ranks are ever used: partition, then sort those
+        cand = cand[np.argpartition(-sims_q[cand], deepest - 1)[:deepest]]
+    ranked = cand[np.argsort(-sims_q[cand], kind="stable")]  # most similar first
     chosen: list[int] = []
     for start, end in cfg.bands:
         band = [i for i in ranked[start:end] if i not in chosen]
@@ -86,17 +90,27 @@ def pick_negatives(sims_q: np.ndarray, sims_p: np.ndarray, own: int, cfg: Mining
 
 
 class Embedder:
-    """Ray Data stage: the reference embedder, loaded once per actor; adds a unit `vec` per row."""
+    """Ray Data stage: the reference embedder, loaded once per actor; adds a unit `vec` per row.
 
-    def __init__(self, cfg: dict[str, Any], column: str) -> None:
+    A text seen before by this actor is not embedded again (seed sets repeat texts: BBC has duplicate
+    articles, and a query's positive is often another seed's); the cache is bounded."""
+
+    def __init__(self, cfg: dict[str, Any], column: str, cache_size: int = 200_000) -> None:
         mcfg = MiningConfig.model_validate(cfg)
-        self.batch_size, self.column = mcfg.batch_size, column
+        self.batch_size, self.column, self.cache_size = mcfg.batch_size, column, cache_size
         self.model = quality.load_embedder(mcfg.quality.model_copy(update={"embedder": mcfg.embedder}))
+        self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        vecs = self.model.encode([str(t) for t in batch[self.column]], batch_size=self.batch_size,
-                                 normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        return batch.assign(vec=list(vecs.astype(np.float32)))  # (rows,) of (dim,)
+        texts = [str(t) for t in batch[self.column]]
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            vecs = self.model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)  # (new, dim)
+            if len(self.cache) + len(new) > self.cache_size:
+                self.cache.clear()
+            self.cache.update(zip(new, vecs.astype(np.float32)))
+        return batch.assign(vec=[self.cache[t] for t in texts])  # (rows,) of (dim,)
 
 
 class Miner:
@@ -111,7 +125,8 @@ class Miner:
         self.docs = np.stack(df["vec"].to_numpy()).astype(np.float32)  # (n, dim)
         self.texts = df["positive"].tolist()
         self.index = {s: i for i, s in enumerate(df["seed_id"])}
-        self.norm = np.array([" ".join(str(t).casefold().split()) for t in self.texts], dtype=object)
+        # same_text as integer codes: comparing codes per query is cheap, comparing strings is not
+        self.text_code = pd.factorize(pd.Series([" ".join(str(t).casefold().split()) for t in self.texts]))[0]
         self.sampling = json.dumps({"bands": self.cfg.bands, "pick": self.cfg.pick, "fn_ratio": self.cfg.fn_ratio,
                                     "dup_sim": self.cfg.dup_sim, "seed": self.cfg.seed})
 
@@ -128,7 +143,8 @@ class Miner:
                     "task": "", "query": seed["query"], "positive": seed["positive"], "prompt_version": VERSION,
                     "model": c.embedder, "sampling": self.sampling, "attempts": 1, "retries": 0, "gen_tokens": 0}
             rng = np.random.default_rng([c.seed, int(rid, 16) % (2**32)])
-            chosen, why = pick_negatives(sq[j], sp[j], int(own[j]), c, rng, self.norm == self.norm[own[j]])
+            chosen, why = pick_negatives(sq[j], sp[j], int(own[j]), c, rng,
+                                         self.text_code == self.text_code[own[j]])
             if chosen is None:
                 rows.append({**base, "status": "failed", "stage": "mine", "reason": "no_candidate", "detail": why,
                              "raw_output": ""})

@@ -190,7 +190,7 @@ def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
     if cfg.mode == "generate":
         ds = ray.data.from_items(_generate_rows(cfg, ps))
     else:
-        ds = seeds.dataset(cfg.seeds, cfg.num_seeds)
+        ds = seeds.dataset(cfg.seeds, cfg.num_seeds, check=False)  # synthesize validated it
     return ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
                           fn_kwargs={"version": ps.version, "instruction": cfg.instruction, "mode": cfg.mode})
 
@@ -258,11 +258,13 @@ def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
     storage.check_writable(out_dir)  # a missing bucket or credentials fail here, before any engine
     _check_same_run(cfg, out_dir)
     ps = prompts.load(cfg.prompt_version)
+    if cfg.mode == "augment":
+        seeds.validate(cfg.seeds)  # seed file problems surface here, before any engine starts
     if not ray.is_initialized():
         ray.init()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True  # one bar per operator: rows through engine, scorer and sink
-    rows = work_rows(cfg, ps)  # seed problems surface here, before any engine starts
+    rows = work_rows(cfg, ps)
     save_config(cfg, out_dir)
     ledger = ray.remote(num_cpus=0)(IdLedger).remote(out_dir)
     todo = rows.map_batches(_claim, batch_format="pandas", batch_size=1024,

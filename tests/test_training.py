@@ -16,7 +16,7 @@ from mgh_ray.benchmarks.training import seed_records
 from mgh_ray.curriculum import Curriculum
 from mgh_ray.encoder import Encoder, EncoderConfig
 from mgh_ray.losses import InfoNCE, LossConfig
-from mgh_ray.training import (ShardSampler, TrainConfig, _concat, check_records, contrastive_loss, lr_factor,
+from mgh_ray.training import (TrainConfig, _concat, batch_stream, check_dataset, contrastive_loss, lr_factor,
                               read_metrics, train)
 
 
@@ -38,21 +38,23 @@ def test_default_is_the_tiny_cpu_preset_and_a_gpu_cluster_is_expressible(tmp_pat
     assert threads == [1, 2, 3]
 
 
-def test_records_are_checked():
-    records = seed_records(6)
-    assert list(check_records(records, TrainConfig()).columns) == [
-        "id", "query", "positive", "instruction", "neg_1", "neg_2", "neg_3", "neg_4"]
+@pytest.mark.integration
+def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
+    import ray.data
+
+    records = seed_records(10)
+    ds = ray.data.from_pandas(records)
+    assert check_dataset(ds, TrainConfig()) == 10
     with pytest.raises(ValueError, match="neg_4"):
-        check_records(records.drop(columns="neg_4"), TrainConfig())
-
-
-def test_sampler_batches_are_a_function_of_the_step():
-    rows = seed_records(10)
-    a, b = ShardSampler(rows, 4, seed=1, rank=0), ShardSampler(rows.sample(frac=1, random_state=3), 4, 1, 0)
-    assert [list(a.batch(s).id) for s in range(6)] == [list(b.batch(s).id) for s in (0, 1, 2, 3, 4, 5)]
-    seen = [i for s in range(5) for i in a.batch(s).id][:10]
-    assert sorted(seen) == sorted(rows.id)  # one epoch is a permutation
-    assert list(ShardSampler(rows, 4, 1, rank=1).batch(0).id) != list(a.batch(0).id)
+        check_dataset(ds.drop_columns(["neg_4"]), TrainConfig())
+    with pytest.raises(ValueError, match="cannot fill one step of 2 workers x batch_size 8"):
+        check_dataset(ds, TrainConfig(batch_size=8))
+    stream = batch_stream(ds.iterator(), 4, seed=1, rank=0, start=0)
+    batches = [next(stream) for _ in range(4)]  # 10 rows, batches of 4: 2 full batches per pass
+    assert all(len(b) == 4 for b in batches)
+    for first, second in (batches[:2], batches[2:]):
+        ids = [*first["id"], *second["id"]]
+        assert len(set(ids)) == 8 and set(ids) <= set(records["id"])  # a pass repeats no row
 
 
 def test_lr_schedule():
@@ -122,15 +124,21 @@ def _expected_stages(cfg: TrainConfig) -> list[int]:
 
 @pytest.mark.integration
 def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_path):
-    cfg = _tiny(tmp_path, fail_at_step=3, fail_rank=1, max_failures=1)
-    model_dir = train(cfg, seed_records(16), tmp_path)
-    assert (tmp_path / ".failure_injected").read_text().startswith("step 3 rank 1")
+    cfg = _tiny(tmp_path, fail_at_step=3, fail_rank=1, max_failures=1, log_batch_ids=True)
+    records = seed_records(16)
+    model_dir = train(cfg, records, tmp_path)
+    assert (tmp_path / "_failure_injected").read_text().startswith("step 3 rank 1")
     m = read_metrics(tmp_path)
     assert m.step.tolist() == list(range(1, 9))  # each step once, none lost, none repeated
     assert m.stage.tolist() == _expected_stages(cfg) == [1, 1, 2, 2, 3, 3, 4, 4]
     assert m.resumed_from.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]  # from the mid-stage checkpoint, not 0
     assert (m.level == m.stage).all()  # curriculum mode: stage k uses level k
     assert np.isfinite(m.loss).all() and (m.pairs_per_s > 0).all()
+    # the restart guarantee (training.py docstring): a new pass starts at the resumed step, so the
+    # next 16 / (2 workers x 2) = 4 steps see every record exactly once; within a step no id repeats
+    after = [i for ids in m.ids[3:7] for rank in ids for i in rank]
+    assert sorted(after) == sorted(records["id"])
+    assert all(len({i for rank in ids for i in rank}) == 4 for ids in m.ids)
     assert Encoder.load(model_dir).encode(["a headline"]).shape == (1, 576)
     assert config_io.load(TrainConfig, tmp_path / "config.yaml") == cfg
 
@@ -157,4 +165,4 @@ def test_new_driver_resumes_a_run_whose_workers_all_failed(ray_cluster, tmp_path
     assert m.step.tolist() == list(range(1, 9))
     assert m.resumed_from.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]
     assert m.stage.tolist() == _expected_stages(cfg)
-    assert (model_dir / "encoder.yaml").is_file()
+    assert (tmp_path / "model" / "encoder.yaml").is_file() and model_dir == str(tmp_path / "model")

@@ -1,0 +1,149 @@
+"""Benchmark of the data plane: does the driver stay flat as rows grow 10x and 100x?
+
+For each size (default 1k, 10k, 100k seed rows) it writes a seed file (the fetched BBC seeds repeated
+under new ids, written by a Ray task, so the driver never holds it), then times two paths:
+
+- mining: `mining.mine` over all rows (Ray Data reader -> MiniLM `Embedder` actors -> `Miner` ->
+  `records.ShardSink`), the real scoring path of the ablation's mined baseline;
+- training reader: the gated view of those records (`records.gated`), split across two consumers
+  with `streaming_split(equal=True)` and read with training's `batch_stream`, one full pass, as Ray
+  Train workers read it.
+
+A thread samples the driver's resident memory (RSS) every 50 ms; the table gives each path's
+seconds, rows/s and the driver's peak RSS, with ratios against the smallest size of the same run.
+Repeated texts are embedded once per actor, so the mining rows measure the plumbing, not MiniLM.
+
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage dataplane     # or: python -m mgh_ray.benchmarks.dataplane
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from mgh_ray import storage
+
+log = logging.getLogger(__name__)
+
+SIZES = (1_000, 10_000, 100_000)
+
+
+def _write_seeds(n: int, loc: str) -> int:
+    """A seed file of `n` rows: the BBC seeds repeated under new ids (runs as a Ray task)."""
+    import io
+
+    from mgh_ray import corpora
+
+    base = corpora.table("seeds")[["id", "query", "positive"]]
+    reps = -(-n // len(base))
+    df = pd.concat([base.assign(id=base["id"] + f"-r{r}") for r in range(reps)], ignore_index=True).head(n)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    storage.write_bytes(loc, buf.getvalue())
+    return len(df)
+
+
+def _consume(shard: Any, batch_size: int) -> int:
+    """One pass of training's reader over a streaming-split shard; returns rows seen."""
+    rows = 0
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas", drop_last=True,
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=0):
+        rows += len(batch)
+    return rows
+
+
+class PeakRSS:
+    """The driver's peak resident memory while a block runs (sampled every `interval` seconds)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _timed(fn: Callable[[], int]) -> dict[str, float]:
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        rows = fn()
+        seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1),
+            "driver_peak_rss_mb": round(mem.peak / 2**20, 1)}
+
+
+def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
+        batch_size: int = 64) -> pd.DataFrame:
+    """Time both paths at every size; log and save the table (benchmark_dataplane.{md,json})."""
+    import ray
+
+    from mgh_ray import mining, records
+    from mgh_ray.mining import MiningConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = storage.normalize(root or out_dir / "dataplane")
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    for n in sizes:
+        seeds_loc = storage.join(root, f"seeds-{n}.parquet")
+        ray.get(ray.remote(num_cpus=0.5)(_write_seeds).remote(n, seeds_loc))
+        mined = storage.join(root, f"mined-{n}")
+        cfg = MiningConfig(seeds=seeds_loc, num_seeds=None)
+        def mine() -> int:
+            report = mining.mine(cfg, mined)
+            return report["written"] + report["failed"]
+
+        rows.append({"path": "mining (MiniLM, Ray Data)", "size": n, **_timed(mine)})
+
+        def read() -> int:
+            shards = records.gated(mined, policy="keep").streaming_split(2, equal=True)
+            consume = ray.remote(num_cpus=0.5)(_consume)
+            return sum(ray.get([consume.remote(s, batch_size) for s in shards]))
+
+        rows.append({"path": "training reader (gated view, 2 shards)", "size": n, **_timed(read)})
+        log.info("dataplane %d rows: %s", n, rows[-2:])
+    table = pd.DataFrame(rows)
+    for path, group in table.groupby("path"):
+        first = group.iloc[0]
+        table.loc[group.index, "rows_per_s_vs_smallest"] = (group["rows_per_s"] / first["rows_per_s"]).round(2)
+        table.loc[group.index, "peak_rss_vs_smallest"] = (group["driver_peak_rss_mb"]
+                                                          / first["driver_peak_rss_mb"]).round(3)
+    md = "# Data plane benchmark\n\n" + table.to_markdown(index=False) + "\n"
+    (out_dir / "benchmark_dataplane.md").write_text(md)
+    (out_dir / "benchmark_dataplane.json").write_text(json.dumps(table.to_dict("records"), indent=1))
+    log.info("data plane benchmark:\n%s", md)
+    return table
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sizes = tuple(int(a) for a in argv[1:]) or SIZES
+    run(Path(argv[0]) if argv else Path("runs/benchmarks"), sizes)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
