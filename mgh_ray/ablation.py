@@ -99,7 +99,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     records = {"synth": run.synthesize}  # records folders: training streams their gated view
     if "mined" in ab.schedules:
         pipeline.run_stage(run.mine, "mine", pipeline.fingerprint(cfg.mining),
-                           lambda: mining.mine(cfg.mining, run.mine))
+                           lambda: mining.mine(pipeline.mining_of(cfg), run.mine))
         records["mined"] = run.mine
 
     base_over = [f"train.steps={ab.steps}"] if ab.steps else []

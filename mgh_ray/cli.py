@@ -89,7 +89,10 @@ def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    typer.echo(json.dumps(mining.mine(cfg.mining, RunLayout(cfg.run_dir).mine), indent=1, default=str))
+    from mgh_ray import pipeline
+
+    mined = mining.mine(pipeline.mining_of(cfg), RunLayout(cfg.run_dir).mine)
+    typer.echo(json.dumps(mined, indent=1, default=str))
 
 
 @app.command()

@@ -111,7 +111,9 @@ class Encoder(torch.nn.Module):
     @classmethod
     def from_config(cls, cfg: EncoderConfig, weights: str | Path | None = None) -> Encoder:
         """Fresh encoder (new LoRA adapter) or, with `weights`, one restored from a `save` folder."""
-        from mgh_ray import assets
+        from mgh_ray import assets, driver
+
+        driver.check_model_load(f"encoder {cfg.backbone}")
 
         full = Path(weights) / "backbone" if weights is not None else None
         source = full if full is not None and full.is_dir() else assets.model_path(cfg.backbone)

@@ -147,12 +147,25 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
     return paths
 
 
+def published_seeds(cfg: PipelineConfig) -> str | None:
+    """run_dir/fetch/seeds.parquet when the fetch stage published it (the default seeds, readable from
+    every node), else None."""
+    loc = storage.join(RunLayout(cfg.run_dir).fetch, "seeds.parquet")
+    return loc if storage.is_file(loc) else None
+
+
 def seeds_of(cfg: PipelineConfig) -> SynthesisConfig:
-    """The synthesis config with the default seeds pointing at the published copy in run_dir/fetch."""
+    """The synthesis config, its default seeds pointing at the published copy in run_dir/fetch."""
     if cfg.synthesis.seeds is not None or cfg.synthesis.mode == "generate":
         return cfg.synthesis
-    published = storage.join(RunLayout(cfg.run_dir).fetch, "seeds.parquet")
-    return cfg.synthesis.model_copy(update={"seeds": published}) if storage.is_file(published) else cfg.synthesis
+    return cfg.synthesis.model_copy(update={"seeds": published_seeds(cfg)})
+
+
+def mining_of(cfg: PipelineConfig) -> MiningConfig:
+    """The mining config, its default seeds pointing at the published copy in run_dir/fetch."""
+    if cfg.mining.seeds is not None:
+        return cfg.mining
+    return cfg.mining.model_copy(update={"seeds": published_seeds(cfg)})
 
 
 def synthesize(cfg: PipelineConfig) -> dict:

@@ -55,6 +55,9 @@ class QualityConfig(Section):
 
 def load_embedder(cfg: QualityConfig):
     """The reference embedder (a SentenceTransformer), loaded from the local cache when it is 'minilm'."""
+    from mgh_ray import driver
+
+    driver.check_model_load(f"reference embedder {cfg.embedder}")
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(assets.model_path(cfg.embedder)), device=cfg.device)

@@ -172,14 +172,12 @@ def _claim(batch: pd.DataFrame, ledger: Any) -> pd.DataFrame:
     return batch[keep].reset_index(drop=True)
 
 
-def _generate_rows(cfg: SynthesisConfig, ps: prompts.PromptSet) -> list[dict[str, Any]]:
-    unknown = [k for k in cfg.kinds if k not in ps.kinds]
-    if unknown:
-        raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
-    n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
-    return [{"seed_id": f"gen:{cfg.kinds[i % len(cfg.kinds)]}:{i}", "kind": cfg.kinds[i % len(cfg.kinds)],
-             "topic": ps.topics[(i // len(cfg.kinds)) % len(ps.topics)], "query": "", "positive": "",
-             "instruction": "", "problem": ""} for i in range(n)]
+def _generate_rows(batch: pd.DataFrame, kinds: list[str], topics: list[str]) -> pd.DataFrame:
+    """Generate-mode work rows for a batch of row numbers: (task family, topic) pairs, round robin."""
+    rows = [{"seed_id": f"gen:{kinds[i % len(kinds)]}:{i}", "kind": kinds[i % len(kinds)],
+             "topic": topics[(i // len(kinds)) % len(topics)], "query": "", "positive": "",
+             "instruction": "", "problem": ""} for i in batch["id"]]
+    return pd.DataFrame(rows)
 
 
 def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mgh_ray import ablation, config, pipeline, storage
+from mgh_ray import ablation, config, driver, pipeline, storage
 from mgh_ray.layout import RunLayout
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
@@ -23,6 +24,14 @@ def micro(run_dir: Path | str, *extra: str) -> pipeline.PipelineConfig:
         "train.warmup=1", "train.export=false", "train.encoder.max_length=32", "train.encoder.lora.top_layers=2",
         "evaluate.tasks=[LeeSTS,SDGPairClassification]", "evaluate.max_rows=16", "evaluate.num_replicas=1",
         *extra])
+
+
+def test_a_model_load_in_a_forbidden_driver_fails_loudly(monkeypatch):
+    from mgh_ray.encoder import Encoder, EncoderConfig
+
+    monkeypatch.setenv(driver.ENV, str(os.getpid()))
+    with pytest.raises(driver.ModelInDriverError, match="encoder smollm2 was about to load in the driver"):
+        Encoder.from_config(EncoderConfig())
 
 
 def test_schedule_arms_map_to_training_settings():
@@ -52,7 +61,9 @@ def test_finished_stage_with_another_config_is_refused(tmp_path):
 def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, ray_cluster, smollm2_path, minilm_path):
     run = tmp_path / "run"
     cfg = micro(run)
-    scores = pipeline.run_pipeline(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(driver.ENV, str(os.getpid()))  # the driver never loads a model (cluster heads are small)
+        scores = pipeline.run_pipeline(cfg)
 
     assert {"base", "trained"} <= set(scores.columns)
     assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
@@ -97,6 +108,7 @@ def test_pipeline_with_run_dir_on_s3_writes_nothing_local(tmp_path, monkeypatch,
     bucket (records, checkpoints, model, export, evaluation, report), and nothing of the run is
     written to local disk outside the project's caches."""
     monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+    monkeypatch.setenv(driver.ENV, str(os.getpid()))  # a model loaded in this (driver) process fails
     run = RunLayout(f"s3://{s3_bucket}/run")
     scores = pipeline.run_pipeline(micro(run.run_dir, "train.export=true"))
     assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
