@@ -261,14 +261,15 @@ class Encoder(torch.nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             output_hidden_states=ata, return_dict=True)
         hidden = out.last_hidden_state  # (batch, seq, dim)
-        probs = None
+        r = None
         if ata:
             index = cfg.layer % self.num_layers
             x = out.hidden_states[index]  # (batch, seq, dim): input of the probe layer
             probe = pooling.probe_for(self.base_model, index)
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_weights):
-                probs = probe(x, attention_mask, positions)  # (batch, heads, seq, seq)
-        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, probs, self.causal)  # (batch, dim)
+                # (batch, seq), never the whole (batch, heads, seq, seq) at once beyond ata_chunk_mb
+                r = probe.received(x, attention_mask, positions, cfg.causal_norm, cfg.ata_chunk_mb)
+        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, None, self.causal, received=r)  # (batch, dim)
         emb = emb.float()
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 
