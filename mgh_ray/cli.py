@@ -169,13 +169,18 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving | pooling")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
     out = Path(cfg.run_dir) / "benchmarks"
+    if stage == "pooling":  # ATA memory, chunked vs not: no Ray needed
+        from mgh_ray.benchmarks import pooling
+
+        typer.echo(_table(pooling.run(out, budgets=[64.0, cfg.train.encoder.pooling.ata_chunk_mb])))
+        return
+    _ray(cfg)
     if stage == "synthesis":
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":
@@ -187,7 +192,7 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         model = model if model.is_dir() else pipeline.base_model(cfg, Path(cfg.run_dir))
         table = serving.run(cfg.serve, cfg.evaluate, model, out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training or serving", err=True)
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving or pooling", err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))
 
