@@ -3,9 +3,11 @@
 ATA pools with the attention each token receives in one layer. Computed whole, that layer's float32
 (batch, heads, seq, seq) scores and probabilities live at once (several copies); `received_from_qk`
 sums them over chunks within `PoolingConfig.ata_chunk_mb`. This measures both on the same q/k:
-peak memory above the inputs (CPU: the child process's peak RSS, each variant in a fresh process
-so that one variant's freed memory never hides another's; CUDA: torch.cuda.max_memory_allocated)
-and the best of `repeats` wall times. Ratios are against the unchunked baseline of the same run.
+peak memory above the inputs (CUDA: torch.cuda.max_memory_allocated; CPU: the rise of the resident
+set's high-water mark, reset before each run through /proc/self/clear_refs, in a fresh process whose
+malloc maps every block over 64 KiB afresh, so freed memory is never silently reused)
+and the best of `repeats` wall times (the peak is the last, warm run's). Ratios are against the
+unchunked baseline of the same run.
 Default shape: batch 64 x 512 tokens, SmolLM2's probe layer (9 heads, 3 key heads, head dim 64).
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage pooling
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import resource
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +53,16 @@ class Shape:
         return q, k, mask.to(device)
 
 
+def _rss() -> tuple[float, float]:
+    """(resident, high-water mark) of this process in bytes, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+
+
 def _run(shape: Shape, budget: float | None, device: str, repeats: int) -> tuple[float, float, torch.Tensor]:
     """(peak bytes above the inputs, best seconds, r) in this process; CUDA peak, or RSS peak on CPU."""
     q, k, mask = shape.inputs(device)
@@ -63,16 +75,15 @@ def _run(shape: Shape, budget: float | None, device: str, repeats: int) -> tuple
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             else:
-                base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                _reset_peak()
+                base = _rss()[0]
             t0 = time.perf_counter()
             r = pooling.received_from_qk(q, k, mask, True, True, chunk_mb=budget)  # (batch, seq)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            if cuda:
-                peak = max(peak, torch.cuda.max_memory_allocated() - base)
-            else:  # ru_maxrss only grows: the first repeat holds the peak of this variant
-                peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+            # the last (warm) run's peak: the first also pages in kernel code and warms allocators
+            peak = torch.cuda.max_memory_allocated() - base if cuda else _rss()[1] - base
     return peak, min(times), r.float().cpu()
 
 
@@ -89,7 +100,15 @@ def measure(shape: Shape, budget: float | None, device: str = "cpu",
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(shape, budget, repeats, queue))
-    proc.start()
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's malloc when it starts
+    try:
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
     try:
         peak, secs, r = queue.get(timeout=1800)
     finally:
@@ -128,7 +147,7 @@ def run(out_dir: Path, shape: Shape | None = None, budgets: list[float] | None =
         md = table.to_string(index=False)
     setup = (f"ATA received attention of one layer, {device}, batch {shape.batch} x {shape.seq} tokens, "
              f"{shape.heads} heads ({shape.kv_heads} key heads, dim {shape.head_dim}), {shape.dtype} q/k; "
-             "peak memory above the inputs, best of 2 runs; chunked rows must agree with the "
+             "peak memory above the inputs (warm run), best time of 2 runs; chunked rows must agree with the "
              "unchunked one (max_abs_diff).")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
