@@ -24,12 +24,12 @@ def main() -> int:
     if args.prepare:
         from mgh_ray import assets
 
-        print(gpu_check.prepare_inputs(assets.model_path("smollm2"), args.prepare))
+        sys.stdout.write(f"{gpu_check.prepare_inputs(assets.model_path('smollm2'), args.prepare)}\n")
         return 0
     if args.inputs is None:
         p.error("--inputs is required (make it with --prepare on a machine that has the smollm2 asset)")
     report = gpu_check.run(args.inputs, args.out, args.device, args.tiny)
-    print(gpu_check.table(report))
+    sys.stdout.write(gpu_check.table(report) + "\n")
     return 0 if report["ok"] else 1
 
 

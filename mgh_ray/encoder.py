@@ -322,7 +322,8 @@ class Encoder(torch.nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_weights):
                 # (batch, seq), never the whole (batch, heads, seq, seq) at once beyond ata_chunk_mb
                 r = probe.received(x, attention_mask, positions, cfg.causal_norm, cfg.ata_chunk_mb)
-        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, None, self.causal, received=r)  # (batch, dim)
+        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, None, self.causal,
+                           received=r)  # (batch, dim)
         emb = emb.float()
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 

@@ -14,7 +14,7 @@ speed, memory and CPU-vs-GPU parity, not for quality. Checks, each a row of the 
 4. encode    texts/s of Encoder.encode, ATA vs mean pooling, same texts
 5. parity    the same weights on the CPU (float32) and the device (its dtype): cosine >= 0.999
 
-    make gpu-check-inputs        # here: SmolLM2's config + tokenizer, pydantic wheels -> runs/gpu_check_inputs
+    make gpu-check-inputs        # here: SmolLM2's config + tokenizer, pydantic wheels (runs/gpu_check_inputs)
     make gpu-check               # on the GPU machine (see the Makefile for the device call)
     python -m jobs.gpu_check --device cpu --tiny --out /tmp/gc     # anywhere: the same code at toy sizes
 """
@@ -97,7 +97,8 @@ def texts(n: int, words: int, seed: int = 0) -> list[str]:
     vocab = ("market shares rise after the bank reports profit while ministers debate new rules on "
              "energy prices and the team wins its final match of the season in london").split()
     rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(vocab, size=int(rng.integers(words // 2, words + 1)))) + "." for _ in range(n)]
+    sizes = rng.integers(words // 2, words + 1, size=n)
+    return [" ".join(rng.choice(vocab, size=int(k))) + "." for k in sizes]
 
 
 def _sync(dev: torch.device) -> None:
@@ -199,7 +200,8 @@ def run(inputs: Path, out_dir: Path, device: str = "auto", tiny: bool = False) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the random weights (0.5 GB at full depth) stay out of out_dir, whose files travel back
-    backbone = random_backbone(Path(inputs), Path(tempfile.mkdtemp(prefix="gpu_check_")) / "smollm2", sizes.layers)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    backbone = random_backbone(Path(inputs), scratch / "smollm2", sizes.layers)
     report: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "tiny": tiny,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if dev.type == "cuda":
@@ -235,16 +237,19 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"GPU check on {report.get('gpu', report['device'])} (torch {report['torch']}, "
              f"{report['date']}{', tiny sizes' if report['tiny'] else ''})", "",
              "| check | figure | ok |", "|---|---|---|",
-             f"| encoder | {e.get('device')} {e.get('dtype')}, {e.get('layers')} layers, ATA | {e.get('ok')} |"]
+             f"| encoder | {e.get('device')} {e.get('dtype')}, {e.get('layers')} layers, ATA "
+             f"| {e.get('ok')} |"]
     if "loss" in t:
+        peak = f"{t['peak_gb']:.1f} GB peak, " if "peak_gb" in t else ""
         lines.append(f"| train step | {t['texts']} texts x {t['seq']} tokens, loss {t['loss']:.3f}, "
-                     f"{t['seconds']:.2f} s, {'%.1f GB peak, ' % t['peak_gb'] if 'peak_gb' in t else ''}LoRA moved "
+                     f"{t['seconds']:.2f} s, {peak}LoRA moved "
                      f"{t['lora_tensors_moved']}/{t['lora_tensors']}, base unchanged {t['base_unchanged']} "
                      f"| {t['ok']} |")
     for row in m.get("rows", []):
         lines.append(f"| ATA memory, {row['variant']} {row['chunk (batch, heads, rows)']} | "
                      f"{row['peak_mb']:.0f} MiB peak, {row['seconds'] * 1e3:.1f} ms, "
-                     f"x{row['memory_vs_unchunked']:.3f} memory, diff {row['max_abs_diff']:.1e} | {m['ok']} |")
+                     f"x{row['memory_vs_unchunked']:.3f} memory, diff {row['max_abs_diff']:.1e} "
+                     f"| {m['ok']} |")
     if "ata_texts_per_s" in c:
         lines.append(f"| encode | mean {c['mean_texts_per_s']:.0f} texts/s, ATA {c['ata_texts_per_s']:.0f} "
                      f"texts/s (x{c['ata_vs_mean']:.2f}), {c['texts']} texts x {c['max_length']} tokens "

@@ -17,10 +17,12 @@ Memory: the full (batch, heads, seq, seq) float32 probabilities of a 7B model's 
 (192 texts x 512 tokens x 32 heads) take 6.4 GB a copy. `received_from_qk` never holds them: softmax
 rows are independent, so r is summed over chunks of (batch, heads, query rows) sized to
 `PoolingConfig.ata_chunk_mb`; when everything fits in one chunk it is the unchunked computation
-itself (same numbers), otherwise the sums agree to float32 rounding (tests/test_pooling.py). Baselines: mean, last token (EOS), CLS,
-position-weighted mean. The same `pool` runs in training, `Encoder.encode`, Serve, MTEB and the
-sentence-transformers export (`AnchorPooling`, a module of that folder holding its own copy of the
-probe layer's weights). Padding is never pooled; left and right padding give the same vectors.
+itself (same numbers), otherwise the sums agree to float32 rounding (tests/test_pooling.py).
+
+Baselines: mean, last token (EOS), CLS, position-weighted mean. The same `pool` runs in training,
+`Encoder.encode`, Serve, MTEB and the sentence-transformers export (`AnchorPooling`, a module of
+that folder holding its own copy of the probe layer's weights). Padding is never pooled; left and
+right padding give the same vectors.
 
     python -m pytest -q tests/test_pooling.py
 """

@@ -23,13 +23,15 @@ from mgh_ray.devices import pick_device, pick_dtype
     (["0"], ["0"], False, "cpu"),  # granted a GPU but a CPU build of torch: cpu, with a warning
 ])
 def test_auto_device_follows_the_granted_resources(gpu_ids, visible, cuda, want):
-    assert pick_device("auto", ray_gpu_ids=gpu_ids, visible=visible, cuda_available=cuda) == torch.device(want)
-    assert pick_device(None, ray_gpu_ids=gpu_ids, visible=visible, cuda_available=cuda) == torch.device(want)
+    for requested in ("auto", None):
+        got = pick_device(requested, ray_gpu_ids=gpu_ids, visible=visible, cuda_available=cuda)
+        assert got == torch.device(want)
 
 
 def test_explicit_devices_are_honoured_or_refused_clearly():
     assert pick_device("cpu", ray_gpu_ids=["0"], visible=["0"], cuda_available=True) == torch.device("cpu")
-    assert pick_device("cuda:1", ray_gpu_ids=None, visible=None, cuda_available=True) == torch.device("cuda", 1)
+    got = pick_device("cuda:1", ray_gpu_ids=None, visible=None, cuda_available=True)
+    assert got == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="no CUDA device.*'auto'"):
         pick_device("cuda", ray_gpu_ids=None, visible=None, cuda_available=False)
     with pytest.raises(ValueError, match="unknown device 'gpu'"):

@@ -14,16 +14,17 @@ from mgh_ray import gpu_check
 ROOT = Path(__file__).parents[1]
 
 BLOCKED = ("import sys, runpy; sys.modules.update(ray=None, vllm=None); "  # `import ray` now raises
-           "sys.argv = ['jobs.gpu_check'] + sys.argv[1:]; runpy.run_module('jobs.gpu_check', run_name='__main__')")
+           "sys.argv = ['jobs.gpu_check'] + sys.argv[1:]; "
+           "runpy.run_module('jobs.gpu_check', run_name='__main__')")
 
 
 def test_gpu_check_runs_on_cpu_without_ray(smollm2_path, tmp_path):
     inputs = gpu_check.prepare_inputs(smollm2_path, tmp_path / "inputs")
     assert not list(inputs.glob("*.safetensors"))  # config and tokenizer only: the weights stay here
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", BLOCKED, "--inputs", str(inputs), "--out", str(tmp_path / "out"),
-                           "--device", "cpu", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    args = ["--inputs", str(inputs), "--out", str(tmp_path / "out"), "--device", "cpu", "--tiny"]
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all ok: True" in proc.stdout
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
