@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= jobs/configs/tiny.yaml
 
-.PHONY: install demo test test-fast fetch ablate benchmark clean
+.PHONY: install demo test test-fast fetch ablate benchmark gpu-check-inputs gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,28 @@ benchmark: install
 	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage synthesis
 	$(VENV)/bin/mgh-ray benchmark $(CONFIG) train.steps=16 --stage training
 	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage serving
+	$(VENV)/bin/mgh-ray benchmark $(CONFIG) --stage pooling
+
+# The GPU check (mgh_ray/gpu_check.py): the model code on one CUDA device, no Ray, no vLLM.
+# Here, once: SmolLM2's config + tokenizer (3.4 MB, no weights) and pydantic's wheels (the GPU
+# image has torch, transformers, peft, sentence-transformers, PyYAML, but no pydantic).
+GPU_INPUTS ?= runs/gpu_check_inputs
+GPU_OUT ?= runs/gpu_check
+GPU_PY ?= python3
+gpu-check-inputs: install
+	$(PY) -m jobs.gpu_check --prepare $(GPU_INPUTS)/smollm2
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_INPUTS)/wheels pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+	  typing-inspection==0.4.5 typing_extensions==4.16.0
+
+# On the GPU machine, with $(GPU_INPUTS) carried there (it is under the ignored runs/):
+#   make gpu-check GPU_OUT=$$OUT      -> prints the table, writes $(GPU_OUT)/gpu_check.json
+gpu-check:
+	$(GPU_PY) -c "import pydantic" 2>/dev/null || $(GPU_PY) -m pip install -q --no-index --no-deps \
+	  --no-compile --no-cache-dir --upgrade --target /tmp/site $(GPU_INPUTS)/wheels/*.whl
+	PYTHONPATH=/tmp/site:$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m jobs.gpu_check \
+	  --inputs $(GPU_INPUTS)/smollm2 --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -173,13 +173,19 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving | dataplane")) -> None:
+              stage: str = typer.Option("synthesis",
+                                        help="synthesis | training | serving | pooling | dataplane")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
     out = Path(RunLayout(cfg.run_dir).benchmarks)  # benchmarks write local tables
+    if stage == "pooling":  # ATA memory, chunked vs not: no Ray needed
+        from mgh_ray.benchmarks import pooling
+
+        typer.echo(_table(pooling.run(out, budgets=[64.0, cfg.train.encoder.pooling.ata_chunk_mb])))
+        return
+    _ray(cfg)
     if stage == "synthesis":
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":
@@ -195,7 +201,8 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
         table = dataplane.run(out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving or dataplane", err=True)
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, pooling or dataplane",
+                   err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))
 

@@ -7,10 +7,20 @@ hub id), so `Encoder.load(folder)` needs nothing else. `export` writes `merged/`
 backbone; also a sentence-transformers folder, pooled by `pooling.AnchorPooling` for ATA, which
 sentence-transformers >= 6 loads only with `trust_remote_code=True`) and `adapter/` (peft only).
 
+Device and dtype: `from_config`/`load` put the model on `devices.device()` unless told otherwise
+(cuda in a Ray worker granted a GPU, or outside Ray when torch sees one; cpu otherwise), in
+`EncoderConfig.dtype` ("auto": bf16 on GPUs, fp32 on CPUs), and log which. So Serve and evaluation
+replicas, export and training workers follow their Ray resources without code of their own.
+
+Long inputs: the model reads at most `max_tokens` tokens per text (`max_length`, capped by the
+backbone's positions). `encode(..., truncation="truncate")` cuts longer texts there (first to
+`max_chars` characters, a bound derived from the token limit that never removes a character the
+model would read); `truncation="error"` raises `InputTooLong` instead, naming the text.
+
     enc = Encoder.from_config(EncoderConfig())
     docs = enc.encode(["Kenya wins the marathon"])                            # (1, 576) float32
     qs = enc.encode(["who won?"], instruction="Retrieve the news article")    # formatted as a query
-    enc.save("runs/x/model"); Encoder.load("runs/x/model")
+    enc.save("runs/x/model"); Encoder.load("runs/x/model")          # on cuda when Ray granted a GPU
     enc.export("runs/x/export"); SentenceTransformer("runs/x/export/merged", trust_remote_code=True)
 """
 
@@ -27,13 +37,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from mgh_ray import config as config_io
-from mgh_ray import pooling
+from mgh_ray import devices, pooling
 from mgh_ray.config import Section
 from mgh_ray.pooling import PoolingConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = devices.DTYPES
+Truncation = Literal["truncate", "error"]
 CONFIG_FILE = "encoder.yaml"
 
 
@@ -56,7 +67,7 @@ class EncoderConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     normalize: bool = True
     query_template: str = "Instruct: {instruction}\nQuery: {text}"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: devices.DTypeName = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (devices.pick_dtype)
     padding_side: Literal["right", "left"] = "right"
     append_eos: bool = True  # decoders: end every text with EOS (last-token pooling's summary token, T9)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -71,11 +82,20 @@ class EncoderConfig(Section):
         return v
 
 
-def _load_backbone(cfg: EncoderConfig, source: str | Path) -> torch.nn.Module:
+class InputTooLong(ValueError):
+    """A text longer than the model reads, under truncation="error" (Serve answers it with 413)."""
+
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        self.index, self.tokens, self.limit = index, tokens, limit
+        super().__init__(f"input {index} has {tokens} tokens, more than the model's limit of {limit} "
+                         "(truncation policy 'error': shorten it, or use truncation='truncate')")
+
+
+def _load_backbone(cfg: EncoderConfig, source: str | Path,
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(source), dtype=DTYPES[cfg.dtype],
-                                      attn_implementation=cfg.attn_implementation)
+    model = AutoModel.from_pretrained(str(source), dtype=dtype, attn_implementation=cfg.attn_implementation)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BERT's pooler is never used: its LoRA/params would be unused under DDP
     return model
@@ -109,15 +129,20 @@ class Encoder(torch.nn.Module):
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg: EncoderConfig, weights: str | Path | None = None) -> Encoder:
-        """Fresh encoder (new LoRA adapter) or, with `weights`, one restored from a `save` folder."""
+    def from_config(cls, cfg: EncoderConfig, weights: str | Path | None = None,
+                    device: str | torch.device | None = None) -> Encoder:
+        """Fresh encoder (new LoRA adapter) or, with `weights`, one restored from a `save` folder.
+
+        `device`: None/"auto" follows this process's Ray resources (`devices.device`); or "cpu", "cuda:N"."""
         from mgh_ray import assets, driver
 
         driver.check_model_load(f"encoder {cfg.backbone}")
 
+        dev = devices.device(None if device is None else str(device))
+        dtype = devices.dtype(cfg.dtype, dev)
         full = Path(weights) / "backbone" if weights is not None else None
         source = full if full is not None and full.is_dir() else assets.model_path(cfg.backbone)
-        model = _load_backbone(cfg, source)
+        model = _load_backbone(cfg, source, dtype)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         causal = pooling.is_causal(model)
@@ -138,9 +163,10 @@ class Encoder(torch.nn.Module):
             model = peft.get_peft_model(model, lcfg)
             if weights is not None:
                 _load_adapter(model, Path(weights) / "adapter")
-        enc = cls(cfg, model, _load_tokenizer(source, causal, cfg))
-        log.info("encoder %s: %s pooling, %d layers, dim %d, %s", cfg.backbone, cfg.pooling.mode,
-                 enc.num_layers, enc.dim, "LoRA r=%d" % cfg.lora.r if cfg.lora.enabled else "full weights")
+        enc = cls(cfg, model, _load_tokenizer(source, causal, cfg)).to(dev)
+        log.info("encoder %s: %s pooling, %d layers, dim %d, %s, on %s in %s", cfg.backbone, cfg.pooling.mode,
+                 enc.num_layers, enc.dim, "LoRA r=%d" % cfg.lora.r if cfg.lora.enabled else "full weights",
+                 dev, str(dtype).removeprefix("torch."))
         return enc
 
     def load_adapter(self, folder: str | Path) -> None:
@@ -148,14 +174,15 @@ class Encoder(torch.nn.Module):
         _load_adapter(self.backbone, Path(folder) / "adapter")
 
     @classmethod
-    def load(cls, folder: str | Path) -> Encoder:
-        """The encoder a `save(folder)` wrote (config, adapter/weights); eval mode. `folder` may be a
-        URI: it is then copied once into this node's cache (storage.local_dir)."""
+    def load(cls, folder: str | Path, device: str | torch.device | None = None) -> Encoder:
+        """The encoder a `save(folder)` wrote (config, adapter/weights); eval mode, on `device`
+        (default: the one this process's Ray resources grant, see `devices`). `folder` may be a URI:
+        it is then copied once into this node's cache (storage.local_dir)."""
         from mgh_ray import storage
 
         folder = storage.local_dir(str(folder))
         cfg = config_io.load(EncoderConfig, folder / CONFIG_FILE)
-        return cls.from_config(cfg, weights=folder).eval()
+        return cls.from_config(cfg, weights=folder, device=device).eval()
 
     def save(self, folder: str | Path) -> Path:
         """Self-describing folder: encoder.yaml + adapter/ (LoRA) or backbone/ (full weights)."""
@@ -219,6 +246,32 @@ class Encoder(torch.nn.Module):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the model reads per text (EOS and a query's instruction included)."""
+        positions = getattr(self.base_model.config, "max_position_embeddings", None)
+        return min(self.config.max_length, int(positions)) if positions else self.config.max_length
+
+    @property
+    def max_chars(self) -> int:
+        """Characters per text beyond which nothing is read: `max_tokens` x the longest text one token
+        stands for (longest vocabulary entry, or a whole unknown word for WordPiece). A token never
+        covers more characters than that, so the first `max_tokens` tokens lie within this prefix."""
+        if not hasattr(self, "_token_chars"):
+            tok = self.tokenizer
+            vocab = list(tok.get_vocab())
+            longest = max((len(tok.convert_tokens_to_string([t])) for t in vocab), default=1)
+            # WordPiece reads a word longer than this as one [UNK] token
+            word = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+            longest = max(longest, int(getattr(word, "max_input_chars_per_word", 0) or 0))
+            self._token_chars = max(1, longest)
+        return self.max_tokens * self._token_chars
+
+    def token_counts(self, texts: list[str], instruction: str | list[str] | None = None) -> list[int]:
+        """Tokens of each (formatted) text before truncation, special tokens included."""
+        ids = self.tokenizer(self.format(texts, instruction), truncation=False)["input_ids"]
+        return [len(i) for i in ids]
+
     # ------------------------------------------------------------ text -> tensors
 
     def format(self, texts: list[str], instruction: str | list[str] | None) -> list[str]:
@@ -244,7 +297,7 @@ class Encoder(torch.nn.Module):
 
         `instruction`: one for all texts, one per text, or None (documents)."""
         batch = self.tokenizer(self.format(texts, instruction), truncation=True,
-                               max_length=self.config.max_length, padding=True, return_tensors="pt")
+                               max_length=self.max_tokens, padding=True, return_tensors="pt")
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if instruction is not None and self.config.pooling.exclude_instruction:
             inst = [instruction] * len(texts) if isinstance(instruction, str) else instruction
@@ -266,21 +319,34 @@ class Encoder(torch.nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             output_hidden_states=ata, return_dict=True)
         hidden = out.last_hidden_state  # (batch, seq, dim)
-        probs = None
+        r = None
         if ata:
             index = cfg.layer % self.num_layers
             x = out.hidden_states[index]  # (batch, seq, dim): input of the probe layer
             probe = pooling.probe_for(self.base_model, index)
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_weights):
-                probs = probe(x, attention_mask, positions)  # (batch, heads, seq, seq)
-        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, probs, self.causal)  # (batch, dim)
+                # (batch, seq), never the whole (batch, heads, seq, seq) at once beyond ata_chunk_mb
+                r = probe.received(x, attention_mask, positions, cfg.causal_norm, cfg.ata_chunk_mb)
+        emb = pooling.pool(cfg, hidden, attention_mask, pool_mask, None, self.causal,
+                           received=r)  # (batch, dim)
         emb = emb.float()
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 
     @torch.no_grad()
     def encode(self, texts: list[str], *, instruction: str | list[str] | None = None,
-               batch_size: int = 32) -> np.ndarray:
-        """float32 (n, dim); `instruction` (one, or one per text) makes the texts queries, None documents."""
+               batch_size: int = 32, truncation: Truncation = "truncate") -> np.ndarray:
+        """float32 (n, dim); `instruction` (one, or one per text) makes the texts queries, None documents.
+
+        Texts longer than `max_tokens` are cut there ("truncate"), or raise `InputTooLong` ("error")."""
+        if truncation == "error":
+            for i, n in enumerate(self.token_counts(texts, instruction)):
+                if n > self.max_tokens:
+                    raise InputTooLong(i, n, self.max_tokens)
+        elif truncation == "truncate":
+            limit = self.max_chars  # cheap cut first, so a huge text is never tokenised whole
+            texts = [t[:limit] for t in texts]
+        else:
+            raise ValueError(f"unknown truncation policy {truncation!r}; use 'truncate' or 'error'")
         was_training = self.training
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch

@@ -12,19 +12,25 @@ For every named model (an encoder folder, or the URL of a running endpoint), `ev
 Instructions follow `tasks.instruction` for served and in-process encoders alike. `score_in_process`
 runs the same tasks on an in-process encoder, for parity checks and baselines.
 
+Long texts (full BBC articles run to ~25,000 characters): `EvalConfig.truncation` is the policy for
+texts longer than the model reads, "truncate" by default (cut at the model's token limit, as the
+encoders of the MTEB leaderboard do) or "error" (the run stops, naming the text). It goes to the
+evaluation deployment and the in-process encoder alike, and report.md states it.
+
     mgh-ray evaluate jobs/configs/tiny.yaml --model base=runs/tiny/base --model trained=runs/tiny/train/model
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 import logging
 import re
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -53,6 +59,8 @@ class EvalConfig(Section):
     replica_num_cpus: float | None = Field(0.5, ge=0)
     task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
     overwrite: bool = False  # True: rerun tasks that already have results
+    # texts longer than the model's token limit: cut there, or fail the task naming the text
+    truncation: Literal["truncate", "error"] = "truncate"
 
 
 class MtebAdapter(abc.ABC):
@@ -133,14 +141,16 @@ class LocalEncoder(MtebAdapter):
     """An in-process object with `encode(texts, *, instruction, batch_size)` (an Encoder, or a stand-in)."""
 
     def __init__(self, encoder: Any, name: str = "local", revision: str = "local",
-                 batch_size: int = 32) -> None:
-        self.encoder, self.batch_size = encoder, batch_size
+                 batch_size: int = 32, truncation: str = "truncate") -> None:
+        self.encoder, self.batch_size, self.truncation = encoder, batch_size, truncation
         self.mteb_model_meta = model_meta(name, revision, int(encoder.dim))
         self.replicas: Counter[str] = Counter()
 
     def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
-        return np.asarray(self.encoder.encode(texts, instruction=instruction, batch_size=self.batch_size),
-                          dtype=np.float32)
+        kwargs = {"instruction": instruction, "batch_size": self.batch_size}
+        if "truncation" in inspect.signature(self.encoder.encode).parameters:  # an Encoder; stand-ins may not
+            kwargs["truncation"] = self.truncation
+        return np.asarray(self.encoder.encode(texts, **kwargs), dtype=np.float32)
 
 
 def model_meta(name: str, revision: str, dim: int) -> Any:
@@ -170,7 +180,7 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig) -> tuple[Any
 
 def score_in_process(cfg: EvalConfig, encoder: Any, name: str = "local") -> dict[str, float]:
     """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions."""
-    adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size)
+    adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size, truncation=cfg.truncation)
     return {t: float(run_task(adapter, t, cfg)[0].get_score()) for t in cfg.tasks}
 
 
@@ -189,10 +199,14 @@ def endpoint_url(model: Path | str) -> str | None:
 
 
 def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
-    """The serve config of an evaluation deployment: `num_replicas` fixed replicas of `replica_num_cpus`."""
-    return serve_cfg.model_copy(update={
+    """The serve config of an evaluation deployment: `num_replicas` fixed replicas of `replica_num_cpus`,
+    with the evaluation's truncation policy (a full BBC article is longer than any model reads)."""
+    update: dict[str, Any] = {
         "num_replicas": cfg.num_replicas, "autoscaling": None,
-        "num_cpus": serve_cfg.num_cpus if cfg.replica_num_cpus is None else cfg.replica_num_cpus})
+        "num_cpus": serve_cfg.num_cpus if cfg.replica_num_cpus is None else cfg.replica_num_cpus}
+    if "truncation" in type(serve_cfg).model_fields:
+        update["truncation"] = cfg.truncation
+    return serve_cfg.model_copy(update=update)
 
 
 def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
@@ -290,7 +304,9 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
     table = scores_table(results, cfg.tasks)
     metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
     report.write(table, out_dir, metrics=metrics,
-                 note=f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}; "
+                 note=f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}, "
+                      f"truncation={cfg.truncation} (texts longer than the model's token limit are "
+                      f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); "
                       f"{time.perf_counter() - start:.0f} s")
     log.info("main scores (%s):\n%s", out_dir, report.markdown_table(table))
     return table

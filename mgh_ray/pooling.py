@@ -11,10 +11,18 @@ tokens LLMs concentrate attention on (first token, punctuation, final EOS) weigh
 Fast kernels (SDPA, FlashAttention) never return probabilities, and `output_attentions=True` forces
 eager attention in *every* layer. So `AttentionProbe` recomputes softmax(QK^T/sqrt(d) + mask) for the
 one layer from that layer's own input and projections (rotary included for Llama-style models);
-its input is `hidden_states[layer]` of the backbone output. Baselines: mean, last token (EOS), CLS,
-position-weighted mean. The same `pool` runs in training, `Encoder.encode`, Serve, MTEB and the
-sentence-transformers export (`AnchorPooling`, a module of that folder holding its own copy of the
-probe layer's weights). Padding is never pooled; left and right padding give the same vectors.
+its input is `hidden_states[layer]` of the backbone output.
+
+Memory: the full (batch, heads, seq, seq) float32 probabilities of a 7B model's training batch
+(192 texts x 512 tokens x 32 heads) take 6.4 GB a copy. `received_from_qk` never holds them: softmax
+rows are independent, so r is summed over chunks of (batch, heads, query rows) sized to
+`PoolingConfig.ata_chunk_mb`; when everything fits in one chunk it is the unchunked computation
+itself (same numbers), otherwise the sums agree to float32 rounding (tests/test_pooling.py).
+
+Baselines: mean, last token (EOS), CLS, position-weighted mean. The same `pool` runs in training,
+`Encoder.encode`, Serve, MTEB and the sentence-transformers export (`AnchorPooling`, a module of
+that folder holding its own copy of the probe layer's weights). Padding is never pooled; left and
+right padding give the same vectors.
 
     python -m pytest -q tests/test_pooling.py
 """
@@ -31,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
 from mgh_ray.config import Section
 
@@ -50,6 +59,9 @@ class PoolingConfig(Section):
     mean_mix: float = Field(0.0, ge=0, le=1)  # a in e = a * mean + (1 - a) * ata
     exclude_instruction: bool = False  # keep query-instruction tokens out of the pooled set
     grad_through_weights: bool = False  # backprop through the ATA weights (costs the layer's n^2 graph)
+    # peak extra memory (MiB) of the ATA weights: received attention is summed over chunks of
+    # (batch, heads, query rows) whose float32 intermediates fit this budget; 1 MiB .. 1 TiB
+    ata_chunk_mb: float = Field(256.0, ge=1, le=1_048_576)
 
 
 # ---------------------------------------------------------------- masks and positions
@@ -126,10 +138,82 @@ def received_attention(probs: torch.Tensor, attention_mask: torch.Tensor, causal
     """r_j: attention token j receives, summed over real queries, averaged over heads."""
     m = attention_mask.to(probs.dtype)
     r = (probs.mean(1) * m[:, :, None]).sum(1)  # (batch, seq): queries of padding rows never count
+    return _causal_normalise(r, attention_mask, causal, causal_norm)
+
+
+def _causal_normalise(r: torch.Tensor, attention_mask: torch.Tensor, causal: bool,
+                      causal_norm: bool) -> torch.Tensor:
     if causal and causal_norm:
+        m = attention_mask.to(r.dtype)
         seen_by = m.flip(-1).cumsum(-1).flip(-1)  # (batch, seq): real queries i >= j
         r = r / seen_by.clamp(min=1)
     return r
+
+
+# float32 (query, key) intermediates alive at once in `_received_block`: scores, masked scores,
+# softmax, masked probabilities. The budget is divided by this so that it bounds the peak.
+_COPIES = 4
+
+
+def chunk_plan(batch: int, heads: int, seq: int, budget_mb: float) -> tuple[int, int, int]:
+    """(batch, heads, query rows) per chunk so that `_COPIES` float32 (chunk, seq) tensors fit the budget.
+
+    Query rows are cut first (a whole row is the unit softmax needs), then heads, then batch."""
+    rows = max(1, int(budget_mb * 2**20) // (_COPIES * 4 * seq))  # (query, key) rows that fit
+    q_rows = min(seq, rows)
+    h = max(1, min(heads, rows // q_rows))
+    b = max(1, min(batch, rows // (q_rows * h)))
+    return b, h, q_rows
+
+
+def _received_block(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, start: int,
+                    causal: bool) -> torch.Tensor:
+    """Attention received by every key from the query rows start.. of q, summed over queries and heads.
+
+    q: (batch, heads, rows, d); k: (batch, heads, seq, d); valid: (batch, seq) real tokens."""
+    rows, seq, d = q.shape[2], k.shape[2], q.shape[3]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(d)  # (batch, heads, rows, seq)
+    allowed = valid[:, None, None, :]  # (batch, 1, 1, seq)
+    if causal:
+        qpos = torch.arange(start, start + rows, device=q.device)[:, None]  # (rows, 1)
+        allowed = allowed & (torch.arange(seq, device=q.device)[None, :] <= qpos)  # (batch, 1, rows, seq)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # finite: see attention_probs
+    probs = scores.softmax(-1) * allowed  # (batch, heads, rows, seq)
+    probs = probs * valid[:, None, start:start + rows, None]  # padding queries give nothing
+    return probs.sum(2).sum(1)  # (batch, seq)
+
+
+def received_from_qk(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, causal: bool,
+                     causal_norm: bool, chunk_mb: float | None = None) -> torch.Tensor:
+    """`received_attention(attention_probs(q, k, ...))` without holding all probabilities at once.
+
+    q: (batch, heads, seq, d); k: (batch, kv_heads, seq, d). `chunk_mb`: memory budget of the float32
+    intermediates (None: no bound). When the whole batch fits, this is exactly the unchunked path.
+    Under autograd each chunk is checkpointed, so backward also holds one chunk at a time."""
+    b, h, s, _ = q.shape
+    plan = (b, h, s) if chunk_mb is None else chunk_plan(b, h, s, chunk_mb)
+    if plan == (b, h, s):
+        return received_attention(attention_probs(q, k, attention_mask, causal), attention_mask, causal,
+                                  causal_norm)
+    bc, hc, qc = plan
+    group = h // k.shape[1]  # grouped-query attention: query head i reads key head i // group
+    valid = attention_mask.bool()  # (batch, seq)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    parts = []
+    for b0 in range(0, b, bc):
+        acc = q.new_zeros(min(bc, b - b0), s, dtype=torch.float32)  # (batch chunk, seq)
+        for h0 in range(0, h, hc):
+            heads = torch.arange(h0, min(h0 + hc, h), device=k.device) // group
+            kb = k[b0:b0 + bc].index_select(1, heads)  # (batch chunk, head chunk, seq, d)
+            for i0 in range(0, s, qc):
+                args = (q[b0:b0 + bc, h0:h0 + hc, i0:i0 + qc], kb, valid[b0:b0 + bc], i0, causal)
+                if grad:
+                    acc = acc + checkpoint(_received_block, *args, use_reentrant=False)
+                else:
+                    acc += _received_block(*args)
+        parts.append(acc)
+    r = torch.cat(parts) / h  # (batch, seq): mean over heads
+    return _causal_normalise(r, attention_mask, causal, causal_norm)
 
 
 def anchor_weights(r: torch.Tensor, mask: torch.Tensor, cfg: PoolingConfig) -> torch.Tensor:
@@ -145,12 +229,13 @@ def anchor_weights(r: torch.Tensor, mask: torch.Tensor, cfg: PoolingConfig) -> t
 
 def pool(cfg: PoolingConfig, hidden: torch.Tensor, attention_mask: torch.Tensor,
          pool_mask: torch.Tensor | None = None, probs: torch.Tensor | None = None,
-         causal: bool = True) -> torch.Tensor:
+         causal: bool = True, received: torch.Tensor | None = None) -> torch.Tensor:
     """One vector per sequence (not normalised).
 
     hidden: (batch, seq, dim) final states; attention_mask: (batch, seq) real tokens;
     pool_mask: (batch, seq) tokens allowed into the pool (default: all real ones; `last`/`cls` ignore it);
-    probs: (batch, heads, seq, seq) one layer's attention, required for `ata`.
+    for `ata` either probs: (batch, heads, seq, seq) one layer's attention, or received: (batch, seq)
+    its received attention as `received_from_qk` / `AttentionProbe.received` give it (bounded memory).
     """
     mask = attention_mask.bool() if pool_mask is None else pool_mask.bool() & attention_mask.bool()
     if cfg.mode == "mean":
@@ -161,9 +246,12 @@ def pool(cfg: PoolingConfig, hidden: torch.Tensor, attention_mask: torch.Tensor,
         return cls_pool(hidden, attention_mask)
     if cfg.mode == "weighted_mean":
         return weighted_mean_pool(hidden, attention_mask, mask)
-    if probs is None:
-        raise ValueError("ATA pooling needs the probe layer's attention probabilities")
-    r = received_attention(probs, attention_mask, causal, cfg.causal_norm)
+    if received is not None:
+        r = received
+    elif probs is not None:
+        r = received_attention(probs, attention_mask, causal, cfg.causal_norm)
+    else:
+        raise ValueError("ATA pooling needs the probe layer's attention (probs= or received=)")
     if not cfg.grad_through_weights:
         r = r.detach()
     w = anchor_weights(r, mask, cfg).to(hidden.dtype)  # (batch, seq)
@@ -206,8 +294,9 @@ class AttentionProbe:
     head_dim: int
     causal: bool
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's queries (batch, heads, seq, d) and keys (batch, kv_heads, seq, d), rotary applied."""
         b, s, _ = x.shape  # x: (batch, seq, hidden), the layer's input
         h = self.norm(x) if self.norm is not None else x
         q = self.q(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, d)
@@ -217,7 +306,18 @@ class AttentionProbe:
             cos, sin = self.rotary(x, pos)  # (batch, seq, d) each
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q, k
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        q, k = self.project(x, attention_mask, positions)
         return attention_probs(q, k, attention_mask, self.causal)  # (batch, heads, seq, seq)
+
+    def received(self, x: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None,
+                 causal_norm: bool, chunk_mb: float | None) -> torch.Tensor:
+        """(batch, seq) received attention of this layer, in chunks within `chunk_mb` MiB."""
+        q, k = self.project(x, attention_mask, positions)
+        return received_from_qk(q, k, attention_mask, self.causal, causal_norm, chunk_mb)
 
 
 def backbone_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -319,7 +419,7 @@ class AnchorPooling(torch.nn.Module):
             pl = features["prompt_length"]
             n = int(pl[0].item()) if isinstance(pl, torch.Tensor) else int(pl)
             pool_mask = prefix_mask(attention_mask, torch.full((hidden.shape[0],), n, device=hidden.device))
-        probs = None
+        r = None
         if self.cfg.mode == "ata":
             x = features["all_layer_embeddings"][self.layer_index]  # (batch, seq, hidden): probe layer input
             rotary = None
@@ -327,8 +427,10 @@ class AnchorPooling(torch.nn.Module):
                 rotary = lambda t, p: rope_cos_sin(t, p, self.inv_freq, self.rope_scaling)  # noqa: E731
             probe = AttentionProbe(self.q, self.k, self.norm, rotary, self.heads, self.kv_heads,
                                    self.head_dim, self.causal)
-            probs = probe(x.to(self.q.weight.dtype), attention_mask).to(hidden.dtype)
-        features["sentence_embedding"] = pool(self.cfg, hidden, attention_mask, pool_mask, probs, self.causal)
+            r = probe.received(x.to(self.q.weight.dtype), attention_mask, None, self.cfg.causal_norm,
+                               self.cfg.ata_chunk_mb)  # (batch, seq)
+        features["sentence_embedding"] = pool(self.cfg, hidden, attention_mask, pool_mask, None, self.causal,
+                                              received=r)
         return features
 
     def get_sentence_embedding_dimension(self) -> int:

@@ -48,19 +48,24 @@ class QualityConfig(Section):
     fn_ratio: float = 0.95  # a negative scoring >= 95% of the positive's similarity is a probable positive
     copy_sim: float = 0.95  # a negative this similar to the positive is a copy of it
     batch_size: int = 64
-    device: str | None = None  # None: sentence-transformers picks (cuda when there is one)
+    device: str | None = None  # None: from the Ray resources of the process (devices.device)
     num_cpus: float = 1.0  # resources of the scoring actor in the synthesis pipeline
     num_gpus: float = 0.0
 
 
 def load_embedder(cfg: QualityConfig):
-    """The reference embedder (a SentenceTransformer), loaded from the local cache when it is 'minilm'."""
-    from mgh_ray import driver
-
-    driver.check_model_load(f"reference embedder {cfg.embedder}")
+    """The reference embedder (a SentenceTransformer), loaded from the local cache when it is 'minilm',
+    on `cfg.device` or else the device this process's Ray resources grant (`devices.device`: cuda in a
+    scoring actor given `num_gpus`, cpu in one given none, even on a GPU node)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(assets.model_path(cfg.embedder)), device=cfg.device)
+    from mgh_ray import devices, driver
+
+    driver.check_model_load(f"reference embedder {cfg.embedder}")
+
+    device = devices.device(cfg.device)
+    log.info("reference embedder %s on %s", cfg.embedder, device)
+    return SentenceTransformer(str(assets.model_path(cfg.embedder)), device=str(device))
 
 
 def _norm(text: str) -> str:

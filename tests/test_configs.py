@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mgh_ray import config, pipeline
+from mgh_ray import config, evaluation, pipeline
 from mgh_ray.config import ConfigError
 
 DIR = Path(__file__).parents[1] / "jobs" / "configs"
@@ -44,3 +44,27 @@ def test_overrides_apply_and_bad_keys_are_named():
         config.load(pipeline.PipelineConfig, DIR / "tiny.yaml", ["train.stepz=7"])
     with pytest.raises(ConfigError, match="train.steps"):
         config.load(pipeline.PipelineConfig, DIR / "tiny.yaml", ["train.steps=many"])
+
+
+def test_gpu_small_fits_one_gpu_with_the_local_tiny_models():
+    from mgh_ray import assets
+
+    cfg = config.load(pipeline.PipelineConfig, DIR / "gpu-small.yaml", [])
+    # tiny models by asset name, from the local cache: no hub on this machine
+    assert cfg.synthesis.model in assets.MODELS and cfg.train.encoder.backbone in assets.MODELS
+    assert cfg.synthesis.quality.embedder in assets.MODELS
+    # vLLM on CUDA beside the quality scorer, on one GPU
+    assert 0 < cfg.synthesis.num_gpus_per_actor and cfg.synthesis.num_actors == 1
+    assert cfg.synthesis.num_gpus_per_actor + cfg.synthesis.quality.num_gpus <= 1
+    assert cfg.train.use_gpu and cfg.train.backend == "nccl" and cfg.train.num_workers == 1
+    assert cfg.train.encoder.dtype in ("auto", "bfloat16")
+    # the Serve app and the evaluation deployment share the GPU
+    eval_serve = evaluation.eval_serve_config(cfg.evaluate, cfg.serve)
+    assert cfg.serve.num_gpus > 0 and cfg.serve.num_gpus + eval_serve.num_replicas * eval_serve.num_gpus <= 1
+    assert cfg.evaluate.max_rows is None and cfg.evaluate.truncation == "truncate"
+
+
+def test_gpu_yaml_evaluates_full_tables_without_failing_on_long_articles():
+    cfg = config.load(pipeline.PipelineConfig, DIR / "gpu.yaml", [])
+    assert cfg.evaluate.max_rows is None and cfg.evaluate.truncation == "truncate"
+    assert evaluation.eval_serve_config(cfg.evaluate, cfg.serve).truncation == "truncate"

@@ -174,3 +174,69 @@ def test_recomputed_attention_equals_eager_attention(which, layer, left, request
         torch.testing.assert_close(got[b][:, rows][:, :, rows], want[b][:, rows][:, :, rows],
                                    atol=1e-5, rtol=1e-4)
         assert (got[b][:, :, ~rows] == 0).all()
+
+
+# ---------------------------------------------------------------- chunked received attention
+
+
+def _qk(b, h, kv, s, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=g, dtype=dtype)
+    k = torch.randn(b, kv, s, d, generator=g, dtype=dtype)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, :s // 3] = 0  # left padding
+    mask[2, s - s // 2:] = 0  # right padding
+    return q, k, mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("budget,plan", [(0.01, (1, 1, 16)), (0.1, (1, 4, 40)), (0.4, (2, 6, 40))])
+def test_chunked_received_attention_equals_unchunked(causal, budget, plan):
+    q, k, mask = _qk(4, 6, 2, 40, 8)  # grouped-query: 3 query heads per key head
+    # budgets (MiB) that cut query rows, heads, and batch in turn
+    assert pooling.chunk_plan(4, 6, 40, budget) == plan
+    want = pooling.received_attention(pooling.attention_probs(q, k, mask, causal), mask, causal, True)
+    got = pooling.received_from_qk(q, k, mask, causal, True, chunk_mb=budget)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert (got[mask == 0] == 0).all()
+
+
+def test_chunk_plan_bounds_the_chunk_and_covers_the_shape():
+    # gpu.yaml's training batch: 64 x 3 texts, 512 tokens, 32 heads, in a 1 GiB budget
+    b, h, q = pooling.chunk_plan(192, 32, 512, 1024)
+    assert pooling._COPIES * 4 * b * h * q * 512 <= 1024 * 2**20
+    assert q == 512 and h == 32 and b >= 1  # whole query rows and heads first
+    assert pooling.chunk_plan(2, 2, 8, 256) == (2, 2, 8)  # fits: one chunk, the unchunked path
+    assert pooling.chunk_plan(1, 1, 10**6, 1)[2] >= 1  # a sequence longer than the budget still runs
+
+
+def test_whole_batch_within_budget_is_bitwise_the_unchunked_path():
+    q, k, mask = _qk(3, 4, 4, 16, 8)
+    want = pooling.received_attention(pooling.attention_probs(q, k, mask, True), mask, True, True)
+    assert torch.equal(pooling.received_from_qk(q, k, mask, True, True, chunk_mb=256), want)
+
+
+def test_chunked_pooling_keeps_gradients_through_weights():
+    q, k, mask = _qk(3, 4, 2, 24, 8, dtype=torch.float64)
+    grads = []
+    for budget in (None, 0.001):
+        qq = q.clone().requires_grad_(True)
+        r = pooling.received_from_qk(qq, k, mask, True, True, chunk_mb=budget)
+        (r * torch.arange(24.0, dtype=r.dtype)).sum().backward()
+        grads.append(qq.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-8)
+
+
+def test_encoder_vectors_do_not_change_with_the_chunk_budget(smollm2_path):
+    from mgh_ray.encoder import Encoder, EncoderConfig
+
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=128))
+    texts = ["Kenya's runner wins the London marathon in a record time, ahead of the champion. " * 8,
+             "Minister resigns", "Shares in the mobile phone maker fell sharply after a profit warning."]
+    whole = enc.encode(texts)
+    enc.config.pooling = PoolingConfig(ata_chunk_mb=1.0)
+    seq = enc.tokenize(texts)["input_ids"].shape[1]
+    assert pooling.chunk_plan(3, 9, seq, 1.0) < (3, 9, seq)  # really chunked at this budget
+    chunked = enc.encode(texts)
+    assert (whole * chunked).sum(-1).min() > 1 - 1e-6
+    assert abs(whole - chunked).max() < 1e-6

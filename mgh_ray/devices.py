@@ -1,0 +1,103 @@
+"""Devices: the device and dtype a model loads in, from the resources Ray granted to this process.
+
+Every component that holds a model (Serve and evaluation replicas, the quality scorer, export and
+parity, training workers) asks here instead of assuming the CPU, so a replica given `num_gpus: 1`
+runs on its GPU and one given none stays on the CPU even on a GPU node:
+
+    inside a Ray worker (task, actor, Serve replica, Train worker):
+        cuda when Ray granted it GPUs (`ray.get_gpu_ids()`), at the index its first GPU has among
+        CUDA_VISIBLE_DEVICES (Ray Train makes a node's GPUs visible to all its workers); else cpu
+    outside Ray (driver, scripts, tests): cuda when torch sees one, else cpu
+    dtype "auto": bfloat16 on cuda (float16 on GPUs without bf16), float32 on cpu
+
+`pick_device` and `pick_dtype` are pure functions of those facts (unit-tested for GPU cases on a
+machine without one); `device()` and `dtype()` gather the facts of this process. Importing this
+module imports neither ray nor CUDA.
+
+    dev = devices.device()                 # torch.device("cuda", 0) in a replica with a GPU
+    dt = devices.dtype("auto", dev)        # torch.bfloat16 there, torch.float32 on a CPU
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str | None, *, ray_gpu_ids: list[str] | None, visible: list[str] | None,
+                cuda_available: bool) -> torch.device:
+    """The device to load on.
+
+    requested: "auto"/None, "cpu", "cuda" or "cuda:N"; ray_gpu_ids: GPUs Ray granted this worker
+    (None outside a Ray worker); visible: CUDA_VISIBLE_DEVICES split on commas (None when unset).
+    """
+    req = (requested or "auto").strip().lower()
+    if req == "cpu":
+        return torch.device("cpu")
+    if req.startswith("cuda"):
+        if not cuda_available:
+            raise ValueError(f"device {requested!r} was asked for but torch sees no CUDA device here; "
+                             "use device 'auto' (GPU when granted, else CPU) or 'cpu'")
+        if ray_gpu_ids is not None and not ray_gpu_ids:
+            log.warning("device %s asked for in a Ray worker that was granted no GPU (num_gpus=0): it may "
+                        "share a GPU another worker owns", requested)
+        return torch.device(req)
+    if req != "auto":
+        raise ValueError(f"unknown device {requested!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if ray_gpu_ids is None:  # not a Ray worker: whatever torch sees
+        return torch.device("cuda", 0) if cuda_available else torch.device("cpu")
+    if not ray_gpu_ids or not cuda_available:
+        if ray_gpu_ids and not cuda_available:
+            log.warning("Ray granted GPU(s) %s but torch sees no CUDA device (CPU build of torch?); "
+                        "loading on cpu", ray_gpu_ids)
+        return torch.device("cpu")
+    first = str(ray_gpu_ids[0])
+    index = visible.index(first) if visible and first in visible else 0
+    return torch.device("cuda", index)
+
+
+def pick_dtype(configured: str, device: torch.device | str, *, bf16_supported: bool) -> torch.dtype:
+    """The weights' dtype: the configured one, or for "auto" bf16 on GPUs (fp16 without bf16), fp32 on CPU."""
+    if configured != "auto":
+        if configured not in DTYPES:
+            raise ValueError(f"unknown dtype {configured!r}; use one of auto, {', '.join(DTYPES)}")
+        return DTYPES[configured]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if bf16_supported else torch.float16
+    return torch.float32
+
+
+def _ray_gpu_ids() -> list[str] | None:
+    """GPUs Ray granted this process when it is a Ray worker; None in a driver or without Ray."""
+    try:
+        import ray
+    except ImportError:  # the GPU check image has no Ray
+        return None
+    if not ray.is_initialized():  # never start Ray from here (get_runtime_context would)
+        return None
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
+        return None
+    return [str(i) for i in ctx.get_accelerator_ids().get("GPU", [])]
+
+
+def device(requested: str | None = "auto") -> torch.device:
+    """The device for a model in this process (see the module docstring)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [v.strip() for v in env.split(",") if v.strip()] if env is not None else None
+    return pick_device(requested, ray_gpu_ids=_ray_gpu_ids(), visible=visible,
+                       cuda_available=torch.cuda.is_available())
+
+
+def dtype(configured: str, dev: torch.device | str) -> torch.dtype:
+    """`pick_dtype` with this machine's bf16 support."""
+    cuda = torch.device(dev).type == "cuda"
+    return pick_dtype(configured, dev, bf16_supported=cuda and torch.cuda.is_bf16_supported())
