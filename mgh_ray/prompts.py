@@ -24,6 +24,7 @@ the parser's.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -142,6 +143,13 @@ def load(version: str | Path = DEFAULT_VERSION) -> PromptSet:
     brainstorm_messages(ps, kind.name, ps.topics[0])
     generate_messages(ps, kind.name, "t")
     return ps
+
+
+@functools.lru_cache(maxsize=8)
+def symmetric_kinds(version: str = DEFAULT_VERSION) -> frozenset[str]:
+    """Names of the task families the prompt set marks symmetric ("sts"): their records train with
+    the instruction on both sides."""
+    return frozenset(name for name, k in load(version).kinds.items() if k.symmetric)
 
 
 # --------------------------------------------------------------------------- rendering
