@@ -188,8 +188,8 @@ class Encoder(torch.nn.Module):
         st_prompts = {"document": ""}
         for name, instruction in (prompts or {}).items():
             if not name or name == "document" or not str(instruction).strip():
-                raise ValueError(f"export prompt {name!r}: {instruction!r} needs a name other than 'document' "
-                                 "and a non-empty instruction")
+                raise ValueError(f"export prompt {name!r}: {instruction!r} needs a name other than "
+                                 "'document' and a non-empty instruction")
             st_prompts[name] = self.config.query_template.format(instruction=instruction, text="")
         if default_prompt_name is not None and default_prompt_name not in st_prompts:
             raise ValueError(f"default_prompt_name {default_prompt_name!r} is none of the prompts "
@@ -222,8 +222,8 @@ class Encoder(torch.nn.Module):
         # sentence-transformers 6 keeps the limit in the tokenizer config only (model_max_length); state
         # it where every version (and a reader) looks for it. Transformer() accepts it when loading.
         st_cfg = merged_dir / "sentence_bert_config.json"
-        st_cfg.write_text(json.dumps({**json.loads(st_cfg.read_text()), "max_seq_length": self.config.max_length},
-                                     indent=2))
+        st_json = {**json.loads(st_cfg.read_text()), "max_seq_length": self.config.max_length}
+        st_cfg.write_text(json.dumps(st_json, indent=2))
         config_io.save(self.config, merged_dir / "mgh_ray_encoder.yaml")
         log.info("exported %s (merged + sentence-transformers, prompts %s) and adapter", merged_dir,
                  sorted(st_prompts))

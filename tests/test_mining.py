@@ -64,8 +64,8 @@ def test_pick_skips_a_corpus_text_equal_to_the_positive_even_when_it_scores_low(
     sims_q = np.array([0.9, 0.2, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.22])
     same = np.zeros(10, dtype=bool)
     same[2] = True  # the same text as the positive under another seed (a duplicate article)
-    chosen, why = mining.pick_negatives(sims_q, np.zeros(10), 0, mining.MiningConfig(bands=[(3, 4), (2, 3), (1, 2), (0, 1)], pick="top"),
-                                        np.random.default_rng(0), same)
+    cfg = mining.MiningConfig(bands=[(3, 4), (2, 3), (1, 2), (0, 1)], pick="top")
+    chosen, why = mining.pick_negatives(sims_q, np.zeros(10), 0, cfg, np.random.default_rng(0), same)
     assert why == "" and chosen == [6, 5, 4, 3]
 
 

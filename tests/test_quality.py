@@ -44,8 +44,9 @@ def test_copy_of_positive_is_a_false_negative_by_text_or_by_similarity():
     assert f["n_false_negatives"].tolist() == [1, 1]
 
 
-@pytest.mark.parametrize("policy, passed", [("keep", [True, True, True]), ("drop", [True, False, False]),
-                                            ("filter", [True, True, False]), ("relabel", [True, True, False])])
+@pytest.mark.parametrize("policy, passed", [
+    ("keep", [True, True, True]), ("drop", [True, False, False]),
+    ("filter", [True, True, False]), ("relabel", [True, True, False])])
 def test_policies(policy, passed):
     out = quality.gate(_rows([ORDERED, SWAPPED, ABOVE]), QualityConfig(policy=policy))
     assert out["passed"].tolist() == passed

@@ -189,8 +189,21 @@ def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_pa
     assert m.resumed_from.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]  # from the mid-stage checkpoint, not 0
     assert (m.level == m.stage).all()  # curriculum mode: stage k uses level k
     assert np.isfinite(m.loss).all() and (m.pairs_per_s > 0).all()
-    assert Encoder.load(model_dir).encode(["a headline"]).shape == (1, 576)
     assert config_io.load(TrainConfig, tmp_path / "config.yaml") == cfg
+
+    # the resumed run ends where an uninterrupted run on the same data ends: same losses, same model
+    straight_cfg = cfg.model_copy(update={"fail_at_step": None})
+    straight_dir = train(straight_cfg, seed_records(16), tmp_path / "straight")
+    straight = read_metrics(tmp_path / "straight")
+    assert (straight.resumed_from == 0).all()
+    np.testing.assert_allclose(m.loss, straight.loss, rtol=1e-4)
+    texts = ["Kenya wins the London marathon", "Shares fell after the profit warning"]
+    resumed_vecs = Encoder.load(model_dir).encode(texts, instruction="Retrieve the article")
+    straight_vecs = Encoder.load(straight_dir).encode(texts, instruction="Retrieve the article")
+    untrained = Encoder.from_config(cfg.encoder).eval().encode(texts, instruction="Retrieve the article")
+    assert resumed_vecs.shape == (2, 576)
+    np.testing.assert_allclose(resumed_vecs, straight_vecs, atol=1e-4)
+    assert np.abs(straight_vecs - untrained).max() > 1e-3  # training moved it: the check has teeth
 
     # a new driver on a finished out_dir returns at once ...
     assert train(cfg, seed_records(16), tmp_path) == model_dir
