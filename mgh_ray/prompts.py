@@ -1,7 +1,9 @@
 """MGH prompts: the versioned prompt file, pure prompt rendering, JSON schemas and a tolerant parser.
 
 Everything the generator LLM is told lives in one YAML file per version (`mgh_ray/prompts/mgh_v2.yaml`,
-the default; `mgh_v1` is kept so that its runs stay reproducible): the four negative levels (L1 coarse
+the default; `mgh_v1` is kept so that its runs stay reproducible; `mgh_v3` has a worked example that
+follows the level definitions, but on SmolLM2-135M it parsed and ordered worse than mgh_v2 over 64
+seeds, see its header): the four negative levels (L1 coarse
 .. L4 fine), the augment prompt, the two E5-style prompts of generate mode (brainstorm a task, then
 write an example for it) and, optionally, a worked augment example (sent as an earlier chat turn) and
 character bounds for each negative (in the JSON schema of guided decoding). This module turns rows into chat
