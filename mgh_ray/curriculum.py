@@ -5,16 +5,20 @@ the cursor (step, stage, RNG state) is saved in every checkpoint. Modes, for the
 
     curriculum   stages L1 -> L2 -> L3 -> L4 (coarse to fine)
     reverse      stages L4 -> L3 -> L2 -> L1
-    cumulative   stage k draws each example's level uniformly from 1..k
+    cumulative   stage k: every example uses its negatives of ALL levels 1..k together (k per query)
     single       one stage, level `level` throughout
     random       one stage, each example's level drawn uniformly from 1..levels
+
+`levels(n)` gives an (n, K) array: the levels of each example's K hard negatives at this step. K is 1
+in every mode but `cumulative`, where it is the stage number; it is the same for every example and
+every worker, so the loss's all_gather sees equal shapes.
 
 Stages are equally long unless `stage_weights` gives relative lengths. The RNG is shared by all
 workers: each draws the levels of the *global* batch and takes its own slice, so every worker holds
 the same cursor and rank 0's copy is enough for a checkpoint.
 
     cur = Curriculum(CurriculumConfig(), total_steps=40, seed=0)
-    levels = cur.levels(global_batch)[rank * b:(rank + 1) * b]; cur.advance()
+    levels = cur.levels(global_batch)[rank * b:(rank + 1) * b]; cur.advance()   # (b, K)
 """
 
 from __future__ import annotations
@@ -87,11 +91,14 @@ class Curriculum:
         return len(self.stages) - 1
 
     def levels(self, n: int) -> np.ndarray:
-        """Level (1-based) of each of the `n` examples of the global batch at the current step."""
+        """(n, K) levels (1-based) of the hard negatives of each of the `n` examples of the global batch
+        at the current step: K = 1 (one level per example) except in `cumulative` mode (all levels <= k)."""
         choices = self.stages[self.stage]
-        # always draw, even in single-level stages, so the RNG stream is a function of the step alone
+        # always draw, even where nothing is random, so the RNG stream is a function of the step alone
         draw = self.rng.integers(0, len(choices), size=n)
-        return np.asarray(choices)[draw]
+        if self.cfg.mode == "cumulative":
+            return np.tile(np.asarray(choices), (n, 1))  # (n, k): every level of the stage together
+        return np.asarray(choices)[draw][:, None]  # (n, 1)
 
     def advance(self) -> None:
         self.step += 1

@@ -21,13 +21,17 @@ model would read); `truncation="error"` raises `InputTooLong` instead, naming th
     docs = enc.encode(["Kenya wins the marathon"])                            # (1, 576) float32
     qs = enc.encode(["who won?"], instruction="Retrieve the news article")    # formatted as a query
     enc.save("runs/x/model"); Encoder.load("runs/x/model")          # on cuda when Ray granted a GPU
-    enc.export("runs/x/export"); SentenceTransformer("runs/x/export/merged", trust_remote_code=True)
+    enc.export("runs/x/export", prompts={"query": "Retrieve the news article"})
+    SentenceTransformer("runs/x/export/merged", trust_remote_code=True).encode_query(["who won?"])
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -196,13 +200,36 @@ class Encoder(torch.nn.Module):
         config_io.save(self.config, folder / CONFIG_FILE)  # last: its presence marks a complete folder
         return folder
 
-    def export(self, folder: str | Path) -> Path:
-        """`merged/` (HF + sentence-transformers folder, LoRA merged) and `adapter/` (peft only)."""
+    def export(self, folder: str | Path, prompts: Mapping[str, str] | None = None,
+               default_prompt_name: str | None = None) -> Path:
+        """`merged/` (HF + sentence-transformers folder, LoRA merged) and `adapter/` (peft only).
+
+        `prompts`: prompt name -> the instruction the model was trained with (`query_prompts` builds
+        it from the records' instructions). Each is written as the sentence-transformers prompt
+        `query_template` makes of it, so `SentenceTransformer(merged).encode(q, prompt_name="query")`
+        (or `.encode_query(q)`) gives `encode(q, instruction=...)`; "document" is the empty prompt.
+        `default_prompt_name` stays None unless every text should get that prompt (a symmetric-only
+        model): a default would also prefix documents, which trained without one.
+        `max_seq_length` (= config.max_length) is stated in sentence_bert_config.json too.
+        """
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.base.modules import Normalize, Transformer
 
         folder = Path(folder)
         merged_dir = folder / "merged"
+        st_prompts = {"document": ""}
+        for name, instruction in (prompts or {}).items():
+            if not name or name == "document" or not str(instruction).strip():
+                raise ValueError(f"export prompt {name!r}: {instruction!r} needs a name other than "
+                                 "'document' and a non-empty instruction")
+            st_prompts[name] = self.config.query_template.format(instruction=instruction, text="")
+        if default_prompt_name is not None and default_prompt_name not in st_prompts:
+            raise ValueError(f"default_prompt_name {default_prompt_name!r} is none of the prompts "
+                             f"{sorted(st_prompts)}")
+        if "query" not in st_prompts:
+            log.warning("export of %s without a query prompt: a sentence-transformers user will encode "
+                        "queries without the instruction the model was trained with", merged_dir)
+            st_prompts["query"] = ""
         if self.config.lora.enabled:
             self.backbone.save_pretrained(folder / "adapter")
             merged = copy.deepcopy(self.backbone).merge_and_unload()
@@ -222,9 +249,16 @@ class Encoder(torch.nn.Module):
                    _st_pooling(self.config.pooling, merged)]
         if self.config.normalize:
             modules.append(Normalize())
-        SentenceTransformer(modules=modules, device="cpu").save(str(merged_dir))
+        SentenceTransformer(modules=modules, device="cpu", prompts=st_prompts,
+                            default_prompt_name=default_prompt_name).save(str(merged_dir))
+        # sentence-transformers 6 keeps the limit in the tokenizer config only (model_max_length); state
+        # it where every version (and a reader) looks for it. Transformer() accepts it when loading.
+        st_cfg = merged_dir / "sentence_bert_config.json"
+        st_json = {**json.loads(st_cfg.read_text()), "max_seq_length": self.config.max_length}
+        st_cfg.write_text(json.dumps(st_json, indent=2))
         config_io.save(self.config, merged_dir / "mgh_ray_encoder.yaml")
-        log.info("exported %s (merged + sentence-transformers) and adapter", merged_dir)
+        log.info("exported %s (merged + sentence-transformers, prompts %s) and adapter", merged_dir,
+                 sorted(st_prompts))
         return folder
 
     # ------------------------------------------------------------ properties
@@ -376,6 +410,14 @@ def _st_pooling(cfg: pooling.PoolingConfig, merged: torch.nn.Module) -> torch.nn
         return Pooling(merged.config.hidden_size, pooling_mode=builtin[cfg.mode],
                        include_prompt=not cfg.exclude_instruction)
     return pooling.AnchorPooling.from_backbone(cfg, merged)
+
+
+def query_prompts(instructions: Iterable[str], max_prompts: int = 8) -> dict[str, str]:
+    """Export prompts from the instructions a model trained with: the most frequent is "query", the
+    next ones "query_2" .. (at most `max_prompts`; generate mode writes one instruction per task)."""
+    counts = Counter(str(i) for i in instructions if str(i).strip())
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))[:max_prompts]
+    return {("query" if n == 0 else f"query_{n + 1}"): inst for n, inst in enumerate(ranked)}
 
 
 def _load_adapter(model: torch.nn.Module, folder: Path) -> None:

@@ -1,7 +1,9 @@
 """MGH prompts: the versioned prompt file, pure prompt rendering, JSON schemas and a tolerant parser.
 
 Everything the generator LLM is told lives in one YAML file per version (`mgh_ray/prompts/mgh_v2.yaml`,
-the default; `mgh_v1` is kept so that its runs stay reproducible): the four negative levels (L1 coarse
+the default; `mgh_v1` is kept so that its runs stay reproducible; `mgh_v3` has a worked example that
+follows the level definitions, but on SmolLM2-135M it parsed and ordered worse than mgh_v2 over 64
+seeds, see its header): the four negative levels (L1 coarse
 .. L4 fine), the augment prompt, the two E5-style prompts of generate mode (brainstorm a task, then
 write an example for it) and, optionally, a worked augment example (sent as an earlier chat turn) and
 character bounds for each negative (in the JSON schema of guided decoding). This module turns rows into chat
@@ -24,6 +26,7 @@ the parser's.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -142,6 +145,13 @@ def load(version: str | Path = DEFAULT_VERSION) -> PromptSet:
     brainstorm_messages(ps, kind.name, ps.topics[0])
     generate_messages(ps, kind.name, "t")
     return ps
+
+
+@functools.lru_cache(maxsize=8)
+def symmetric_kinds(version: str = DEFAULT_VERSION) -> frozenset[str]:
+    """Names of the task families the prompt set marks symmetric ("sts"): their records train with
+    the instruction on both sides."""
+    return frozenset(name for name, k in load(version).kinds.items() if k.symmetric)
 
 
 # --------------------------------------------------------------------------- rendering

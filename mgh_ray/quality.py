@@ -10,9 +10,18 @@ embedder (all-MiniLM-L6-v2 by default) gives cosine similarities. Two questions 
   (sim(q,n) >= sim(q,p) - (1 - fn_ratio) * |sim(q,p)|). Small generators often "answer the query
   anyway"; this is how that shows up, and the report gives its rate.
 
-The policy decides what training sees: `keep` (everything, flags only), `drop` (only records with
-no false negative and the full order), `relabel` (default: drop records with a false negative and
-re-assign the rest to levels by measured similarity, so neg_1 is the least similar).
+The policy decides what training sees. The LLM's graded levels are the curriculum (the method), so
+every policy but `relabel` keeps the level each negative was written for:
+
+    filter   (default) drop records with a probable false negative; the rest keep the LLM's levels
+    drop     drop records with a false negative or any level out of the reference embedder's order
+    keep     everything (flags only)
+    relabel  as filter, then re-assign the negatives to levels by the reference embedder's similarity
+             (neg_1 = least similar): the curriculum then follows the embedder's ranking, not the
+             LLM's grading; the ablation's "reference_levels" arm
+
+Level order agreement is measured and reported under every policy; only `drop` acts on it (a
+small embedder disagreeing with the LLM's grading is not evidence that the grading is wrong).
 
 Similarities are computed once, when a record is written (`Scorer`, a load-once Ray Data stage);
 flags and the policy are applied when records are read (`gate`), so thresholds and policy can change
@@ -44,7 +53,7 @@ class QualityConfig(Section):
     """Reference embedder, thresholds and policy of the quality gate."""
 
     embedder: str = "minilm"  # assets.model_path name, a local sentence-transformers folder or a hub id
-    policy: Literal["keep", "drop", "relabel"] = "relabel"
+    policy: Literal["filter", "drop", "keep", "relabel"] = "filter"  # see the module docstring
     fn_ratio: float = 0.95  # a negative scoring >= 95% of the positive's similarity is a probable positive
     copy_sim: float = 0.95  # a negative this similar to the positive is a copy of it
     batch_size: int = 64
@@ -136,7 +145,8 @@ def flags(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
 def gate(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
     """`df` plus flags, `passed`, and the training negatives neg_1..neg_4 chosen by `cfg.policy`.
 
-    `levels_from` says which written level each neg_k came from (e.g. "2,1,3,4" after relabelling).
+    `levels_from` says which written level each neg_k came from ("1,2,3,4" unless relabelled, e.g.
+    "2,1,3,4"). Only `relabel` moves a negative off the level the LLM wrote it for.
     """
     if df.empty:
         return df.assign(**{c: pd.Series(dtype=object) for c in NEG_COLS},
@@ -156,7 +166,7 @@ def gate(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
         out["passed"] = True
     elif cfg.policy == "drop":
         out["passed"] = f["ordered"] & (f["n_false_negatives"] == 0)
-    else:
+    else:  # filter, relabel: only what the gate flags goes
         out["passed"] = f["n_false_negatives"] == 0
     return out
 

@@ -1,11 +1,13 @@
-"""Mined-negative baseline: band picking with false-negative skipping, and a real MiniLM run."""
+"""Mined-negative baseline: band picking with false-negative skipping on hand-built similarities, and a
+real MiniLM run checked against an independent ranking, with planted false negatives and chunking."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from mgh_ray import corpora, mining, synthesis
+from mgh_ray import corpora, mining
 from mgh_ray.quality import NEG_COLS
 
 BANDS = [(6, 8), (4, 6), (2, 4), (0, 2)]
@@ -39,24 +41,81 @@ def test_config_needs_four_bands():
         mining.MiningConfig(bands=[(0, 2)])
 
 
+def test_random_pick_stays_inside_each_band_and_never_repeats_a_candidate():
+    # a hand-built similarity row: the own positive (index 0) scores 1.0, candidate i scores 0.9 - i/100
+    n = 40
+    sims_q = 0.9 - np.arange(n) / 100
+    sims_q[0] = 1.0
+    sims_p = np.zeros(n)
+    cfg = mining.MiningConfig(bands=[(20, 30), (10, 25), (3, 12), (0, 4)], pick="random")
+    ranks = {lv: set() for lv in range(4)}
+    for seed in range(200):
+        chosen, why = mining.pick_negatives(sims_q, sims_p, 0, cfg, np.random.default_rng(seed),
+                                            np.zeros(n, dtype=bool))
+        assert why == "" and len(set(chosen)) == 4  # overlapping bands never give one text twice
+        for lv, c in enumerate(chosen):
+            ranks[lv].add(c - 1)  # every candidate but the own positive is valid: rank = i - 1
+    for lv, (start, end) in enumerate(cfg.bands):
+        assert ranks[lv] <= set(range(start, end))
+        assert len(ranks[lv]) >= (end - start) // 2  # it does draw across the band, not its first item
+
+
+def test_pick_skips_a_corpus_text_equal_to_the_positive_even_when_it_scores_low():
+    sims_q = np.array([0.9, 0.2, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.22])
+    same = np.zeros(10, dtype=bool)
+    same[2] = True  # the same text as the positive under another seed (a duplicate article)
+    cfg = mining.MiningConfig(bands=[(3, 4), (2, 3), (1, 2), (0, 1)], pick="top")
+    chosen, why = mining.pick_negatives(sims_q, np.zeros(10), 0, cfg, np.random.default_rng(0), same)
+    assert why == "" and chosen == [6, 5, 4, 3]
+
+
+def _seeds_with_planted_copies(n: int = 80):
+    """The first `n` seeds plus two planted false negatives of seed 0 under other ids: its positive
+    verbatim, and its positive with one word changed. Neither may ever be mined as seed 0's negative."""
+    seeds = corpora.table("seeds").head(n)[["id", "query", "positive"]].reset_index(drop=True)
+    positive = seeds.loc[0, "positive"]
+    words = positive.split()
+    near = " ".join(words[:-1] + ["(" + words[-1] + ")"])  # a near-copy, one token changed
+    planted = pd.DataFrame([
+        {"id": "planted-copy", "query": "Gardening tips for a rainy spring", "positive": positive},
+        {"id": "planted-near", "query": "Recipes for a quick weekday dinner", "positive": near}])
+    return pd.concat([seeds, planted], ignore_index=True), positive, near
+
+
 @pytest.mark.integration
-def test_mine_writes_graded_records_that_read_like_synthesis(tmp_path, minilm_path):
-    seeds = corpora.table("seeds").head(80)
+def test_mine_skips_planted_false_negatives_and_picks_the_ranks_an_independent_ranking_gives(tmp_path,
+                                                                                          minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    seeds, positive, near = _seeds_with_planted_copies()
     path = tmp_path / "seeds.parquet"
     seeds.to_parquet(path)
-    cfg = mining.MiningConfig(seeds=str(path), num_seeds=12, bands=[(40, 60), (15, 40), (4, 15), (0, 4)])
+    bands = [(40, 60), (15, 40), (4, 15), (0, 4)]
+    cfg = mining.MiningConfig(seeds=str(path), num_seeds=12, bands=bands, pick="top", chunk_size=5)
     report = mining.mine(cfg, tmp_path / "mined")
-    assert report["written"] + report["failed"] == 12 and report["written"] == 12
-    q = report["quality"]
-    assert q["fully_ordered_rate"] == 1.0 and q["false_negative_rate"] == 0.0
-    df = mining.read_records(tmp_path / "mined")
-    assert df.equals(synthesis.read_records(tmp_path / "mined"))
-    assert list(df.columns[:8]) == ["id", "query", "positive", *NEG_COLS, "instruction"]
-    assert len(df) == 12 and df["id"].is_unique
-    corpus = set(seeds["positive"])
-    for row in df.itertuples():
-        negs = [getattr(row, c) for c in NEG_COLS]
-        assert set(negs) <= corpus and row.positive not in negs and len(set(negs)) == 4
-    again = mining.mine(cfg, tmp_path / "mined")  # deterministic: same seed, same picks
-    assert again["written"] == 12
-    assert synthesis.read_records(tmp_path / "mined")[list(NEG_COLS)].equals(df[list(NEG_COLS)])
+    assert report["written"] == 12 and report["failed"] == 0
+    df = mining.read_records(tmp_path / "mined").set_index("query")
+    corpus = seeds["positive"].tolist()
+
+    # an independent ranking with the same model: all corpus texts, own positive and copies removed
+    st = SentenceTransformer(str(minilm_path), device="cpu")
+    docs = st.encode(corpus, normalize_embeddings=True)  # (82, dim)
+    assert float(docs[0] @ docs[-1]) >= cfg.dup_sim  # the near-copy is one by the config's own test
+    for i in range(12):
+        query = seeds.loc[i, "query"]
+        negs = [df.loc[query, c] for c in NEG_COLS]
+        q = st.encode([query], normalize_embeddings=True)[0]
+        sim_q, sim_p = docs @ q, docs @ docs[i]  # (82,), (82,)
+        own = corpus[i]
+        ok = [j for j in range(len(corpus)) if corpus[j] != own and sim_p[j] < cfg.dup_sim
+              and sim_q[j] < sim_q[i] - (1 - cfg.fn_ratio) * abs(sim_q[i])]
+        ranked = [corpus[j] for j in sorted(ok, key=lambda j: -sim_q[j])]
+        want = [ranked[a] for a, _ in bands]
+        assert negs == want, f"query {i}"  # pick "top": the first of each band, L1 .. L4
+        if i == 0:
+            assert positive not in negs and near not in negs
+    # query chunking changes nothing (query i's own positive is corpus row i in every chunk)
+    whole = mining.mine(cfg.model_copy(update={"chunk_size": 1024}), tmp_path / "whole")
+    assert whole["written"] == 12
+    again = mining.read_records(tmp_path / "whole").set_index("query")
+    assert again[list(NEG_COLS)].equals(df[list(NEG_COLS)])

@@ -42,6 +42,9 @@ def test_schedule_arms_map_to_training_settings():
             assert (cfg.train.curriculum.mode, cfg.train.curriculum.level) == ("single", int(arm[-1]))
         elif arm == "in_batch":
             assert not cfg.train.loss.hard_negatives
+        elif arm == "reference_levels":  # same schedule, records gated with the embedder's levels
+            assert cfg.train.curriculum.mode == "curriculum" and cfg.synthesis.quality.policy == "relabel"
+            assert tiny.synthesis.quality.policy == "filter"  # the default arms use the LLM's levels
         else:
             assert cfg.train.curriculum.mode == ("curriculum" if arm == "mined" else arm)
             assert cfg.train.loss.hard_negatives

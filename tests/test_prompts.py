@@ -76,6 +76,43 @@ def test_worked_example_is_a_valid_answer_and_v1_has_none(ps):
     assert v1.example is None and [m["role"] for m in P.augment_messages(v1, "q", "p")] == ["system", "user"]
 
 
+@pytest.mark.parametrize("version", ["mgh_v1", "mgh_v2", "mgh_v3"])
+def test_every_shipped_version_stays_loadable(version):
+    loaded = P.load(version)
+    assert loaded.version == version and sorted(loaded.levels) == [1, 2, 3, 4]
+    assert P.symmetric_kinds(version) == {"sts"}
+
+
+def _content_words(text: str) -> set[str]:
+    stop = {"the", "a", "an", "on", "of", "in", "near", "to", "that", "at", "and", "for", "find", "said"}
+    return {w.strip(".,'s").casefold() for w in text.split()} - stop
+
+
+def test_v3_worked_example_follows_the_level_definitions():
+    """mgh_v2's example contradicted its levels (L1 off-domain, L2 sharing no key term; L4's definition
+    without "condition"); mgh_v3 fixes that."""
+    v3 = P.load("mgh_v3")
+    assert "condition" in v3.levels[4] and "entities" in v3.levels[2]
+    ex = v3.example
+    query = _content_words(ex["query"])
+    assert len(query & _content_words(ex["L2"])) >= 3  # L2 shares the key terms (moon, south, pole)
+    assert not query & _content_words(ex["L1"])  # L1: same broad domain, none of the query's terms
+    assert "space" in ex["L1"].casefold() or "planet" in ex["L1"].casefold()  # ... but still space science
+    v2 = P.load("mgh_v2").example
+    assert not query & _content_words(v2["L2"])  # the contradiction v3 was made to fix
+
+
+@pytest.mark.integration
+def test_v3_worked_example_is_ordered_by_the_reference_embedder(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    ex = P.load("mgh_v3").example
+    st = SentenceTransformer(str(minilm_path), device="cpu")
+    v = st.encode([ex["query"], *(ex[k] for k in P.LEVEL_KEYS), ex["positive"]], normalize_embeddings=True)
+    sims = (v[1:] @ v[0]).tolist()  # L1, L2, L3, L4, positive
+    assert sims == sorted(sims) and len(set(sims)) == 5, sims
+
+
 def test_load_rejects_a_bad_example_or_bounds(tmp_path):
     text = (P.resources.files("mgh_ray") / "prompts" / "mgh_v2.yaml").read_text()
     bad = tmp_path / "ex.yaml"

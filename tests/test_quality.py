@@ -44,8 +44,9 @@ def test_copy_of_positive_is_a_false_negative_by_text_or_by_similarity():
     assert f["n_false_negatives"].tolist() == [1, 1]
 
 
-@pytest.mark.parametrize("policy, passed", [("keep", [True, True, True]), ("drop", [True, False, False]),
-                                            ("relabel", [True, True, False])])
+@pytest.mark.parametrize("policy, passed", [
+    ("keep", [True, True, True]), ("drop", [True, False, False]),
+    ("filter", [True, True, False]), ("relabel", [True, True, False])])
 def test_policies(policy, passed):
     out = quality.gate(_rows([ORDERED, SWAPPED, ABOVE]), QualityConfig(policy=policy))
     assert out["passed"].tolist() == passed
@@ -55,8 +56,19 @@ def test_relabel_sorts_negatives_by_measured_similarity():
     out = quality.gate(_rows([SWAPPED]), QualityConfig(policy="relabel")).iloc[0]
     assert [out[c] for c in quality.NEG_COLS] == ["n3 of 0", "n2 of 0", "n1 of 0", "n4 of 0"]
     assert out["levels_from"] == "3,2,1,4"
-    kept = quality.gate(_rows([SWAPPED]), QualityConfig(policy="keep")).iloc[0]
-    assert [kept[c] for c in quality.NEG_COLS] == [f"n{k} of 0" for k in quality.LEVELS]
+    for policy in ("keep", "filter", "drop"):
+        kept = quality.gate(_rows([SWAPPED]), QualityConfig(policy=policy)).iloc[0]
+        assert [kept[c] for c in quality.NEG_COLS] == [f"n{k} of 0" for k in quality.LEVELS]
+        assert kept["levels_from"] == "1,2,3,4"
+
+
+def test_default_gate_keeps_the_llm_levels_and_drops_only_flagged_records():
+    """The LLM's grading is the curriculum: a record the embedder orders differently still trains with
+    its negatives on the levels they were written for; one with a false negative is dropped."""
+    assert QualityConfig().policy == "filter"
+    out = quality.gate(_rows([SWAPPED, ABOVE]), QualityConfig())
+    assert out["passed"].tolist() == [True, False]
+    assert [out.iloc[0][c] for c in quality.NEG_COLS] == [f"n{k} of 0" for k in quality.LEVELS]
 
 
 def test_summarize_rates():

@@ -188,7 +188,8 @@ def test_real_engine_run_on_s3_killed_then_resumed_keeps_every_row_once(tmp_path
     assert all(storage.read_bytes(f) == data for f, data in shards_before.items())  # earlier shards untouched
 
     assert report["seeds"] == 10 and report["missing"] == 0
-    assert report["written"] + report["failed"] == 10 and report["written"] >= 1
+    # 9 real seeds: a parser or prompt regression shows as failed rows (32-seed runs write 31 of 32)
+    assert report["written"] + report["failed"] == 10 and report["written"] >= 6, report["failed_by_reason"]
     assert report["failed_by_reason"].get("bad_seed") == 1
     assert set(report["failed_by_reason"]) <= ALLOWED_REASONS
     assert report["generated_tokens"] > 0 and report["quality"]["records"] == report["written"]
@@ -213,13 +214,25 @@ def test_real_engine_run_on_s3_killed_then_resumed_keeps_every_row_once(tmp_path
 
 @pytest.mark.integration
 def test_generate_mode_brainstorms_tasks_then_examples(tmp_path, ray_cluster, smollm2_path):
-    cfg = _tiny(mode="generate", num_seeds=2, kinds=["short-long", "sts"], max_tokens=160)
+    cfg = _tiny(mode="generate", num_seeds=4, kinds=["short-long", "sts"], max_tokens=160)
     report = synthesis.synthesize(cfg, str(tmp_path / "gen"))
-    assert report["seeds"] == 2 and report["written"] + report["failed"] == 2 and report["missing"] == 0
+    assert report["seeds"] == 4 and report["written"] + report["failed"] == 4 and report["missing"] == 0
     recs = records.to_pandas(str(tmp_path / "gen"), "records")
     failures = records.to_pandas(str(tmp_path / "gen"), "failures")
+    # the loop below must not be empty: a parser or prompt regression that fails every row fails here.
+    # Measured at these settings (sampling seeds fixed per row): 1 of 4 written, 2 duplicate, 1 truncated
+    assert len(recs) == report["written"] >= 1, failures.get("reason", pd.Series()).tolist()
     for rec in recs.itertuples():
         assert rec.kind in ("short-long", "sts") and rec.task and rec.instruction == rec.task
         assert rec.query and rec.positive and rec.mode == "generate"
+        negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
+        assert all(isinstance(n, str) and len(n.split()) >= prompts.MIN_NEGATIVE_WORDS for n in negatives)
+        assert len(set(negatives)) == 4  # the parser rejects repeated negatives
     assert set(failures.get("stage", [])) <= {"brainstorm", "generate"}
     assert set(failures.get("reason", [])) <= ALLOWED_REASONS
+    # the kind reaches the training reader, which puts the instruction on both sides of sts rows
+    from mgh_ray.training import symmetric_rows
+
+    df = synthesis.read_records(str(tmp_path / "gen"), policy="keep")
+    assert len(df) == len(recs)
+    assert (symmetric_rows(df) == (df["kind"] == "sts").to_numpy()).all()

@@ -1,14 +1,16 @@
 """The offline mteb tasks: layouts, seeded sizes, no overlap with training seeds, instruction policy,
-and every task scored by mteb's own evaluator on a small real model."""
+and every task scored by mteb's own evaluator on a small real model, far above what random vectors
+(a broken encoder) score on the same data."""
 
 from __future__ import annotations
 
+import hashlib
+
+import mteb
 import numpy as np
 import pytest
 
-mteb = pytest.importorskip("mteb")
-
-from mgh_ray import corpora, evaluation, tasks  # noqa: E402
+from mgh_ray import corpora, evaluation, tasks
 
 
 def _texts(task) -> set[str]:
@@ -129,8 +131,7 @@ def test_every_task_runs_through_mteb(minilm_encoder):
     assert set(scores) == set(tasks.NAMES)
     assert all(np.isfinite(v) for v in scores.values())
     # headlines find their article far above chance (1/20) even with a small general model
-    assert scores["BBCHeadlineRetrieval"] > 0.5
-    assert scores["MovieDialogReranking"] > 0.3  # chance MAP with 10 candidates is about 0.29
+    assert scores["BBCHeadlineRetrieval"] > 0.8
     # the clustering pitfall: every sampled document is embedded, not mteb's default 4%
     clustering = tasks.build("ReutersR8Clustering", max_rows=30)
     enc.calls.clear()
@@ -138,3 +139,35 @@ def test_every_task_runs_through_mteb(minilm_encoder):
                   show_progress_bar=False)
     assert sum(n for n, _ in enc.calls) == 30
     assert {i for _, i in enc.calls} == {clustering.metadata.prompt}
+
+
+class RandomVectors:
+    """A broken encoder: a fixed random unit vector per (instruction, text), unrelated to meaning."""
+
+    dim = 384
+
+    def encode(self, texts, *, instruction=None, batch_size=32):
+        out = []
+        for t in texts:
+            key = hashlib.blake2b(f"{instruction}|{t}".encode(), digest_size=8).digest()
+            v = np.random.default_rng(int.from_bytes(key, "little")).standard_normal(self.dim)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)
+
+
+# Bars a working small encoder clears on 60 rows per task (MiniLM, mean pooling, measured: BBC 0.97,
+# reranking 0.46, STS 0.48, TREC 0.65, Reuters 0.51) and random vectors do not (0.06-0.08, 0.28-0.29,
+# -0.05-0.05, 0.22-0.25, 0.27-0.33 over two seeds). SDGPairClassification is left out: at this size
+# MiniLM (0.58) does not beat random vectors (0.54), so the task cannot tell a broken encoder.
+BARS = {"BBCHeadlineRetrieval": 0.8, "MovieDialogReranking": 0.4, "LeeSTS": 0.35,
+        "TRECCoarseClassification": 0.5, "ReutersR8Clustering": 0.42}
+
+
+@pytest.mark.integration
+def test_scores_separate_a_real_encoder_from_random_vectors(minilm_encoder):
+    cfg = evaluation.EvalConfig(max_rows=60, tasks=list(BARS))
+    real = evaluation.score_in_process(cfg, minilm_encoder)
+    broken = evaluation.score_in_process(cfg, RandomVectors())
+    for name, bar in BARS.items():
+        assert broken[name] < bar < real[name], (name, broken[name], real[name])
+        assert real[name] - broken[name] > 0.1, name
