@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import typer
@@ -108,15 +107,17 @@ def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
           block: bool = typer.Option(True, help="stay up until Ctrl-C")) -> None:
     """Deploy the embedder on Ray Serve (/v1/embeddings) and check served == in-process vectors."""
     from mgh_ray import pipeline
+    from mgh_ray.serving import lifecycle
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
-    info = pipeline.serve(cfg, model, keep=block)
-    typer.echo(json.dumps(info, indent=1))
-    if block:
-        typer.echo(f"serving at {info['url']}/v1/embeddings; Ctrl-C to stop")
-    while block:
-        time.sleep(3600)
+    # Ctrl-C or SIGTERM at any point: delete what this command started, within seconds
+    with lifecycle.serving_until_signal(cfg.serve.app_name):
+        _ray(cfg)
+        info = pipeline.serve(cfg, model, keep=block)
+        typer.echo(json.dumps(info, indent=1))
+        if block:
+            typer.echo(f"serving at {info['url']}/v1/embeddings; Ctrl-C to stop")
+            lifecycle.block()
 
 
 @app.command()

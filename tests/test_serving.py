@@ -28,7 +28,7 @@ def minilm_dir(tmp_path_factory, minilm_path):
 def served(ray_cluster, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-serve", model_name="minilm", api_key_env=None,
                               max_inputs=8, max_chars=200, max_batch_size=8, batch_wait_timeout_s=0.05,
-                              num_cpus=1)
+                              num_cpus=1, truncation="error", body_timeout_s=15)
     url = serving.deploy(cfg, minilm_dir)
     yield cfg, url
     serving.undeploy(cfg.app_name)
