@@ -170,7 +170,7 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving | serving-peers")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
@@ -181,14 +181,19 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":
         table = training.run(cfg.train, out)
-    elif stage == "serving":
+    elif stage in ("serving", "serving-peers"):
         from mgh_ray import pipeline
+        from mgh_ray.benchmarks import serving_peers
 
         model = pipeline.trained_model(cfg)
         model = model if model.is_dir() else pipeline.base_model(cfg, Path(cfg.run_dir))
-        table = serving.run(cfg.serve, cfg.evaluate, model, out)
+        if stage == "serving":
+            table = serving.run(cfg.serve, cfg.evaluate, model, out)
+        else:
+            table = serving_peers.run(cfg.serve, model, out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training or serving", err=True)
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving or serving-peers",
+                   err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))
 

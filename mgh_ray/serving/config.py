@@ -48,10 +48,11 @@ class ServeConfig(Section):
     # clients that stall mid-body from occupying every slot
     max_ongoing_requests: int = Field(128, ge=1, le=10_000)
     max_batch_size: int = Field(32, ge=1, le=4096)  # texts per forward pass
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    # a lone client pays this wait on every request; under load texts gather while a pass runs anyway
+    batch_wait_timeout_s: float = Field(0.003, ge=0, le=10)
     # forward passes are split further so each holds at most this many tokens (padding included):
     # texts are sorted by length first, so short texts do not pay for long ones' padding
-    max_batch_tokens: int = Field(4096, ge=16)
+    max_batch_tokens: int = Field(1024, ge=16)
     max_inputs: int = Field(256, ge=1, le=100_000)  # texts per request
     max_chars: int | None = Field(None, ge=1)  # characters per text; None: max_length * CHARS_PER_TOKEN
     max_instruction_chars: int = Field(1024, ge=1)

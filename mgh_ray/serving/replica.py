@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -44,6 +44,15 @@ _BODY_SCHEMA = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/"
                                                                                     "{model}")}}}}
 _LARGE_BODY = 1 << 16  # bytes: JSON bodies above this decode in a worker thread
+
+
+def _render(vectors: np.ndarray, as_b64: bool, model: str, tokens: int) -> bytes:
+    """The response body (large ones are rendered in a worker thread, off the event loop)."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_b64(v) if as_b64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    body = {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -245,7 +254,7 @@ class Embedder:
         return JSONResponse({"object": "list", "data": [card]}, headers=self._headers())
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, openapi_extra=_BODY_SCHEMA)
-    async def embeddings(self, request: Request) -> JSONResponse:
+    async def embeddings(self, request: Request) -> Response:
         """Embed `input` (OpenAI's embeddings API, plus `instruction` for queries)."""
         t0 = time.perf_counter()
         status = 500
@@ -264,7 +273,7 @@ class Embedder:
             self.m_requests.inc(tags={"status": str(status)})
             self.m_latency.observe((time.perf_counter() - t0) * 1000)
 
-    async def _embeddings(self, request: Request) -> JSONResponse:
+    async def _embeddings(self, request: Request) -> Response:
         self._authorize(request)
         raw = await self._read_body(request)
         try:
@@ -274,15 +283,12 @@ class Embedder:
         req = parse_request(body, self.cfg, self.name, self.encoder.dim)
         texts, tokens, cut = await asyncio.to_thread(self._prepare, req)
         vectors = shorten(await self._encode(texts, req.instruction, tokens), req.dimensions)
-        as_b64 = req.encoding_format == "base64"
-        data = [{"object": "embedding", "index": i, "embedding": encode_b64(v) if as_b64 else v.tolist()}
-                for i, v in enumerate(vectors)]
         headers = self._headers()
         if cut:
             headers["X-Truncated-Inputs"] = ",".join(map(str, cut))
-        used = sum(tokens)
-        return JSONResponse({"object": "list", "data": data, "model": self.name,
-                             "usage": {"prompt_tokens": used, "total_tokens": used}}, headers=headers)
+        args = (vectors, req.encoding_format == "base64", self.name, sum(tokens))
+        body = await asyncio.to_thread(_render, *args) if len(vectors) > 16 else _render(*args)
+        return Response(body, media_type="application/json", headers=headers)
 
     # ------------------------------------------------------------ handle callers
 
