@@ -33,7 +33,7 @@ def minilm_dir(tmp_path_factory, minilm_path):
 def hostile(ray_cluster, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-hostile", route_prefix="/hostile", api_key_env=None,
                               max_inputs=96, max_batch_size=4, batch_wait_timeout_s=0.02, num_cpus=1,
-                              max_body_bytes=4096, body_timeout_s=8, max_ongoing_requests=64)
+                              max_body_bytes=65536, body_timeout_s=8, max_ongoing_requests=64)
     url = serving.deploy(cfg, minilm_dir)
     yield cfg, url
     serving.undeploy(cfg.app_name)
@@ -62,10 +62,10 @@ def test_a_lone_surrogate_fails_only_its_own_request(http):
 
 
 def _stall(url_port: int, path: str) -> socket.socket:
-    """A client that announces a 4000-byte body, sends 10 bytes of it, and stops."""
+    """A client that announces a 60 kB body, sends 10 bytes of it, and stops."""
     sock = socket.create_connection(("127.0.0.1", url_port), timeout=60)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: 4000\r\n\r\n".encode() + b'{"input": ')
+                 f"Content-Length: 60000\r\n\r\n".encode() + b'{"input": ')
     return sock
 
 
@@ -108,7 +108,8 @@ def test_a_small_request_is_not_held_behind_a_large_one(http):
     with cf.ThreadPoolExecutor(2) as pool:
         large = pool.submit(post, "large", big)
         deadline = time.monotonic() + 60
-        while handle.info.remote().result()["batches"] == before and time.monotonic() < deadline:
+        while handle.info.remote().result()["batches"] == before and not large.done():
+            assert time.monotonic() < deadline
             time.sleep(0.01)  # wait until the large request's first forward pass (of 24) has started
         small = pool.submit(post, "small", ["a small request"])
         assert small.result() == 200 and large.result() == 200
@@ -121,7 +122,7 @@ def test_body_over_the_limit_gets_413_and_the_replica_answers_the_same(http, hos
     over = b'{"input": "' + b"x" * (limit - 12) + b'"}'  # one byte over
     assert len(over) == limit + 1
     resp = _post_raw(http, over)
-    assert resp.status_code == 413 and "limit is 4096" in resp.json()["error"]["message"]
+    assert resp.status_code == 413 and f"limit is {limit}" in resp.json()["error"]["message"]
 
     def chunks():  # no Content-Length: the limit is enforced while reading
         yield b'{"input": "'
@@ -130,7 +131,7 @@ def test_body_over_the_limit_gets_413_and_the_replica_answers_the_same(http, hos
         yield b'"}'
 
     resp = http.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
-    assert resp.status_code == 413 and "passed 4096 bytes" in resp.json()["error"]["message"]
+    assert resp.status_code == 413 and f"passed {limit} bytes" in resp.json()["error"]["message"]
     after = http.post("/v1/embeddings", json={"input": "reference text"}).json()["data"][0]["embedding"]
     np.testing.assert_array_equal(np.array(before), np.array(after))
 

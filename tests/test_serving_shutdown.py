@@ -52,6 +52,7 @@ def test_serve_stops_on_signal_and_leaves_nothing(tmp_path, minilm_path, sig):
         took = time.monotonic() - t0
         out = proc.stdout.read()
         assert took < 20, f"took {took:.1f} s to stop\n{out[-3000:]}"  # was ~40 s after Ctrl-C
+        assert "stopped in" in out  # the clean-up ran (not a kill)
         gone, alive = psutil.wait_procs(spawned, timeout=15)
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, [(p.pid, p.name()) for p in alive]

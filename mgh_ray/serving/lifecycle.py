@@ -1,6 +1,6 @@
 """Keeping a deployment up until Ctrl-C or SIGTERM, then leaving nothing behind.
 
-`serving_until_signal` turns SIGTERM into the same KeyboardInterrupt as Ctrl-C, and on the way out
+`serving_until_signal` turns SIGTERM and SIGINT into KeyboardInterrupt, and on the way out
 deletes the app when the cluster is someone else's (it outlives us there) and disconnects; a local
 cluster this process started is shut down with every process it spawned, so no raylet, GCS or
 replica outlives `mgh-ray serve`.
@@ -34,13 +34,16 @@ def _started_here() -> bool:
 @contextlib.contextmanager
 def serving_until_signal(app_name: str) -> Iterator[None]:
     """Run the body; on Ctrl-C/SIGTERM (or when it ends) remove what it started, within seconds."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a process started in the background inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt on it
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
         log.info("stopping: interrupted")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        for sig in previous:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         t0 = time.monotonic()
         try:
             import ray
@@ -53,7 +56,8 @@ def serving_until_signal(app_name: str) -> Iterator[None]:
                         undeploy(app_name)
                 ray.shutdown()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         log.info("stopped in %.1f s", time.monotonic() - t0)
 
 
