@@ -48,6 +48,7 @@ class PeersConfig(Section):
     seconds_per_point: float = Field(10.0, gt=0, le=600)
     max_requests_per_client: int = Field(200, ge=1)
     threads: int = Field(2, ge=1)  # compute threads of every server
+    serve_threads: int | None = Field(None, ge=1)  # torch threads of the mgh replicas; None: threads
     vllm_port: int = Field(18811, ge=1, le=65535)
     serve_port: int = Field(18812, ge=1, le=65535)
     startup_timeout_s: float = Field(600.0, gt=0)
@@ -216,7 +217,8 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
                 packing = {"max_batch_tokens": 1 << 30} if server.endswith("-unpacked") else {}
                 cfg = serve_cfg.model_copy(update={**packing,
                     "app_name": f"peers-{server}", "route_prefix": f"/peers-{server}", "num_replicas": 1,
-                    "autoscaling": None, "num_cpus": float(bench.threads), "torch_threads": bench.threads,
+                    "autoscaling": None, "num_cpus": float(bench.threads),
+                    "torch_threads": bench.serve_threads or bench.threads,
                     "max_inputs": max(256, max(bench.texts_per_request))})
                 url = serving.deploy(cfg, mean_dir if pool == "mean" else ata_dir)
                 model = None

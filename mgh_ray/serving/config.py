@@ -69,6 +69,7 @@ class ServeConfig(Section):
     health_check_timeout_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
     deploy_timeout_s: float = Field(300.0, gt=0)
+    access_log: bool = False  # Serve's per-request log line in each replica (costs CPU on every request)
 
     @property
     def threads(self) -> int:
