@@ -8,7 +8,8 @@ requests. Servers:
   the merged (LoRA folded in) export of the encoder folder, float32, `threads` OMP threads;
 - `mgh-ray serve` on the same weights with mean pooling, and with the folder's ATA pooling, one
   replica of `threads` torch threads;
-- in-process `Encoder.encode` (mean, batch `max_batch_size`, `threads` threads) as a floor reference.
+- in-process `Encoder.encode` (mean, `threads` threads), one call per request's texts (what the model
+  alone costs at that request size: the ratio's baseline) and in batches of `max_batch_size`.
 Vectors of each server are compared with in-process `Encoder` vectors (min cosine). The table
 (texts/s, and ratios to vLLM and to in-process) goes to the log and out_dir/benchmark_serving_peers.*.
 
@@ -201,9 +202,17 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
         mean_enc = Encoder.load(mean_dir)
         ref = {"mean": mean_enc.encode(texts[:64]), "ata": Encoder.load(ata_dir).encode(texts[:64])}
         mean_enc.encode(texts[:32], batch_size=serve_cfg.max_batch_size)  # warm-up
+        # in-process, one call per request's worth of texts: what a server adds on top of the model
+        in_process: dict[int, float] = {}
+        for k in bench.texts_per_request:
+            part = texts[: max(64, 8 * k)]
+            t0 = time.perf_counter()
+            for start in range(0, len(part), k):
+                mean_enc.encode(part[start:start + k], batch_size=k)
+            in_process[k] = len(part) / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         mean_enc.encode(texts, batch_size=serve_cfg.max_batch_size)
-        in_process = len(texts) / (time.perf_counter() - t0)
+        in_process_batched = len(texts) / (time.perf_counter() - t0)
         merged = mean_enc.export(tmp / "export") / "merged"
         del mean_enc
         for server in bench.servers:
@@ -247,10 +256,12 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
             rows[f"{server} / vllm-mean"] = table.loc[server, cols] / table.loc["vllm-mean", cols]
     if {"mgh-ata", "mgh-mean"} <= set(table.index):  # the goal: ATA within 10% of mean
         rows["mgh-ata / mgh-mean"] = table.loc["mgh-ata", cols] / table.loc["mgh-mean", cols]
+    local = pd.Series({f"{c}x{k}": in_process[k] for c, k in points})
     for server in table.index:
-        rows[f"{server} / in-process"] = table.loc[server, cols] / in_process
+        rows[f"{server} / in-process"] = table.loc[server, cols] / local
     ratios = pd.DataFrame(rows).T
-    table.loc[f"in-process Encoder.encode (mean, batch {serve_cfg.max_batch_size})", cols] = in_process
+    table.loc["in-process Encoder.encode (mean, one call per request)", cols] = local
+    table.loc[f"in-process Encoder.encode (mean, batch {serve_cfg.max_batch_size})", cols] = in_process_batched
     _save(table, ratios, out_dir, {"bench": bench.model_dump(), "serve": serve_cfg.model_dump(mode="json"),
                                    "model_dir": str(model_dir), "cpus": os.cpu_count(), "raw": raw})
     return pd.concat([table, ratios])
