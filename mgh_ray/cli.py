@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import typer
@@ -112,15 +111,17 @@ def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
           block: bool = typer.Option(True, help="stay up until Ctrl-C")) -> None:
     """Deploy the embedder on Ray Serve (/v1/embeddings) and check served == in-process vectors."""
     from mgh_ray import pipeline
+    from mgh_ray.serving import lifecycle
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
-    info = pipeline.serve(cfg, model, keep=block)
-    typer.echo(json.dumps(info, indent=1))
-    if block:
-        typer.echo(f"serving at {info['url']}/v1/embeddings; Ctrl-C to stop")
-    while block:
-        time.sleep(3600)
+    # Ctrl-C or SIGTERM at any point: delete what this command started, within seconds
+    with lifecycle.serving_until_signal(cfg.serve.app_name):
+        _ray(cfg)
+        info = pipeline.serve(cfg, model, keep=block)
+        typer.echo(json.dumps(info, indent=1))
+        if block:
+            typer.echo(f"serving at {info['url']}/v1/embeddings; Ctrl-C to stop")
+            lifecycle.block()
 
 
 @app.command()
@@ -173,8 +174,8 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis",
-                                        help="synthesis | training | serving | pooling | dataplane")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving | serving-peers | "
+                                                                      "pooling | dataplane")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
@@ -190,18 +191,23 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":
         table = training.run(cfg.train, out)
-    elif stage == "serving":
+    elif stage in ("serving", "serving-peers"):
         from mgh_ray import pipeline
+        from mgh_ray.benchmarks import serving_peers
 
         model = pipeline.trained_model(cfg)
         model = model if storage.is_dir(model) else pipeline.base_model(cfg)
-        table = serving.run(cfg.serve, cfg.evaluate, model, out)
+        if stage == "serving":
+            table = serving.run(cfg.serve, cfg.evaluate, model, out)
+        else:
+            table = serving_peers.run(cfg.serve, model, out)
     elif stage == "dataplane":
         from mgh_ray.benchmarks import dataplane
 
         table = dataplane.run(out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, pooling or dataplane",
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, serving-peers, pooling "
+                   "or dataplane",
                    err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))

@@ -121,11 +121,13 @@ def save(cfg: BaseModel, path: str | Path) -> Path:
     return path
 
 
-def module_args(cls: type[T], argv: list[str], module: str) -> tuple[T, Path]:
-    """`python -m <module> [config.yaml] OUT_DIR [key=value ...]` -> (config, OUT_DIR); logs to stderr."""
+def module_args(cls: type[T], argv: list[str], module: str) -> tuple[T, str]:
+    """`python -m <module> [config.yaml] OUT_DIR [key=value ...]` -> (config, OUT_DIR); logs to stderr.
+
+    OUT_DIR stays a string: it may be a URI (`Path("s3://b/x")` would make it the local `s3:/b/x`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     rest = argv[1:] if path else argv
     if not rest:
         raise SystemExit(f"usage: python -m {module} [config.yaml] OUT_DIR [key=value ...]")
-    return load(cls, path, rest[1:]), Path(rest[0])
+    return load(cls, path, rest[1:]), rest[0]

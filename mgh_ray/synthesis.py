@@ -285,7 +285,9 @@ def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
                                   fn_kwargs={"cfg": cfg.model_dump(mode="json"), "version": ps.version})
             log.warning("%d seed(s) recorded as failures (bad_seed)", n_bad)
         else:
-            ds = _generated(cfg, part)
+            # one block per actor call: blocks of `batch_size` rows are what lets an engine actor hold
+            # `max_concurrent_batches` calls in flight (one big block would be one sequential call)
+            ds = _generated(cfg, part.repartition(target_num_rows_per_block=cfg.batch_size))
         ds.write_datasink(sink)
         for k in ("written", "failed", "gen_tokens", "retries"):
             run[k] += sink.totals.get(k, 0)

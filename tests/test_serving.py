@@ -28,7 +28,7 @@ def minilm_dir(tmp_path_factory, minilm_path):
 def served(ray_cluster, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-serve", model_name="minilm", api_key_env=None,
                               max_inputs=8, max_chars=200, max_batch_size=8, batch_wait_timeout_s=0.05,
-                              num_cpus=1)
+                              num_cpus=1, truncation="error", body_timeout_s=15)
     url = serving.deploy(cfg, minilm_dir)
     yield cfg, url
     serving.undeploy(cfg.app_name)
@@ -100,6 +100,18 @@ def test_public_host_without_key_is_refused(tmp_path, monkeypatch):
     cfg = serving.ServeConfig(host="0.0.0.0")
     with pytest.raises(PermissionError, match="API key"):
         serving.start_app(cfg, tmp_path, "never", "/never")
+    with pytest.raises(PermissionError, match="API key"):  # `serve run` / config files refuse too
+        serving.build_app({"model_dir": str(tmp_path), "host": "0.0.0.0"})
+    monkeypatch.setenv("MGH_RAY_API_KEY", "k")
+    assert serving.build_app({"model_dir": str(tmp_path), "host": "0.0.0.0"}) is not None
+
+
+def test_typed_builder_and_character_limit_from_tokens():
+    import inspect
+
+    assert inspect.signature(serving.build_app).parameters["args"].annotation is serving.ServeArgs
+    assert serving.ServeConfig().chars_limit(128) == 128 * 32 and serving.ServeConfig(max_chars=9).chars_limit(128) == 9
+    assert serving.ServeConfig().truncation == "truncate"
 
 
 def test_dimensions_keep_a_prefix_and_renormalise():
@@ -151,6 +163,8 @@ def test_models_and_health(http):
     assert http.get("/health").json()["status"] == "ok"
     models = http.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["minilm"] and models[0]["dim"] == 384 and models[0]["revision"]
+    card = models[0]
+    assert (card["pooling"], card["device"], card["dtype"], card["torch_threads"]) == ("mean", "cpu", "float32", 1)
 
 
 BAD = [
@@ -165,6 +179,11 @@ BAD = [
     ({"input": "x" * 201}, 413, "201 characters; the limit is 200"),
     ({"input": "hello", "model": "text-embedding-3-small"}, 404, "not served here"),
     ({"input": "hello", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "hello", "encoding_format": 0}, 400, "not 0"),
+    ({"input": "hello", "encoding_format": False}, 400, "not False"),
+    ({"input": "hello", "encoding_format": {}}, 400, "not {}"),
+    ({"input": "a," * 99}, 413, "tokens; the model reads at most 128"),
+    ({"input": "hello", "instruction": "x" * 1025}, 400, "at most 1024"),
     ({"input": "hello", "dimensions": 385}, 400, "1..384"),
     ({"input": "hello", "dimensions": True}, 400, "dimensions"),
     ({"input": "hello", "instruction": ""}, 400, "instruction"),
@@ -255,19 +274,49 @@ def test_api_key_and_truncation_policy(served, minilm_dir, monkeypatch):
         serving.undeploy("test-guarded")
 
 
-@pytest.mark.integration
-def test_smollm2_ata_parity(served, tmp_path_factory, smollm2_path):
+def _perturbed_smollm2(folder, mode: str):
+    """A SmolLM2 encoder whose LoRA B matrices are not zero, so the adapter changes every vector."""
+    import torch
+
     from mgh_ray.encoder import Encoder, EncoderConfig
     from mgh_ray.pooling import PoolingConfig
 
-    folder = tmp_path_factory.mktemp("serve") / "smollm2-ata"
-    Encoder.from_config(EncoderConfig(backbone="smollm2", pooling=PoolingConfig(mode="ata"))).save(folder)
-    cfg = served[0].model_copy(update={"app_name": "test-ata", "route_prefix": "/ata", "model_name": None})
+    enc = Encoder.from_config(EncoderConfig(backbone="smollm2", max_length=32, pooling=PoolingConfig(mode=mode)))
+    plain = enc.encode(["Kenya wins the marathon"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    assert float(np.sum(plain * enc.encode(["Kenya wins the marathon"]))) < 0.999  # the adapter matters
+    return enc.save(folder)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["ata", "mean"])
+def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smollm2_path, mode):
+    from mgh_ray.encoder import Encoder
+
+    folder = _perturbed_smollm2(tmp_path_factory.mktemp("serve") / f"smollm2-{mode}", mode)
+    cfg = served[0].model_copy(update={"app_name": f"test-{mode}", "route_prefix": f"/{mode}",
+                                       "model_name": None, "truncation": "truncate", "max_chars": None,
+                                       "max_inputs": 8})
     url = serving.deploy(cfg, folder)
     try:
         resp = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=120, trust_env=False)
-        assert resp.headers["x-pooling"] == "ata" and resp.json()["model"] == "smollm2-ata"
-        texts = ["Kenya wins the marathon", "Oil prices fall sharply in Asian trading", "Short"]
+        assert resp.headers["x-pooling"] == mode and resp.json()["model"] == f"smollm2-{mode}"
+        card = httpx.get(f"{url}/v1/models", timeout=60, trust_env=False).json()["data"][0]
+        assert (card["pooling"], card["dtype"], card["device"], card["max_length"]) == (mode, "float32", "cpu", 32)
+        long = "The central bank raised interest rates again on Thursday, citing inflation. " * 6
+        texts = ["Kenya wins the marathon", "Oil prices fall sharply in Asian trading", "Short", long]
         assert serving.check_parity(cfg, folder, texts) >= 0.9999
+        # past max_length tokens the text is cut, as in-process encode cuts it, and the header says so
+        resp = httpx.post(f"{url}/v1/embeddings", json={"input": ["Short", long], "encoding_format": "base64"},
+                          timeout=120, trust_env=False)
+        assert resp.status_code == 200 and resp.headers["x-truncated-inputs"] == "1"
+        assert resp.json()["usage"]["prompt_tokens"] <= 32 + 32
+        served_vec = serving.decode_b64(resp.json()["data"][1]["embedding"])
+        local = Encoder.load(folder).encode([long])[0]
+        assert float(served_vec @ local) >= 0.9999
     finally:
-        serving.undeploy("test-ata")
+        serving.undeploy(f"test-{mode}")

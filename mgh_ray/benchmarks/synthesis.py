@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from mgh_ray import assets, config, prompts, synthesis
+from mgh_ray.seeds import read_seeds
 from mgh_ray.synthesis import SynthesisConfig
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,11 @@ def run(cfg: SynthesisConfig, out_dir: Path, baseline_rows: int = 8) -> pd.DataF
         cfg = cfg.model_copy(update={"mode": "augment"})
     pipe_dir = out_dir / "pipeline"
     shutil.rmtree(pipe_dir, ignore_errors=True)  # a fresh run, never a resumed one
-    report = synthesis.synthesize(cfg, pipe_dir)
+    report = synthesis.synthesize(cfg, str(pipe_dir))
     run_ = report["this_run"]
 
     ps = prompts.load(cfg.prompt_version)
-    seeds = synthesis.read_seeds(cfg.seeds, cfg.num_seeds)[0].head(baseline_rows)
+    seeds = read_seeds(cfg.seeds, cfg.num_seeds)[0].head(baseline_rows)
     messages = [prompts.augment_messages(ps, q, p, cfg.max_input_chars)
                 for q, p in zip(seeds["query"], seeds["positive"])]
     base = transformers_loop(cfg, messages)

@@ -1,0 +1,287 @@
+"""Peer benchmark: `mgh-ray serve` (mean and ATA) against vLLM's own pooling server, same weights.
+
+One server at a time on this machine, loopback only, the same texts (BBC sentences of 13-64 tokens)
+and the same closed-loop clients: for each of clients x texts-per-request, every client sends its next
+request when the last returned, for `seconds_per_point` seconds or `max_requests_per_client`
+requests. Servers:
+- vLLM's OpenAI server from this venv with `--runner pooling --convert embed` and MEAN pooling on
+  the merged (LoRA folded in) export of the encoder folder, float32, `threads` OMP threads;
+- `mgh-ray serve` on the same weights with mean pooling, and with the folder's ATA pooling, one
+  replica of `threads` torch threads;
+- in-process `Encoder.encode` (mean, `threads` threads), one call per request's texts (what the model
+  alone costs at that request size: the ratio's baseline) and in batches of `max_batch_size`.
+Vectors of each server are compared with in-process `Encoder` vectors (min cosine). The table
+(texts/s, and ratios to vLLM and to in-process) goes to the log and out_dir/benchmark_serving_peers.*.
+
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage serving-peers
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from mgh_ray.config import Section
+from mgh_ray.serving import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class PeersConfig(Section):
+    clients: list[int] = [1, 4, 16]
+    texts_per_request: list[int] = [1, 16]
+    num_texts: int = Field(512, ge=16, le=100_000)
+    min_tokens: int = Field(13, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    seconds_per_point: float = Field(10.0, gt=0, le=600)
+    max_requests_per_client: int = Field(200, ge=1)
+    threads: int = Field(2, ge=1)  # compute threads of every server
+    serve_threads: int | None = Field(None, ge=1)  # torch threads of the mgh replicas; None: threads
+    vllm_port: int = Field(18811, ge=1, le=65535)
+    serve_port: int = Field(18812, ge=1, le=65535)
+    startup_timeout_s: float = Field(600.0, gt=0)
+    # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing), the before
+    servers: list[str] = ["vllm-mean", "mgh-mean", "mgh-ata", "mgh-mean-unpacked"]
+
+
+def sentences(model_dir: Path, cfg: PeersConfig) -> list[str]:
+    """`num_texts` BBC sentences whose token counts lie in [min_tokens, max_tokens] (deterministic)."""
+    from mgh_ray import corpora
+    from mgh_ray.encoder import Encoder
+
+    tok = Encoder.load(model_dir).tokenizer
+    out: list[str] = []
+    for body in corpora.table("bbc_eval").body:
+        for s in str(body).replace("\n", " ").split(". "):
+            s = s.strip()
+            if s and cfg.min_tokens <= len(tok(s)["input_ids"]) <= cfg.max_tokens:
+                out.append(s)
+                if len(out) == cfg.num_texts:
+                    return out
+    return out
+
+
+def load(url: str, model: str | None, texts: list[str], clients: int, k: int, cfg: PeersConfig,
+         api_key: str | None = None) -> dict[str, float]:
+    """Closed loop over OpenAI's embeddings API (JSON floats): texts/s and latency percentiles."""
+    import httpx
+
+    lat: list[float] = []
+    sent = [0] * clients
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.perf_counter() + cfg.seconds_per_point
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=120, trust_env=False, headers=headers) as http:
+            for r in range(cfg.max_requests_per_client):
+                if time.perf_counter() > deadline:
+                    break
+                start = (c * 7919 + r * k) % len(texts)
+                body = {"input": [texts[(start + j) % len(texts)] for j in range(k)]}
+                if model:
+                    body["model"] = model
+                t0 = time.perf_counter()
+                resp = http.post(f"{url}/v1/embeddings", json=body)
+                with lock:
+                    if resp.status_code != 200:
+                        errors[0] += 1
+                        continue
+                    lat.append(time.perf_counter() - t0)
+                sent[c] += k
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(lat or [float("nan")]) * 1000
+    return {"texts_per_s": sum(sent) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors[0], "wall_s": wall}
+
+
+def vectors(url: str, model: str | None, texts: list[str]) -> np.ndarray:
+    import httpx
+
+    body = {"input": texts, **({"model": model} if model else {})}
+    resp = httpx.post(f"{url}/v1/embeddings", json=body, timeout=300, trust_env=False)
+    resp.raise_for_status()
+    rows = sorted(resp.json()["data"], key=lambda d: d["index"])
+    return np.array([r["embedding"] for r in rows], dtype=np.float32)  # (n, dim)
+
+
+def with_pooling(model_dir: Path, mode: str, out: Path) -> Path:
+    """A copy of an encoder folder with another pooling mode (same weights)."""
+    from mgh_ray import config as config_io
+    from mgh_ray.encoder import CONFIG_FILE, EncoderConfig
+
+    cfg = config_io.load(EncoderConfig, model_dir / CONFIG_FILE)
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    config_io.save(cfg.model_copy(update={"pooling": cfg.pooling.model_copy(update={"mode": mode})}),
+                   out / CONFIG_FILE)
+    return out
+
+
+def start_vllm(merged: Path, cfg: PeersConfig, log_path: Path) -> subprocess.Popen:
+    """vLLM's OpenAI server in pooling mode (MEAN), float32, `threads` OMP threads, on loopback."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cfg.threads - 1}"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged),
+           "--served-model-name", "peer", "--runner", "pooling", "--convert", "embed",
+           "--pooler-config", '{"pooling_type":"MEAN"}', "--dtype", "float32", "--host", "127.0.0.1",
+           "--port", str(cfg.vllm_port), "--max-model-len", "512"]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _wait_up(f"http://127.0.0.1:{cfg.vllm_port}/health", proc, cfg.startup_timeout_s, log_path)
+    return proc
+
+
+def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited ({proc.returncode}); see {log_path}:\n"
+                               f"{log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"vLLM not up after {timeout_s:.0f} s; see {log_path}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConfig | None = None) -> pd.DataFrame:
+    """Every server in turn under every load point; returns (and saves) the texts/s table."""
+    import torch
+
+    from mgh_ray import serving
+    from mgh_ray.encoder import Encoder
+
+    bench = bench or PeersConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(model_dir)
+    texts = sentences(model_dir, bench)
+    points = [(c, k) for k in bench.texts_per_request for c in bench.clients]
+    results: dict[str, dict[str, float]] = {}
+    parity: dict[str, float] = {}
+    raw: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp = Path(tmp)
+        mean_dir = with_pooling(model_dir, "mean", tmp / "mean")
+        ata_dir = with_pooling(model_dir, "ata", tmp / "ata")
+        torch.set_num_threads(bench.threads)
+        mean_enc = Encoder.load(mean_dir)
+        ref = {"mean": mean_enc.encode(texts[:64]), "ata": Encoder.load(ata_dir).encode(texts[:64])}
+        mean_enc.encode(texts[:32], batch_size=serve_cfg.max_batch_size)  # warm-up
+        # in-process, one call per request's worth of texts: what a server adds on top of the model
+        in_process: dict[int, float] = {}
+        for k in bench.texts_per_request:
+            part = texts[: max(64, 8 * k)]
+            t0 = time.perf_counter()
+            for start in range(0, len(part), k):
+                mean_enc.encode(part[start:start + k], batch_size=k)
+            in_process[k] = len(part) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        mean_enc.encode(texts, batch_size=serve_cfg.max_batch_size)
+        in_process_batched = len(texts) / (time.perf_counter() - t0)
+        merged = mean_enc.export(tmp / "export") / "merged"
+        del mean_enc
+        for server in bench.servers:
+            log.info("serving-peers: %s", server)
+            proc = None
+            if server == "vllm-mean":
+                proc = start_vllm(merged, bench, out_dir / "vllm_server.log")
+                url, model, pool = f"http://127.0.0.1:{bench.vllm_port}", "peer", "mean"
+            else:
+                pool = server.removeprefix("mgh-").removesuffix("-unpacked")
+                packing = {"max_batch_tokens": 1 << 30} if server.endswith("-unpacked") else {}
+                cfg = serve_cfg.model_copy(update={**packing,
+                    "app_name": f"peers-{server}", "route_prefix": f"/peers-{server}", "num_replicas": 1,
+                    "autoscaling": None, "num_cpus": float(bench.threads),
+                    "torch_threads": bench.serve_threads or bench.threads,
+                    "max_inputs": max(256, max(bench.texts_per_request))})
+                url = serving.deploy(cfg, mean_dir if pool == "mean" else ata_dir)
+                model = None
+            try:
+                got = vectors(url, model, texts[:64])
+                parity[server] = float(np.min(np.sum(got * ref[pool], axis=1) /
+                                              np.linalg.norm(got, axis=1) / np.linalg.norm(ref[pool], axis=1)))
+                load(url, model, texts[:32], 4, 4, bench.model_copy(update={"seconds_per_point": 2}))  # warm
+                for c, k in points:
+                    r = load(url, model, texts, c, k, bench, serving.api_key(serve_cfg) if proc is None else None)
+                    results.setdefault(server, {})[f"{c}x{k}"] = r["texts_per_s"]
+                    raw[f"{server} {c}x{k}"] = r
+                    log.info("%s %d clients x %d texts: %.1f texts/s (p50 %.0f ms, errors %d)", server, c, k,
+                             r["texts_per_s"], r["p50_ms"], r["errors"])
+            finally:
+                if proc is not None:
+                    _stop(proc)
+                else:
+                    serving.undeploy(cfg.app_name)
+    cols = [f"{c}x{k}" for c, k in points]
+    table = pd.DataFrame(results).T[cols]
+    table["min cosine vs Encoder"] = pd.Series(parity)
+    rows = {}
+    if "vllm-mean" in table.index:
+        for server in table.index.drop("vllm-mean"):
+            rows[f"{server} / vllm-mean"] = table.loc[server, cols] / table.loc["vllm-mean", cols]
+    if {"mgh-ata", "mgh-mean"} <= set(table.index):  # the goal: ATA within 10% of mean
+        rows["mgh-ata / mgh-mean"] = table.loc["mgh-ata", cols] / table.loc["mgh-mean", cols]
+    local = pd.Series({f"{c}x{k}": in_process[k] for c, k in points})
+    for server in table.index:
+        rows[f"{server} / in-process"] = table.loc[server, cols] / local
+    ratios = pd.DataFrame(rows).T
+    table.loc["in-process Encoder.encode (mean, one call per request)", cols] = local
+    table.loc[f"in-process Encoder.encode (mean, batch {serve_cfg.max_batch_size})", cols] = in_process_batched
+    _save(table, ratios, out_dir, {"bench": bench.model_dump(), "serve": serve_cfg.model_dump(mode="json"),
+                                   "model_dir": str(model_dir), "cpus": os.cpu_count(), "raw": raw})
+    return pd.concat([table, ratios])
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """Rates with 2 decimals, cosines with 7 (0.9999999 and 0.99 must not both print as 1.00)."""
+    def cell(col: str, v: float) -> str:
+        return "" if pd.isna(v) else f"{v:.7f}" if "cosine" in col else f"{v:.2f}"
+
+    lines = ["| server | " + " | ".join(df.columns) + " |", "|---|" + "---:|" * len(df.columns)]
+    lines += [f"| {i} | " + " | ".join(cell(c, r[c]) for c in df.columns) + " |" for i, r in df.iterrows()]
+    return "\n".join(lines)
+
+
+def _save(table: pd.DataFrame, ratios: pd.DataFrame, out_dir: Path, meta: dict) -> None:
+    md = ("texts/s (clients x texts per request)\n\n" + _markdown(table)
+          + "\n\nratios\n\n" + _markdown(ratios))
+    (out_dir / "benchmark_serving_peers.md").write_text("# Serving peers benchmark\n\n" + md + "\n")
+    (out_dir / "benchmark_serving_peers.json").write_text(json.dumps(
+        {"table": table.reset_index().to_dict(orient="records"),
+         "ratios": ratios.reset_index().to_dict(orient="records"), **meta}, indent=1, default=str))
+    log.info("serving peers benchmark (%s):\n%s", out_dir, md)

@@ -1,0 +1,86 @@
+"""An HTTP client for the embeddings API, and the served-vs-in-process parity check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgh_ray.serving.config import ServeConfig, api_key
+from mgh_ray.serving.protocol import decode_b64
+
+log = logging.getLogger(__name__)
+
+PARITY_INSTRUCTION = "Given a news headline, retrieve the news article it belongs to"
+
+
+class EmbeddingClient:
+    """A small HTTP client for this API (thread-safe; used by parity, evaluation and the benchmark)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(headers=headers, timeout=timeout_s, trust_env=False,
+                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+    def _check(self, resp: Any) -> Any:
+        if resp.status_code != 200:
+            try:
+                message = resp.json()["error"]["message"]
+            except Exception:
+                message = resp.text[:300]
+            raise RuntimeError(f"{resp.request.method} {resp.request.url} -> {resp.status_code}: {message}")
+        return resp
+
+    def health(self) -> dict[str, Any]:
+        return self._check(self.http.get(f"{self.url}/health")).json()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get(f"{self.url}/v1/models")).json()["data"]
+
+    def embed(self, texts: list[str], instruction: str | None = None,
+              dimensions: int | None = None) -> tuple[np.ndarray, str]:
+        """Vectors (float32, exact via base64) for `texts`, and the replica that answered."""
+        body: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
+        if instruction is not None:
+            body["instruction"] = instruction
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        resp = self._check(self.http.post(f"{self.url}/v1/embeddings", json=body))
+        rows = sorted(resp.json()["data"], key=lambda d: d["index"])
+        return np.stack([decode_b64(r["embedding"]) for r in rows]), resp.headers.get("x-replica", "")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine of two (n, dim) arrays."""
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))  # (n,)
+    return float(cos.min())
+
+
+def check_parity(cfg: ServeConfig, model_dir: Path, texts: list[str], url: str | None = None) -> float:
+    """Min cosine between served and in-process vectors of `texts`, as documents and as queries."""
+    from mgh_ray.encoder import Encoder
+    from mgh_ray.serving.app import base_url
+
+    encoder = Encoder.load(model_dir)
+    worst = 1.0
+    with EmbeddingClient(url or base_url(cfg), api_key(cfg)) as client:
+        for instruction in (None, PARITY_INSTRUCTION):
+            local = encoder.encode(texts, instruction=instruction)
+            served, _ = client.embed(texts, instruction=instruction)
+            worst = min(worst, min_cosine(local, served))
+    log.info("parity of %d texts (documents and queries): min cosine %.6f", len(texts), worst)
+    return worst

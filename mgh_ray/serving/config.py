@@ -1,0 +1,106 @@
+"""How the embedder is served: `ServeConfig` (limits, batching, replicas, recovery) and the key rule.
+
+Limits a hostile or unlucky client meets, all per request unless said otherwise:
+- `max_body_bytes` bytes of body, checked from Content-Length and again while reading (413);
+- `body_timeout_s` seconds to send that body (408), so stalled uploads free their slot;
+- `max_inputs` texts, `max_instruction_chars` characters of instruction (400);
+- per text: `max_chars` characters (derived from the model's token limit when None) and the model's
+  `max_length` tokens; past either, `truncation="truncate"` cuts the text, `"error"` answers 413.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from mgh_ray.config import Section
+
+# A token of the tiny models' BPE/WordPiece vocabularies spans at most a few dozen characters; cutting
+# at this many characters per allowed token never removes a token the model would have read.
+CHARS_PER_TOKEN = 32
+
+
+class AutoscalingSection(Section):
+    """Serve autoscaling; when set on `ServeConfig`, it replaces `num_replicas`."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+
+class ServeConfig(Section):
+    """How the embedder is served. Defaults: one CPU replica on 127.0.0.1:8000."""
+
+    app_name: str = "mgh-embedder"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_name: str | None = None  # id in /v1/models and the `model` field; None: the folder's name
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSection | None = None
+    # in-flight requests per replica: cheap (texts wait in the batch queue), and a high bound keeps a few
+    # clients that stall mid-body from occupying every slot
+    max_ongoing_requests: int = Field(128, ge=1, le=10_000)
+    max_batch_size: int = Field(32, ge=1, le=4096)  # texts per forward pass
+    # a lone client pays this wait on every request; under load texts gather while a pass runs anyway
+    batch_wait_timeout_s: float = Field(0.003, ge=0, le=10)
+    # forward passes are split further so each holds at most this many tokens (padding included):
+    # texts are sorted by length first, so short texts do not pay for long ones' padding
+    max_batch_tokens: int = Field(1024, ge=16)
+    max_inputs: int = Field(256, ge=1, le=100_000)  # texts per request
+    max_chars: int | None = Field(None, ge=1)  # characters per text; None: max_length * CHARS_PER_TOKEN
+    max_instruction_chars: int = Field(1024, ge=1)
+    truncation: Literal["error", "truncate"] = "truncate"  # texts past max_chars or max_length tokens
+    max_body_bytes: int = Field(8 << 20, ge=1024)  # request body, checked before parsing
+    body_timeout_s: float = Field(10.0, gt=0, le=600)  # to receive a request body
+    api_key_env: str | None = "MGH_RAY_API_KEY"
+    allow_public_without_key: bool = False
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # None: num_cpus rounded, at least 1
+    # Serve's defaults are a 10 s period and 30 s timeout: a dead replica is noticed in seconds here
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
+    deploy_timeout_s: float = Field(300.0, gt=0)
+    access_log: bool = False  # Serve's per-request log line in each replica (costs CPU on every request)
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of one replica: torch_threads, else num_cpus rounded down, at least 1."""
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+    def chars_limit(self, max_length: int) -> int:
+        """Characters per text: `max_chars`, else derived from the encoder's token limit."""
+        return self.max_chars or max_length * CHARS_PER_TOKEN
+
+
+def api_key(cfg: ServeConfig) -> str | None:
+    """The API key from the env var named in `cfg` (None: no key, the endpoint is open)."""
+    return (os.environ.get(cfg.api_key_env) or None) if cfg.api_key_env else None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_public(cfg: ServeConfig, host: str, key: str | None) -> None:
+    """The rule every way of deploying follows: a non-loopback host needs a key (or an explicit opt-out)."""
+    if key is None and not is_loopback(host) and not cfg.allow_public_without_key:
+        raise PermissionError(f"refusing to serve on {host} without an API key: set the env var "
+                              f"{cfg.api_key_env}, use host=127.0.0.1, or set allow_public_without_key=true")

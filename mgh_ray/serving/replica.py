@@ -1,0 +1,310 @@
+"""The Serve replica: a FastAPI app (`@serve.ingress`) around one `Encoder`, with dynamic batching.
+
+Each replica loads the folder with `Encoder.load`, so serving runs the same tokenizer, pooling (ATA
+included) and normalisation as training and in-process `encode`. A request's texts enter
+`@serve.batch` one by one, at most `max_batch_size` at a time, so a large request is cut into
+batch-sized pieces that interleave with other clients' texts instead of holding them behind it.
+Tokenising, JSON decoding of large bodies and the model all run in worker threads: the event loop
+only moves bytes. A text that fails on its own gets its own error; it never fails a batch-mate.
+
+Imported only inside Ray (it imports Ray Serve at the top, as `@serve.ingress` needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
+
+from mgh_ray.serving.config import ServeConfig, check_public, hash_key, is_loopback
+from mgh_ray.serving.protocol import (EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList,
+                                      RequestError, encode_b64, model_revision, parse_request,
+                                      served_name, shorten)
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="mgh_ray embeddings", version="1",
+              description="OpenAI-compatible embeddings of one encoder folder (ATA pooling included).")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
+                                            for code in (400, 401, 403, 404, 408, 413, 500)}
+_BODY_SCHEMA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/"
+                                                                                    "{model}")}}}}
+_LARGE_BODY = 1 << 16  # bytes: JSON bodies above this decode in a worker thread
+
+
+def _render(vectors: np.ndarray, as_b64: bool, model: str, tokens: int) -> bytes:
+    """The response body (large ones are rendered in a worker thread, off the event loop)."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_b64(v) if as_b64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    body = {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.param)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own 404/405 (routes match whole paths) in our error shape."""
+    if exc.status_code == 404:
+        message = f"no route {request.url.path}; use POST /v1/embeddings, GET /v1/models or GET /health"
+    elif exc.status_code == 405:
+        message = f"{request.url.path} does not take {request.method}"
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, message)
+
+
+@serve.ingress(api)
+class Embedder:
+    """One replica: HTTP routes below, and `embed`/`info` for DeploymentHandle callers."""
+
+    def __init__(self, model_dir: str, settings: dict[str, Any], key_hash: str | None) -> None:
+        import torch
+
+        from mgh_ray.encoder import Encoder
+
+        self.cfg = ServeConfig.model_validate(settings)
+        self.key_hash = key_hash
+        self._check_http_host()
+        torch.set_num_threads(self.cfg.threads)
+        self.encoder = Encoder.load(model_dir)
+        self.name = served_name(self.cfg, model_dir)
+        self.revision = model_revision(model_dir)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.pooling = str(self.encoder.config.pooling.mode)
+        self.max_length = int(self.encoder.config.max_length)
+        self.max_chars = self.cfg.chars_limit(self.max_length)
+        param = next(self.encoder.parameters())
+        self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
+        self.batches, self.recent_batches = 0, deque(maxlen=256)  # sizes of the last forward passes
+        self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
+                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._run_batch)
+        self.m_requests = Counter("mgh_embed_requests", description="embedding requests by HTTP status",
+                                  tag_keys=("status",))
+        self.m_texts = Counter("mgh_embed_texts", description="texts embedded")
+        self.m_latency = Histogram("mgh_embed_request_latency_ms", description="request latency (ms)",
+                                   boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000])
+        self.m_batch = Histogram("mgh_embed_batch_size", description="texts per forward pass",
+                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+        log.info("replica %s serves %s (rev %s, dim %d, pooling %s, %s %s, %d threads)", self.replica,
+                 self.name, self.revision, self.encoder.dim, self.pooling, self.device, self.dtype,
+                 self.cfg.threads)
+
+    def _check_http_host(self) -> None:
+        """`serve run --host 0.0.0.0` or a config file's http_options bypass `deploy`: check here too."""
+        self.http_host = None
+        try:
+            from ray.serve.context import _get_global_client
+
+            self.http_host = _get_global_client().http_config.host
+        except Exception:  # no controller to ask: the per-request client check below still holds
+            log.warning("could not read Serve's HTTP host; non-loopback clients need the key")
+        if self.http_host is not None:
+            check_public(self.cfg, self.http_host, self.key_hash)
+
+    # ------------------------------------------------------------ batching
+
+    def _forward(self, items: list[tuple[str, str | None, int]]) -> list[np.ndarray | Exception]:
+        """Encode one batch: per instruction, texts sorted by tokens and packed into passes of at most
+        `max_batch_tokens` (padding included); a failing pass is retried text by text."""
+        out: list[np.ndarray | Exception | None] = [None] * len(items)
+        for instruction in dict.fromkeys(i for _, i, _ in items):
+            idx = sorted((k for k, it in enumerate(items) if it[1] == instruction), key=lambda k: -items[k][2])
+            start = 0
+            while start < len(idx):
+                stop = start + 1  # longest first: the pass is padded to its first text's length
+                while stop < len(idx) and (stop - start + 1) * items[idx[start]][2] <= self.cfg.max_batch_tokens:
+                    stop += 1
+                part = idx[start:stop]
+                try:
+                    vecs = self.encoder.encode([items[k][0] for k in part], instruction=instruction,
+                                               batch_size=len(part))  # (len(part), dim)
+                    for k, v in zip(part, vecs):
+                        out[k] = v
+                except Exception:  # find the text at fault; the others still get vectors
+                    log.exception("a forward pass of %d texts failed; retrying them one by one", len(part))
+                    for k in part:
+                        try:
+                            out[k] = self.encoder.encode([items[k][0]], instruction=instruction)[0]
+                        except Exception as exc:
+                            out[k] = exc
+                start = stop
+        return out  # type: ignore[return-value]
+
+    async def _run_batch(self, items: list[tuple[str, str | None, int]]) -> list[np.ndarray | Exception]:
+        self.batches += 1
+        self.recent_batches.append(len(items))
+        self.m_batch.observe(len(items))
+        return await asyncio.to_thread(self._forward, items)
+
+    async def _encode(self, texts: list[str], instruction: str | None, tokens: list[int]) -> np.ndarray:
+        """(n, dim) float32; submitted in batch-sized pieces so other requests interleave."""
+        rows: list[np.ndarray | Exception] = []
+        step = self.cfg.max_batch_size
+        for start in range(0, len(texts), step):
+            rows += await asyncio.gather(*(self._batched((t, instruction, n)) for t, n in
+                                           zip(texts[start:start + step], tokens[start:start + step])))
+        for i, row in enumerate(rows):
+            if isinstance(row, Exception):
+                raise RuntimeError(f"input[{i}] could not be embedded") from row
+        self.m_texts.inc(len(texts))
+        return np.stack(rows).astype(np.float32)  # (n, dim)
+
+    # ------------------------------------------------------------ limits
+
+    def _prepare(self, req: EmbeddingRequest) -> tuple[list[str], list[int], list[int]]:
+        """Apply the character and token limits (worker thread: it tokenises). Texts (cut where the policy
+        is truncate), tokens each will use, and the indices that were cut."""
+        texts, cut = list(req.input), []
+        for i, text in enumerate(texts):
+            if len(text) > self.max_chars:
+                if self.cfg.truncation == "error":
+                    raise RequestError(413, f"input[{i}] has {len(text)} characters; the limit is "
+                                            f"{self.max_chars} (truncation policy 'error': shorten it)", "input")
+                texts[i] = text[: self.max_chars]
+                cut.append(i)
+        formatted = self.encoder.format(texts, req.instruction)
+        lengths = [len(ids) for ids in self.encoder.tokenizer(formatted)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > self.max_length:
+                if self.cfg.truncation == "error":
+                    raise RequestError(413, f"input[{i}] has {n} tokens; the model reads at most {self.max_length}"
+                                            " (truncation policy 'error': shorten it)", "input")
+                if i not in cut:
+                    cut.append(i)
+        return texts, [min(n, self.max_length) for n in lengths], sorted(cut)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused past `max_body_bytes` (before reading it when Content-Length says so) or when
+        it takes longer than `body_timeout_s` to arrive."""
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise RequestError(413, f"the request body has {declared} bytes; the limit is {limit} "
+                                    "(send fewer or shorter texts per request)")
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"the request body passed {limit} bytes, the limit "
+                                            "(send fewer or shorter texts per request)")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.cfg.body_timeout_s:g} s"
+                               ) from None
+        return b"".join(chunks)
+
+    def _authorize(self, request: Request) -> None:
+        if self.key_hash is None:
+            client = request.client.host if request.client else None
+            public = client is not None and not is_loopback(client)
+            if public and not self.cfg.allow_public_without_key:
+                raise RequestError(403, "this endpoint has no API key and answers loopback clients only: "
+                                        f"set {self.cfg.api_key_env} on the server to open it")
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(hash_key(token.strip()), self.key_hash)):
+            raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    # ------------------------------------------------------------ routes
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Replica": self.replica, "X-Pooling": self.pooling}
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 when the replica is up (never needs the key)."""
+        return JSONResponse({"status": "ok", "model": self.name}, headers=self._headers())
+
+    @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models(self, request: Request) -> JSONResponse:
+        """The served model: revision (a fingerprint of the folder), pooling, device, dtype, threads."""
+        self._authorize(request)
+        card = {"id": self.name, "object": "model", "owned_by": "mgh_ray", "created": 0, **self.info()}
+        return JSONResponse({"object": "list", "data": [card]}, headers=self._headers())
+
+    @api.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, openapi_extra=_BODY_SCHEMA)
+    async def embeddings(self, request: Request) -> Response:
+        """Embed `input` (OpenAI's embeddings API, plus `instruction` for queries)."""
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp = await self._embeddings(request)
+            status = resp.status_code
+            return resp
+        except RequestError as exc:
+            status = exc.status
+            return _error(exc.status, exc.message, exc.param, self._headers())
+        except Exception:  # a bug or a model failure: 500 without internals, the replica stays up
+            ref = uuid.uuid4().hex[:12]
+            log.exception("embedding request %s failed", ref)
+            return _error(500, f"internal error (reference {ref} in the replica log)", None, self._headers())
+        finally:
+            self.m_requests.inc(tags={"status": str(status)})
+            self.m_latency.observe((time.perf_counter() - t0) * 1000)
+
+    async def _embeddings(self, request: Request) -> Response:
+        self._authorize(request)
+        raw = await self._read_body(request)
+        try:
+            body = await asyncio.to_thread(json.loads, raw) if len(raw) > _LARGE_BODY else json.loads(raw)
+        except ValueError:  # JSON syntax or undecodable bytes: the client's
+            raise RequestError(400, "the request body is not valid JSON") from None
+        req = parse_request(body, self.cfg, self.name, self.encoder.dim)
+        texts, tokens, cut = await asyncio.to_thread(self._prepare, req)
+        vectors = shorten(await self._encode(texts, req.instruction, tokens), req.dimensions)
+        headers = self._headers()
+        if cut:
+            headers["X-Truncated-Inputs"] = ",".join(map(str, cut))
+        args = (vectors, req.encoding_format == "base64", self.name, sum(tokens))
+        body = await asyncio.to_thread(_render, *args) if len(vectors) > 16 else _render(*args)
+        return Response(body, media_type="application/json", headers=headers)
+
+    # ------------------------------------------------------------ handle callers
+
+    async def embed(self, texts: list[str], instruction: str | None = None) -> dict[str, Any]:
+        """In-cluster entry (DeploymentHandle): same limits as HTTP, float32 vectors back."""
+        req = parse_request({"input": texts, "instruction": instruction}, self.cfg, self.name,
+                            self.encoder.dim)
+        texts, tokens, _ = await asyncio.to_thread(self._prepare, req)
+        return {"vectors": await self._encode(texts, req.instruction, tokens), "replica": self.replica}
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves and how, and its batching (forward passes so far, last 256 sizes)."""
+        import torch
+
+        return {"model": self.name, "revision": self.revision, "dim": self.encoder.dim,
+                "pooling": self.pooling, "device": self.device, "dtype": self.dtype,
+                "max_length": self.max_length, "replica": self.replica,
+                "torch_threads": torch.get_num_threads(), "batches": self.batches,
+                "recent_batches": list(self.recent_batches)}
