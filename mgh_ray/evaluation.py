@@ -255,7 +255,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
         else:
             if own_app:
                 app = f"eval-{name}"
-                serving.start_app(eval_serve_config(cfg, serve_cfg), Path(model), app, route_prefix=None)
+                serving.start_app(eval_serve_config(cfg, serve_cfg), str(model), app, route_prefix=None)
             from ray import serve
 
             info = serve.get_app_handle(app).info.remote().result()

@@ -34,8 +34,10 @@ def application(cfg: ServeConfig, model_dir: str | Path, key: str | None = None)
 
     from mgh_ray.serving.replica import Embedder
 
-    model_dir = Path(model_dir).resolve()
-    if not model_dir.is_dir():
+    from mgh_ray import storage
+
+    model_dir = storage.normalize(str(model_dir))  # a path or a URI: replicas load it where they land
+    if not storage.is_dir(model_dir):
         raise FileNotFoundError(f"model folder {model_dir} does not exist (train first, or pass "
                                 "model_dir=...)")
     opts: dict[str, Any] = {
@@ -127,7 +129,7 @@ def deploy(cfg: ServeConfig, model_dir: Path, name: str | None = None) -> str:
     from mgh_ray.serving.client import EmbeddingClient
 
     name = name or cfg.app_name
-    start_app(cfg, Path(model_dir), name, cfg.route_prefix)
+    start_app(cfg, model_dir, name, cfg.route_prefix)
     url = base_url(cfg)
     deadline = time.monotonic() + 60
     with EmbeddingClient(url, api_key(cfg)) as client:

@@ -206,7 +206,12 @@ def decode_b64(data: str) -> np.ndarray:
 
 
 def model_revision(model_dir: str | Path) -> str:
-    """A cheap content fingerprint of an encoder folder (small files whole, large ones by size and ends)."""
+    """A cheap content fingerprint of an encoder folder (small files whole, large ones by size and ends);
+    for a folder on object storage, the hash of its content manifest (storage.upload_dir writes it)."""
+    from mgh_ray import storage
+
+    if storage.is_uri(str(model_dir)):
+        return hashlib.sha256(storage.read_bytes(storage.join(str(model_dir), storage.MANIFEST))).hexdigest()[:12]
     h = hashlib.sha256()
     root = Path(model_dir)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -223,4 +228,6 @@ def model_revision(model_dir: str | Path) -> str:
 
 
 def served_name(cfg: ServeConfig, model_dir: str | Path) -> str:
-    return cfg.model_name or Path(model_dir).resolve().name
+    from mgh_ray import storage
+
+    return cfg.model_name or storage.normalize(str(model_dir)).rsplit("/", 1)[-1]
