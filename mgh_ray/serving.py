@@ -62,8 +62,8 @@ class AutoscalingSection(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 60.0
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
 
 
 class ServeConfig(Section):
@@ -86,8 +86,8 @@ class ServeConfig(Section):
     allow_public_without_key: bool = False
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    torch_threads: int | None = None  # None: num_cpus rounded, at least 1
-    deploy_timeout_s: float = 300.0
+    torch_threads: int | None = Field(None, ge=1)  # None: num_cpus rounded, at least 1
+    deploy_timeout_s: float = Field(300.0, gt=0)
 
     @property
     def threads(self) -> int:
