@@ -169,13 +169,18 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | training | serving | cluster")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
     out = Path(cfg.run_dir) / "benchmarks"
+    if stage == "cluster":  # starts its own clusters: no Ray in this process
+        from mgh_ray.benchmarks import cluster as cluster_bench
+
+        typer.echo(_table(cluster_bench.run(config_path, overrides or [], out)))
+        return
+    _ray(cfg)
     if stage == "synthesis":
         table = synthesis.run(cfg.synthesis, out)
     elif stage == "training":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -110,13 +111,19 @@ def _ray_cli() -> str:
 
 
 def _token(lc: LocalClusterConfig, env: dict[str, str]) -> str | None:
-    """The token clients must send (generated with `ray get-auth-token --generate` if missing)."""
+    """The token clients must send; made if missing (Ray's `ray get-auth-token --generate` for the default
+    path, which is the only one it writes)."""
     if lc.auth == "disabled":
         return None
-    path = Path(lc.token_path).expanduser() if lc.token_path else Path.home() / ".ray" / "auth_token"
-    if not path.is_file():
+    if lc.token_path is None:
         subprocess.run([_ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return (Path.home() / ".ray" / "auth_token").read_text().strip()
+    path = Path(lc.token_path).expanduser()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
     return path.read_text().strip()
 
 
@@ -205,21 +212,23 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def worker_nodes(cluster: LocalCluster) -> dict[str, int]:
-    """Alive worker nodes by node type, from the cluster's State API (no ray.init needed)."""
+def nodes(dashboard_url: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every node the cluster has had (dead ones too), from its State API; no ray.init needed.
+
+    Each: node_id, alive, head, kind (head / cpu_worker / gpu_worker), start_s and end_s (epoch s)."""
     import urllib.request
 
-    req = urllib.request.Request(f"{cluster.dashboard_url}/nodes?view=summary", headers=cluster.headers())
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        summary = json.load(resp)["data"]["summary"]
-    counts: dict[str, int] = {}
-    for node in summary:
-        raylet = node.get("raylet", {})
-        if raylet.get("state") != "ALIVE" or raylet.get("isHeadNode"):
-            continue
-        name = raylet.get("labels", {}).get("ray.io/node-group") or raylet.get("nodeTypeName") or "worker"
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    req = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?limit=1000&detail=true", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        rows = json.load(resp)["data"]["result"]["result"]
+    out = []
+    for row in rows:
+        res = row.get("resources_total") or {}
+        kind = "head" if row.get("is_head_node") else "gpu_worker" if GPU_STAND_IN in res else "cpu_worker"
+        out.append({"node_id": row["node_id"], "alive": row.get("state") == "ALIVE", "head": kind == "head",
+                    "kind": kind, "start_s": (row.get("start_time_ms") or 0) / 1000,
+                    "end_s": (row.get("end_time_ms") or 0) / 1000 or None})
+    return out
 
 
 # --------------------------------------------------------------------------- the placement check
