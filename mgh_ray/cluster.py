@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "mgh_ray_cluster.json"  # in the cluster's temp dir: what `down` needs
 GPU_STAND_IN = "gpu_stand_in"  # the custom resource of the local cluster's GPU-worker stand-ins
 CONFIG_ENV = "MGH_RAY_AUTOSCALING_CONFIG"  # set for every process of a local cluster: its node types
 BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # where `ray up` leaves it on the head
@@ -52,8 +51,10 @@ BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # where `ray up` l
 class LocalClusterConfig(Section):
     """Shape of the local autoscaling cluster (cluster.yaml's node types, scaled to one machine)."""
 
-    port: int = Field(6379, ge=1, le=65535, strict=True)  # GCS port the fake worker nodes dial
-    dashboard_port: int = Field(8265, ge=1, le=65535, strict=True)  # dashboard and Jobs API (loopback)
+    # GCS port the fake worker nodes dial; another cluster on this machine needs other ports (outside
+    # Ray's worker port range 10002-19999). port + 1 is its Ray Client port, dashboard_port + 1 its agent's.
+    port: int = Field(6379, ge=1, le=65534, strict=True)
+    dashboard_port: int = Field(8265, ge=1, le=65534, strict=True)  # dashboard and Jobs API (loopback)
     temp_dir: str = "/tmp/mgh-ray"  # short: Ray's unix socket paths live under it
     cpu_workers: int = Field(2, ge=0, strict=True)  # max_workers of cpu_worker
     cpus_per_worker: int = Field(2, ge=1, strict=True)
@@ -145,14 +146,14 @@ def up(lc: LocalClusterConfig | None = None) -> LocalCluster:
     token = _token(lc, env)
     cmd = [_ray_cli(), "start", "--head", f"--port={lc.port}", "--num-cpus=0", f"--temp-dir={temp}",
            f"--autoscaling-config={config_path}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={lc.dashboard_port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+           f"--dashboard-port={lc.dashboard_port}", f"--dashboard-agent-listen-port={lc.dashboard_port + 1}",
+           f"--ray-client-server-port={lc.port + 1}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         down(lc)
         raise RuntimeError(f"`ray start --head` failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     cluster = LocalCluster(address=f"127.0.0.1:{lc.port}", dashboard_url=f"http://127.0.0.1:{lc.dashboard_port}",
                            temp_dir=str(temp), config_path=str(config_path), token=token)
-    (temp / STATE_FILE).write_text(json.dumps(cluster.__dict__ | {"token": None}, indent=1))
     log.info("local autoscaling cluster up: GCS %s, Jobs API %s, auth %s", cluster.address,
              cluster.dashboard_url, lc.auth)
     return cluster
@@ -200,7 +201,6 @@ def down(lc: LocalClusterConfig | None = None, timeout_s: float = 20.0) -> int:
         deadline = time.time() + timeout_s
         while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
             time.sleep(0.2)
-    (temp / STATE_FILE).unlink(missing_ok=True)
     log.info("local cluster in %s: stopped %d processes", temp, len(pids))
     return len(pids)
 

@@ -157,6 +157,15 @@ def test_local_provider_config_mirrors_cluster_yaml_and_validates():
     assert local["provider"]["type"] == "fake_multinode"
 
 
+def test_init_ray_connects_without_local_cluster_settings(monkeypatch):
+    """A submitted job's driver has RAY_ADDRESS: it connects there, never passing num_cpus (Ray refuses)."""
+    from mgh_ray import pipeline
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:16379")
+    assert pipeline.existing_cluster(pipeline.RayConfig(num_cpus=4)) == "127.0.0.1:16379"
+    assert pipeline.existing_cluster(pipeline.RayConfig(address="local", num_cpus=4)) is None
+
+
 # ---------------------------------------------------------------- real clusters (integration)
 
 @pytest.fixture
@@ -165,7 +174,7 @@ def local_cluster(tmp_path):
     0 workers at start, short idle timeout; stopped, every process of it, even when the test fails."""
     from mgh_ray import cluster
 
-    lc = cluster.LocalClusterConfig(port=16379, dashboard_port=18265, temp_dir=f"/tmp/mgr-test-{os.getpid()}",
+    lc = cluster.LocalClusterConfig(port=6391, dashboard_port=8291, temp_dir=f"/tmp/mgr-test-{os.getpid()}",
                                     token_path=str(tmp_path / "auth_token"), idle_timeout_minutes=0.1)
     try:
         yield cluster.up(lc)
@@ -287,3 +296,16 @@ def test_serve_autoscaling_scales_up_under_load_and_back_down(ray_cluster, tmp_p
     finally:
         stop.set()
         serving.undeploy(cfg.app_name)
+
+
+@pytest.mark.integration
+def test_placement_check_against_the_live_cluster(ray_cluster):
+    """On a running cluster without an autoscaler its nodes are the node types: train.num_workers=8 on 4
+    CPUs is refused up front (it used to retry the worker group for minutes)."""
+    from mgh_ray import cluster, config, pipeline
+
+    types, max_workers = cluster.live_node_types()
+    assert sum(t.resources.get("CPU", 0) for t in types) == 4 and max_workers == 0
+    assert cluster.check_placement(config.load(pipeline.PipelineConfig, TINY, []), types, max_workers) == []
+    cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=8"])
+    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]

@@ -109,7 +109,7 @@ def stage_rows(timeline: dict) -> list[dict]:
 def run(config_path: str | Path, overrides: list[str], out_dir: Path,
         lc: cluster.LocalClusterConfig | None = None) -> pd.DataFrame:
     """Both runs, the table (printed by the CLI, saved as benchmark_cluster.md/.json in out_dir)."""
-    lc = lc or cluster.LocalClusterConfig(port=16379, dashboard_port=18265, temp_dir="/tmp/mgr-bench",
+    lc = lc or cluster.LocalClusterConfig(port=6393, dashboard_port=8293, temp_dir="/tmp/mgr-bench",
                                           idle_timeout_minutes=0.5)
     overrides = [*MICRO, *overrides]
     out_dir = Path(out_dir)
