@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -213,6 +214,14 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
                                                       headers={"Content-Type": "application/json"}), timeout=30)
     assert refused.value.code == 401
     assert [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]] == []  # 0 workers
+    # the README's way: `ray job submit` with RAY_AUTH_MODE=token and the token file; its driver's
+    # ray.init (RAY_ADDRESS from Ray) connects with the token the cluster's processes have
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=url,
+               RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
+    cli = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", sys.executable, "-c",
+                          "import ray; ray.init(); print('connected', ray.cluster_resources().get('CPU', 0))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "connected" in cli.stdout, cli.stdout[-2000:] + cli.stderr[-2000:]
 
     run_dir = cluster_run_dir(tmp_path)
     client = JobSubmissionClient(url, headers=local_cluster.headers())

@@ -32,11 +32,11 @@ from mgh_ray import cluster
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-# tiny.yaml cut to CI size (the sizes of tests/test_pipeline.py::micro, fewer seeds and rows)
-MICRO = ["synthesis.num_seeds=8", "synthesis.rows_per_shard=4", "synthesis.quality.policy=keep",
+# tiny.yaml cut to CI size (the sizes of tests/test_pipeline.py::micro, one evaluation task)
+MICRO = ["synthesis.num_seeds=12", "synthesis.rows_per_shard=4", "synthesis.quality.policy=keep",
          "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4", "train.warmup=1", "train.export=false",
          "train.encoder.max_length=32", "train.encoder.lora.top_layers=2", "evaluate.tasks=[LeeSTS]",
-         "evaluate.max_rows=8", "evaluate.num_replicas=1"]
+         "evaluate.max_rows=16", "evaluate.num_replicas=1"]
 STAGE_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \w+ mgh_ray\.pipeline: stage (\w+): running into", re.M)
 
 
