@@ -107,6 +107,16 @@ def provider_config(lc: LocalClusterConfig) -> dict[str, Any]:
     }
 
 
+def local_working_dir(repo: str | Path) -> str:
+    """The `working_dir` of a job on the local cluster: the repo in place (`local://`), not uploaded.
+
+    Every node of the local cluster shares one session folder, and each node's runtime-env agent
+    unpacks an uploaded working_dir there with overwrite: the first task on a new worker node deletes
+    and re-creates the folder the driver runs in ("FileNotFoundError" from os.getcwd, seen in the
+    serve stage). On a real cluster each node has its own disk and the upload is right."""
+    return f"local://{Path(repo).resolve()}"
+
+
 def _ray_cli() -> str:
     return str(Path(sys.executable).parent / "ray")
 

@@ -228,7 +228,7 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     job = client.submit_job(
         entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
                              *cluster_bench.MICRO]),
-        runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"],
+        runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                      "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
                                                                   str(Path.home() / ".cache/mgh_ray"))}})
     deadline, most = time.time() + 1500, 0

@@ -70,7 +70,7 @@ def run_on_cluster(lc: cluster.LocalClusterConfig, config_path: str, overrides: 
         job = client.submit_job(
             entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", str(config_path), f"run_dir={run_dir}",
                                  *overrides]),
-            runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"],
+            runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                          "env_vars": {"MGH_RAY_CACHE": _env()["MGH_RAY_CACHE"]}})
         while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                             JobStatus.STOPPED}:
