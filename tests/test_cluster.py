@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -182,6 +183,7 @@ def local_cluster(tmp_path):
     finally:
         cluster.down(lc)
         assert cluster._pids(Path(lc.temp_dir)) == []  # nothing left behind
+        shutil.rmtree(lc.temp_dir, ignore_errors=True)
 
 
 def cluster_run_dir(tmp_path) -> str:
