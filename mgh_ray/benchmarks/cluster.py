@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def run_on_cluster(lc: cluster.LocalClusterConfig, config_path: str, overrides: 
         nodes = [n for n in cluster.nodes(c.dashboard_url, c.headers()) if not n["head"]]
     finally:
         cluster.down(lc)
+        shutil.rmtree(lc.temp_dir, ignore_errors=True)
     day = dt.datetime.fromtimestamp(submitted).date()
     stages = {}
     for hms, name in STAGE_LINE.findall(logs):
