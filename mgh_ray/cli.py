@@ -175,12 +175,17 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
               stage: str = typer.Option("synthesis", help="synthesis | training | serving | serving-peers | "
-                                                                      "pooling | dataplane")) -> None:
+                                                                      "pooling | dataplane | cluster")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
     cfg = _setup(config_path, overrides)
     out = Path(RunLayout(cfg.run_dir).benchmarks)  # benchmarks write local tables
+    if stage == "cluster":  # starts its own clusters: no Ray in this process
+        from mgh_ray.benchmarks import cluster as cluster_bench
+
+        typer.echo(_table(cluster_bench.run(config_path, overrides or [], out)))
+        return
     if stage == "pooling":  # ATA memory, chunked vs not: no Ray needed
         from mgh_ray.benchmarks import pooling
 
@@ -206,11 +211,69 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
         table = dataplane.run(out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, serving-peers, pooling "
-                   "or dataplane",
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, serving-peers, pooling, "
+                   "dataplane or cluster",
                    err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))
+
+
+cluster_app = typer.Typer(no_args_is_help=True, help="A local autoscaling Ray cluster (Ray's fake multi-node "
+                          "provider): a CPU: 0 head, CPU workers and GPU-worker stand-ins started on demand.")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(local: bool = typer.Option(False, "--local", help="on this machine (the only kind here; "
+                                          "a cloud cluster: `ray up cluster.yaml`)"),
+               overrides: list[str] = typer.Argument(None, help="LocalClusterConfig overrides, e.g. "
+                                                     "cpu_workers=3 idle_timeout_minutes=1")) -> None:
+    """Start the local autoscaling cluster: head on 127.0.0.1:6379, Jobs API on 127.0.0.1:8265."""
+    from mgh_ray import cluster
+
+    if not local:
+        typer.echo("error: only `mgh-ray cluster up --local` is built in; for AWS use `ray up cluster.yaml`",
+                   err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        lc = config.override(cluster.LocalClusterConfig(), overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    c = cluster.up(lc)
+    auth = (f"token auth on: clients send the token in {lc.token_path or '~/.ray/auth_token'} (`ray job submit` "
+            "and ray.init need RAY_AUTH_MODE=token in their environment)" if c.token else "token auth off")
+    typer.echo(f"local cluster up ({auth})\n  export RAY_ADDRESS={c.dashboard_url}   # for `ray job submit`\n"
+               f"  ray.init(address=\"{c.address}\")\nnode types: {c.config_path}\nstop: mgh-ray cluster down")
+
+
+@cluster_app.command("down")
+def cluster_down(temp_dir: str = typer.Option("/tmp/mgh-ray", help="the temp_dir it was started with")) -> None:
+    """Stop the local cluster: every process it started, and nothing else."""
+    from mgh_ray import cluster
+
+    n = cluster.down(cluster.LocalClusterConfig(temp_dir=temp_dir))
+    typer.echo(f"stopped {n} processes" if n else f"no local cluster runs in {temp_dir}")
+
+
+@app.command("check-cluster")
+def check_cluster(cluster_file: Path = typer.Argument(..., help="cluster launcher file, e.g. cluster.yaml"),
+                  config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """Does every stage's resource request fit the cluster's node types at their max_workers?"""
+    from mgh_ray import cluster
+
+    try:
+        problems = cluster.check_files(cluster_file, config_path, overrides or [])
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for problem in problems:
+        typer.echo(f"does not fit: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"every stage of {config_path} fits {cluster_file}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 class CurriculumConfig(Section):
     mode: Literal["curriculum", "reverse", "cumulative", "single", "random"] = "curriculum"
-    levels: int = Field(4, ge=1)  # negative levels in the records (neg_1 .. neg_<levels>)
-    level: int = Field(2, ge=1)  # the level of `single` mode
+    levels: int = Field(4, ge=1, strict=True)  # negative levels in the records (neg_1 .. neg_<levels>)
+    level: int = Field(2, ge=1, strict=True)  # the level of `single` mode
     stage_weights: list[float] | None = None  # relative stage lengths; None = equal
 
     @model_validator(mode="after")

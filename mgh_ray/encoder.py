@@ -54,20 +54,20 @@ CONFIG_FILE = "encoder.yaml"
 
 class LoraConfig(Section):
     enabled: bool = True
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    r: int = Field(16, ge=1, strict=True)
+    alpha: int = Field(32, ge=1, strict=True)
     dropout: float = Field(0.0, ge=0, lt=1)
     # "all-linear" works for any backbone (peft skips the output head); or a list of module names
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     # adapt only the top N blocks (None: all). Backward then stops at the lowest adapted block, which
     # makes CPU training several times cheaper; the ATA probe layer should be among them.
-    top_layers: int | None = Field(None, ge=1)
+    top_layers: int | None = Field(None, ge=1, strict=True)
 
 
 class EncoderConfig(Section):
     backbone: str = "smollm2"  # asset name (assets.model_path), local folder or hub id
     pooling: PoolingConfig = Field(default_factory=PoolingConfig)
-    max_length: int = Field(128, ge=4)  # tokens per text, EOS included
+    max_length: int = Field(128, ge=4, strict=True)  # tokens per text, EOS included
     lora: LoraConfig = Field(default_factory=LoraConfig)
     normalize: bool = True
     query_template: str = "Instruct: {instruction}\nQuery: {text}"

@@ -49,11 +49,11 @@ class EvalConfig(Section):
     """Which tasks, how big, and how the work spreads over the cluster."""
 
     tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
-    max_rows: int | None = Field(40, ge=1)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
-    seed: int = 0
-    batch_size: int = Field(32, ge=1)  # texts per request to the deployment
-    concurrency: int = Field(4, ge=1)  # requests in flight per task
-    num_replicas: int = Field(2, ge=1)  # replicas of the evaluation deployment
+    max_rows: int | None = Field(40, ge=1, strict=True)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
+    seed: int = Field(0, strict=True)
+    batch_size: int = Field(32, ge=1, strict=True)  # texts per request to the deployment
+    concurrency: int = Field(4, ge=1, strict=True)  # requests in flight per task
+    num_replicas: int = Field(2, ge=1, strict=True)  # replicas of the evaluation deployment
     # logical CPUs per evaluation replica (torch still gets one thread at least); None: the serve
     # config's num_cpus. Half a CPU lets 2 replicas fit beside a running serve app on a 2-CPU machine.
     replica_num_cpus: float | None = Field(0.5, ge=0)

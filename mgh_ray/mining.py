@@ -43,17 +43,17 @@ VERSION = "mined_v1"  # part of the row ids, like a prompt version
 
 class MiningConfig(config.Section):
     seeds: str | None = None  # same as SynthesisConfig.seeds; the corpus is every seed's positive
-    num_seeds: int | None = 64  # queries to mine for (the first N seeds); None: all
+    num_seeds: int | None = Field(64, ge=1, strict=True)  # queries to mine for (the first N seeds); None: all
     embedder: str = "minilm"
     # [start, end) rank bands among valid candidates, for L1 (coarse) .. L4 (fine)
     bands: list[tuple[int, int]] = Field(default_factory=lambda: [(200, 600), (40, 200), (8, 40), (0, 8)])
     pick: Literal["top", "random"] = "random"  # "top": the most similar candidate of each band
-    fn_ratio: float = 0.95  # skip candidates scoring >= this share of the positive's similarity
-    dup_sim: float = 0.95  # skip candidates this similar to the query's own positive
+    fn_ratio: float = Field(0.95, gt=0)  # skip candidates scoring >= this share of the positive's similarity
+    dup_sim: float = Field(0.95, gt=-1, le=1)  # skip candidates this similar to the query's own positive
     instruction: str = DEFAULT_INSTRUCTION
-    seed: int = 0
-    chunk_size: int = 1024  # queries per similarity block
-    batch_size: int = 64
+    seed: int = Field(0, strict=True)
+    chunk_size: int = Field(1024, ge=1, strict=True)  # queries per similarity block
+    batch_size: int = Field(64, ge=1, strict=True)
     quality: QualityConfig = Field(default_factory=lambda: QualityConfig(policy="keep"))
 
     @field_validator("bands")

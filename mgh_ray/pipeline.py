@@ -38,14 +38,18 @@ log = logging.getLogger(__name__)
 
 
 class RayConfig(Section):
-    """Where to run. address None: RAY_ADDRESS or a running local cluster if any, else start one."""
+    """Where to run. address None: RAY_ADDRESS or a running local cluster if any, else start one.
+
+    `num_cpus` and `include_dashboard` shape a local cluster that this process starts; they are not
+    passed when the job connects to an existing cluster (`ray job submit`, RAY_ADDRESS, "auto"), where
+    Ray refuses them."""
 
     address: str | None = None
-    num_cpus: int | None = None  # only when this process starts a local cluster
+    num_cpus: int | None = Field(None, ge=1, strict=True)  # only when this process starts a local cluster
     # A new local cluster starts Ray's dashboard on 127.0.0.1:8265 by default: it also serves the State
     # API that Ray Train's placement-group cleaner polls every second (without it that actor logs
     # "Failed to query Ray Train Controller actor state" each time and cannot clean up after a crash).
-    include_dashboard: bool = True
+    include_dashboard: bool = Field(True, strict=True)
 
 
 class AblationConfig(Section):
@@ -55,7 +59,7 @@ class AblationConfig(Section):
                             "cumulative", "in_batch", "mined"]
     poolings: list[str] = ["ata", "mean", "last", "weighted_mean"]
     seeds: list[int] = [0]
-    steps: int | None = None  # None: train.steps
+    steps: int | None = Field(None, ge=1, strict=True)  # None: train.steps
     tasks: list[str] | None = None  # None: evaluate.tasks
 
 
@@ -70,13 +74,39 @@ class PipelineConfig(Section):
     ablation: AblationConfig = Field(default_factory=AblationConfig)
 
 
+def existing_cluster(cfg: RayConfig) -> str | None:
+    """The address this process will connect to, or None when `ray.init` would start a new cluster.
+
+    Ray's own resolution (the one `ray.init` uses): RAY_ADDRESS (set for the driver of a submitted
+    job), then `address`, then a cluster started on this machine with `ray start`."""
+    if cfg.address == "local":
+        return None
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment(cfg.address, None)
+    except ConnectionError:  # address "auto" and nothing running: let ray.init say so
+        return cfg.address
+
+
 def init_ray(cfg: RayConfig) -> None:
+    """Connect to the cluster the config names (or the running one), else start a local one.
+
+    Only a new local cluster gets `num_cpus` and the dashboard settings: Ray raises "When connecting
+    to an existing cluster, num_cpus and num_gpus must not be provided" otherwise."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-             log_to_driver=True)
+    address = existing_cluster(cfg)
+    if address is not None:
+        if cfg.num_cpus is not None:
+            log.info("connecting to the running cluster at %s: ray.num_cpus=%d applies to new local clusters "
+                     "only and is ignored", address, cfg.num_cpus)
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(address="local", num_cpus=cfg.num_cpus,
+             include_dashboard=cfg.include_dashboard, log_to_driver=True)
 
 
 class StaleStageError(RuntimeError):

@@ -52,10 +52,10 @@ class PoolingConfig(Section):
     """How token states become one vector. Only `mode` matters for the baselines."""
 
     mode: Mode = "ata"
-    layer: int = -1  # whose attention gives the ATA weights; python index over layers (-1 = last)
+    layer: int = Field(-1, strict=True)  # whose attention gives the ATA weights; python index over layers (-1 = last)
     causal_norm: bool = True  # divide received attention by how many queries can see the token
     temperature: float = Field(1.0, gt=0)  # w ~ r^(1/T): T < 1 sharpens toward anchors, T > 1 flattens
-    top_k: int | None = Field(None, ge=1)  # pool only the k tokens that receive most attention
+    top_k: int | None = Field(None, ge=1, strict=True)  # pool only the k tokens that receive most attention
     mean_mix: float = Field(0.0, ge=0, le=1)  # a in e = a * mean + (1 - a) * ata
     exclude_instruction: bool = False  # keep query-instruction tokens out of the pooled set
     grad_through_weights: bool = False  # backprop through the ATA weights (costs the layer's n^2 graph)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from mgh_ray import assets
 from mgh_ray.config import Section
@@ -54,12 +55,12 @@ class QualityConfig(Section):
 
     embedder: str = "minilm"  # assets.model_path name, a local sentence-transformers folder or a hub id
     policy: Literal["filter", "drop", "keep", "relabel"] = "filter"  # see the module docstring
-    fn_ratio: float = 0.95  # a negative scoring >= 95% of the positive's similarity is a probable positive
-    copy_sim: float = 0.95  # a negative this similar to the positive is a copy of it
-    batch_size: int = 64
+    fn_ratio: float = Field(0.95, gt=0)  # a negative scoring >= 95% of the positive's similarity is a probable positive
+    copy_sim: float = Field(0.95, gt=-1, le=1)  # a negative this similar to the positive is a copy of it
+    batch_size: int = Field(64, ge=1, strict=True)
     device: str | None = None  # None: from the Ray resources of the process (devices.device)
-    num_cpus: float = 1.0  # resources of the scoring actor in the synthesis pipeline
-    num_gpus: float = 0.0
+    num_cpus: float = Field(1.0, ge=0)  # resources of the scoring actor in the synthesis pipeline
+    num_gpus: float = Field(0.0, ge=0)
 
 
 def load_embedder(cfg: QualityConfig):

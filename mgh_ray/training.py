@@ -77,27 +77,27 @@ class TrainConfig(Section):
     encoder: EncoderConfig = Field(default_factory=_tiny_encoder)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, strict=True)
+    use_gpu: bool = Field(False, strict=True)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
     cpus_per_worker: float = Field(1.0, gt=0)
-    threads_per_worker: int | None = Field(None, ge=1)  # torch threads; None = cpus_per_worker
-    steps: int = Field(40, ge=1)
-    batch_size: int = Field(4, ge=1)  # queries per worker per step
+    threads_per_worker: int | None = Field(None, ge=1, strict=True)  # torch threads; None = cpus_per_worker
+    steps: int = Field(40, ge=1, strict=True)
+    batch_size: int = Field(4, ge=1, strict=True)  # queries per worker per step
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(4, ge=0)  # steps of linear warmup
+    warmup: int = Field(4, ge=0, strict=True)  # steps of linear warmup
     schedule: Literal["constant", "linear", "cosine"] = "linear"  # after warmup, toward 0 at `steps`
     grad_clip: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
-    max_failures: int = Field(2, ge=-1)
+    checkpoint_every: int = Field(10, ge=1, strict=True)
+    keep_checkpoints: int = Field(2, ge=1, strict=True)
+    seed: int = Field(0, strict=True)
+    max_failures: int = Field(2, ge=-1, strict=True)
     run_name: str = "train"
-    log_every: int = Field(5, ge=1)
+    log_every: int = Field(5, ge=1, strict=True)
     export: bool = True  # write export/ (merged + adapter + sentence-transformers) after training
-    fail_at_step: int | None = None  # testing only: worker `fail_rank` dies at this step, once
-    fail_rank: int = Field(1, ge=0)
+    fail_at_step: int | None = Field(None, ge=0, strict=True)  # testing only: worker `fail_rank` dies at this step, once
+    fail_rank: int = Field(1, ge=0, strict=True)
     log_batch_ids: bool = False  # write every step's row ids (all ranks) into metrics.jsonl
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,3 +70,253 @@ def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     paths = json.loads((run_dir / "fetch" / "assets.json").read_text())
     assert Path(paths["smollm2"], "config.json").is_file() and Path(paths["table:seeds"]).is_file()
+
+
+# ---------------------------------------------------------------- the placement check (fast, no Ray)
+
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+GPU = ROOT / "jobs" / "configs" / "gpu.yaml"
+
+
+def test_shipped_configs_fit_their_clusters():
+    from mgh_ray import cluster, config, pipeline
+
+    assert cluster.check_files(ROOT / "cluster.yaml", GPU) == []
+    assert cluster.check_files(ROOT / "cluster.yaml", TINY) == []
+    types, max_workers = cluster.node_types(cluster.provider_config(cluster.LocalClusterConfig()))
+    tiny = config.load(pipeline.PipelineConfig, TINY, [])
+    assert cluster.check_placement(tiny, types, max_workers) == []
+
+
+def test_too_many_gpus_is_refused_naming_the_stage():
+    from mgh_ray import cluster
+
+    problems = cluster.check_files(ROOT / "cluster.yaml", GPU, ["train.num_workers=9"])
+    assert [p.stage for p in problems] == ["train"]
+    text = str(problems[0])
+    assert "9 x {CPU: 4, GPU: 1}" in text and "8 of the 9 train workers" in text and "gpu_worker 8 x" in text
+    problems = cluster.check_files(ROOT / "cluster.yaml", GPU, ["synthesis.num_gpus_per_actor=2",
+                                                               "evaluate.num_replicas=12"])
+    assert [p.stage for p in problems] == ["synthesize", "evaluate"]
+    assert "0 of the 8 vLLM engine actors" in str(problems[0])
+
+
+def test_cluster_wide_max_workers_and_head_resources_count():
+    from mgh_ray import cluster, config, pipeline
+
+    cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=3", "train.cpus_per_worker=2"])
+    local = cluster.provider_config(cluster.LocalClusterConfig(cpu_workers=2, cpus_per_worker=2))
+    types, max_workers = cluster.node_types(local)
+    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]  # head has CPU: 0
+    types = [cluster.NodeType("head", {"CPU": 2}, 1, head=True), cluster.NodeType("w", {"CPU": 2}, 5)]
+    assert cluster.check_placement(cfg, types, max_workers=5) == []
+    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers=1)] == ["train"]
+
+
+def test_node_types_must_declare_resources():
+    from mgh_ray import cluster
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg["available_node_types"]["gpu_worker"]["resources"] = {}
+    with pytest.raises(ValueError, match="gpu_worker.*declares no resources"):
+        cluster.node_types(cfg)
+
+
+def test_check_cluster_command_exit_codes():
+    from typer.testing import CliRunner
+
+    from mgh_ray.cli import app
+
+    ok = CliRunner().invoke(app, ["check-cluster", str(ROOT / "cluster.yaml"), str(GPU)])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, ["check-cluster", str(ROOT / "cluster.yaml"), str(GPU), "serve.num_gpus=2"])
+    assert bad.exit_code == 1 and "stage serve" in bad.output and "stage evaluate" in bad.output
+
+
+def test_cluster_yaml_keeps_the_jobs_api_on_loopback_and_runs_on_object_storage():
+    from mgh_ray import config, pipeline
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert config.load(pipeline.PipelineConfig, GPU, []).run_dir.startswith("s3://")
+
+
+def test_local_provider_config_mirrors_cluster_yaml_and_validates():
+    import jsonschema
+    import ray
+
+    from mgh_ray import cluster
+
+    local = cluster.provider_config(cluster.LocalClusterConfig())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(local, schema)
+    types = local["available_node_types"]
+    assert types[local["head_node_type"]]["resources"] == {"CPU": 0}  # like cluster.yaml's head
+    assert set(types) - {local["head_node_type"]} == {"cpu_worker", "gpu_worker"}
+    assert all(t["min_workers"] == 0 for n, t in types.items() if n != local["head_node_type"])
+    assert types["gpu_worker"]["resources"][cluster.GPU_STAND_IN] == 1
+    assert local["provider"]["type"] == "fake_multinode"
+
+
+def test_init_ray_connects_without_local_cluster_settings(monkeypatch):
+    """A submitted job's driver has RAY_ADDRESS: it connects there, never passing num_cpus (Ray refuses)."""
+    from mgh_ray import pipeline
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:16379")
+    assert pipeline.existing_cluster(pipeline.RayConfig(num_cpus=4)) == "127.0.0.1:16379"
+    assert pipeline.existing_cluster(pipeline.RayConfig(address="local", num_cpus=4)) is None
+
+
+# ---------------------------------------------------------------- real clusters (integration)
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """The local autoscaling cluster on ports of its own (a session `ray_cluster` may be up beside it),
+    0 workers at start, short idle timeout; stopped, every process of it, even when the test fails."""
+    from mgh_ray import cluster
+
+    lc = cluster.LocalClusterConfig(port=6391, dashboard_port=8291, temp_dir=f"/tmp/mgr-test-{os.getpid()}",
+                                    token_path=str(tmp_path / "auth_token"), idle_timeout_minutes=0.1)
+    try:
+        yield cluster.up(lc)
+    finally:
+        cluster.down(lc)
+        assert cluster._pids(Path(lc.temp_dir)) == []  # nothing left behind
+        shutil.rmtree(lc.temp_dir, ignore_errors=True)
+
+
+def cluster_run_dir(tmp_path) -> str:
+    """Where the submitted pipeline writes (a local folder here; an s3:// URI once run_dir takes URIs)."""
+    return os.environ.get("MGH_RAY_TEST_RUN_DIR") or str(tmp_path / "run")
+
+
+def read_scores(run_dir: str):
+    import pandas as pd
+
+    return pd.read_csv(f"{run_dir}/evaluate/scores.csv", index_col=0)
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, tmp_path):
+    """`ray start --head` with token auth and the autoscaler: an unauthenticated job submission is refused;
+    the submitted pipeline (tiny.yaml has ray.num_cpus: 4, which must not reach ray.init) succeeds on
+    worker nodes the autoscaler starts from zero, which go away again after the idle timeout."""
+    import urllib.error
+    import urllib.request
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from mgh_ray import cluster
+    from mgh_ray.benchmarks import cluster as cluster_bench
+
+    url = local_cluster.dashboard_url
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/", method="POST", data=b"{}",
+                                                      headers={"Content-Type": "application/json"}), timeout=30)
+    assert refused.value.code == 401
+    assert [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]] == []  # 0 workers
+    # the README's way: `ray job submit` with RAY_AUTH_MODE=token and the token file; its driver's
+    # ray.init (RAY_ADDRESS from Ray) connects with the token the cluster's processes have
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=url,
+               RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
+    cli = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", sys.executable, "-c",
+                          "import ray; ray.init(); print('connected', ray.cluster_resources().get('CPU', 0))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "connected" in cli.stdout, cli.stdout[-2000:] + cli.stderr[-2000:]
+
+    run_dir = cluster_run_dir(tmp_path)
+    client = JobSubmissionClient(url, headers=local_cluster.headers())
+    job = client.submit_job(
+        entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
+                             *cluster_bench.MICRO]),
+        runtime_env={"working_dir": cluster.local_working_dir(ROOT),
+                     "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
+                                                                  str(Path.home() / ".cache/mgh_ray"))}})
+    deadline, most = time.time() + 1500, 0
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, f"job {job} still {status}"
+        most = max(most, sum(n["alive"] and not n["head"] for n in cluster.nodes(url, local_cluster.headers())))
+        time.sleep(3)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "num_cpus and num_gpus must not be provided" not in logs
+    scores = read_scores(run_dir)
+    assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
+
+    launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
+    assert most >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # no GPU asked: no GPU stand-in
+    gone = time.time() + 180  # idle timeout 6 s, then the autoscaler's next pass
+    while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
+        assert time.time() < gone, "idle worker nodes were not removed"
+        time.sleep(3)
+
+
+@pytest.mark.integration
+def test_serve_autoscaling_scales_up_under_load_and_back_down(ray_cluster, tmp_path, minilm_path):
+    """A bounded load (at most 2000 requests or 90 s, loopback) raises the replica count of an app with
+    serve.autoscaling; after the load stops the extra replicas go away."""
+    import threading
+
+    from ray import serve
+
+    from mgh_ray import serving
+    from mgh_ray.encoder import Encoder, EncoderConfig
+    from mgh_ray.pooling import PoolingConfig
+
+    model = tmp_path / "minilm"
+    Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(model)
+    cfg = serving.ServeConfig(port=18731, app_name="test-autoscale", route_prefix="/autoscale", api_key_env=None,
+                              num_cpus=0.5, max_batch_size=4, max_ongoing_requests=4,
+                              autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                                           "upscale_delay_s": 0, "downscale_delay_s": 2})
+
+    def running() -> int:
+        app = serve.status().applications[cfg.app_name]
+        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+    url = serving.deploy(cfg, model, name=cfg.app_name)
+    stop, sent, lock = threading.Event(), [0], threading.Lock()
+
+    def load() -> None:
+        with serving.EmbeddingClient(url) as client:
+            while not stop.is_set():
+                with lock:
+                    if sent[0] >= 2000:
+                        return
+                    sent[0] += 1
+                client.embed(["a sentence long enough to keep a replica busy for a moment " * 4] * 4)
+
+    try:
+        assert running() == 1
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        deadline, peak = time.time() + 90, 1
+        while time.time() < deadline and peak < 2 and any(t.is_alive() for t in threads):
+            peak = max(peak, running())
+            time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert peak >= 2, f"no scale-up after {sent[0]} requests"
+        deadline = time.time() + 150
+        while running() > 1:
+            assert time.time() < deadline, f"still {running()} replicas after the load stopped"
+            time.sleep(2)
+    finally:
+        stop.set()
+        serving.undeploy(cfg.app_name)
+
+
+@pytest.mark.integration
+def test_placement_check_against_the_live_cluster(ray_cluster):
+    """On a running cluster without an autoscaler its nodes are the node types: train.num_workers=8 on 4
+    CPUs is refused up front (it used to retry the worker group for minutes)."""
+    from mgh_ray import cluster, config, pipeline
+
+    types, max_workers = cluster.live_node_types()
+    assert sum(t.resources.get("CPU", 0) for t in types) == 4 and max_workers == 0
+    assert cluster.check_placement(config.load(pipeline.PipelineConfig, TINY, []), types, max_workers) == []
+    cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=8"])
+    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]

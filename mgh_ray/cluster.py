@@ -1,0 +1,392 @@
+"""Clusters: a local autoscaling cluster on this machine, and the check that a config fits a cluster.
+
+The local cluster is Ray's own autoscaler driving its fake multi-node provider (the one Ray's
+autoscaler tests use): a head with `CPU: 0` and worker node types with `min_workers: 0`, started and
+stopped as processes on this machine, shaped like cluster.yaml (CPU workers, and GPU workers stood in
+for by a custom resource since there is no GPU here). Ray 2.60's wheel lacks the example.yaml that
+`ray.cluster_utils.AutoscalingCluster` reads, so the provider config is written here.
+
+    mgh-ray cluster up --local        # head on 127.0.0.1:6379, dashboard and Jobs API on 127.0.0.1:8265
+    mgh-ray cluster down
+
+The placement check asks, before anything starts, whether every stage's resource requests (vLLM
+actors and the quality scorer, train workers, serve replicas, evaluation replicas) fit the node types
+at their `max_workers`; each problem names the stage, what it asks and what the cluster can give.
+
+    mgh-ray check-cluster cluster.yaml jobs/configs/gpu.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import Field
+
+from mgh_ray.config import Section
+
+if TYPE_CHECKING:
+    from mgh_ray.pipeline import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+GPU_STAND_IN = "gpu_stand_in"  # the custom resource of the local cluster's GPU-worker stand-ins
+CONFIG_ENV = "MGH_RAY_AUTOSCALING_CONFIG"  # set for every process of a local cluster: its node types
+BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # where `ray up` leaves it on the head
+
+
+# --------------------------------------------------------------------------- the local cluster
+
+
+class LocalClusterConfig(Section):
+    """Shape of the local autoscaling cluster (cluster.yaml's node types, scaled to one machine)."""
+
+    # GCS port the fake worker nodes dial; another cluster on this machine needs other ports (outside
+    # Ray's worker port range 10002-19999). port + 1 is its Ray Client port, dashboard_port + 1 its agent's.
+    port: int = Field(6379, ge=1, le=65534, strict=True)
+    dashboard_port: int = Field(8265, ge=1, le=65534, strict=True)  # dashboard and Jobs API (loopback)
+    temp_dir: str = "/tmp/mgh-ray"  # short: Ray's unix socket paths live under it
+    cpu_workers: int = Field(2, ge=0, strict=True)  # max_workers of cpu_worker
+    cpus_per_worker: int = Field(2, ge=1, strict=True)
+    gpu_workers: int = Field(1, ge=0, strict=True)  # max_workers of gpu_worker (stand-ins)
+    cpus_per_gpu_worker: int = Field(1, ge=0, strict=True)
+    idle_timeout_minutes: float = Field(0.25, gt=0)  # an idle worker node goes away after this
+    auth: Literal["token", "disabled"] = "token"  # token: every client needs the token (RAY_AUTH_MODE)
+    token_path: str | None = None  # None: Ray's default ~/.ray/auth_token (generated if missing)
+
+
+@dataclass
+class LocalCluster:
+    """A running local cluster: where to reach it and how to authenticate."""
+
+    address: str  # GCS address, for ray.init
+    dashboard_url: str  # for JobSubmissionClient / `ray job submit --address`
+    temp_dir: str
+    config_path: str
+    token: str | None  # bearer token of the Jobs API (None: auth disabled)
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers for the Jobs API (JobSubmissionClient(..., headers=...))."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def provider_config(lc: LocalClusterConfig) -> dict[str, Any]:
+    """The autoscaler config of the fake multi-node provider, node types mirroring cluster.yaml."""
+    workers: dict[str, Any] = {}
+    if lc.cpu_workers:
+        workers["cpu_worker"] = {"resources": {"CPU": lc.cpus_per_worker}, "node_config": {},
+                                 "min_workers": 0, "max_workers": lc.cpu_workers}
+    if lc.gpu_workers:
+        workers["gpu_worker"] = {"resources": {"CPU": lc.cpus_per_gpu_worker, GPU_STAND_IN: 1},
+                                 "node_config": {}, "min_workers": 0, "max_workers": lc.gpu_workers}
+    return {
+        "cluster_name": "mgh-ray-local",
+        "max_workers": lc.cpu_workers + lc.gpu_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": lc.idle_timeout_minutes,
+        # the worker nodes dial gcs_address (without it: port 6379 on this host, whatever `port` is)
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{lc.port}"},
+        "auth": {"ssh_user": "ray"},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {},
+                                                      "max_workers": 0}, **workers},
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def local_working_dir(repo: str | Path) -> str:
+    """The `working_dir` of a job on the local cluster: the repo in place (`local://`), not uploaded.
+
+    Every node of the local cluster shares one session folder, and each node's runtime-env agent
+    unpacks an uploaded working_dir there with overwrite: the first task on a new worker node deletes
+    and re-creates the folder the driver runs in ("FileNotFoundError" from os.getcwd, seen in the
+    serve stage). On a real cluster each node has its own disk and the upload is right."""
+    return f"local://{Path(repo).resolve()}"
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _token(lc: LocalClusterConfig, env: dict[str, str]) -> str | None:
+    """The token clients must send; made if missing (Ray's `ray get-auth-token --generate` for the default
+    path, which is the only one it writes)."""
+    if lc.auth == "disabled":
+        return None
+    if lc.token_path is None:
+        subprocess.run([_ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return (Path.home() / ".ray" / "auth_token").read_text().strip()
+    path = Path(lc.token_path).expanduser()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def up(lc: LocalClusterConfig | None = None) -> LocalCluster:
+    """Start the head (CPU: 0) with Ray's autoscaler on the fake provider; workers come on demand."""
+    lc = lc or LocalClusterConfig()
+    temp = Path(lc.temp_dir)
+    if _pids(temp):
+        raise RuntimeError(f"a local cluster already runs in {temp}: `mgh-ray cluster down` first "
+                           "(or give it another temp_dir and ports)")
+    temp.mkdir(parents=True, exist_ok=True)
+    config_path = temp / "autoscaling.yaml"
+    config_path.write_text(yaml.safe_dump(provider_config(lc), sort_keys=False))
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE=lc.auth)
+    env[CONFIG_ENV] = str(config_path)
+    if lc.token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path(lc.token_path).expanduser())
+    env.pop("RAY_ADDRESS", None)
+    token = _token(lc, env)
+    cmd = [_ray_cli(), "start", "--head", f"--port={lc.port}", "--num-cpus=0", f"--temp-dir={temp}",
+           f"--autoscaling-config={config_path}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={lc.dashboard_port}", f"--dashboard-agent-listen-port={lc.dashboard_port + 1}",
+           f"--ray-client-server-port={lc.port + 1}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        down(lc)
+        raise RuntimeError(f"`ray start --head` failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    cluster = LocalCluster(address=f"127.0.0.1:{lc.port}", dashboard_url=f"http://127.0.0.1:{lc.dashboard_port}",
+                           temp_dir=str(temp), config_path=str(config_path), token=token)
+    log.info("local autoscaling cluster up: GCS %s, Jobs API %s, auth %s", cluster.address,
+             cluster.dashboard_url, lc.auth)
+    return cluster
+
+
+def _pids(temp_dir: Path) -> list[int]:
+    """Processes of the cluster in `temp_dir` and their descendants: every Ray process has its temp or
+    session dir on its command line (the dashboard's forked modules are its children), so this never
+    touches another cluster (`ray stop` would stop all of them)."""
+    needle = str(temp_dir.resolve())
+    own = os.getpid()
+    found: set[int] = set()
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == own:
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+        if any(arg == needle or needle + "/" in arg or arg.endswith("=" + needle) for arg in args):
+            found.add(int(proc.name))
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child != own:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+def down(lc: LocalClusterConfig | None = None, timeout_s: float = 20.0) -> int:
+    """Stop every process of the local cluster (SIGTERM, then SIGKILL); returns how many there were."""
+    lc = lc or LocalClusterConfig()
+    temp = Path(lc.temp_dir)
+    pids = _pids(temp)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+            time.sleep(0.2)
+    log.info("local cluster in %s: stopped %d processes", temp, len(pids))
+    return len(pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def nodes(dashboard_url: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every node the cluster has had (dead ones too), from its State API; no ray.init needed.
+
+    Each: node_id, alive, head, kind (head / cpu_worker / gpu_worker), start_s and end_s (epoch s)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?limit=1000&detail=true", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        rows = json.load(resp)["data"]["result"]["result"]
+    out = []
+    for row in rows:
+        res = row.get("resources_total") or {}
+        kind = "head" if row.get("is_head_node") else "gpu_worker" if GPU_STAND_IN in res else "cpu_worker"
+        out.append({"node_id": row["node_id"], "alive": row.get("state") == "ALIVE", "head": kind == "head",
+                    "kind": kind, "start_s": (row.get("start_time_ms") or 0) / 1000,
+                    "end_s": (row.get("end_time_ms") or 0) / 1000 or None})
+    return out
+
+
+# --------------------------------------------------------------------------- the placement check
+
+
+@dataclass
+class NodeType:
+    """One node type of a cluster: its resources and how many of it the autoscaler may start."""
+
+    name: str
+    resources: dict[str, float]
+    max_workers: int  # the head: 1
+    head: bool = False
+
+
+@dataclass
+class Demand:
+    """`count` identical requests of one stage, and the config keys they come from."""
+
+    what: str  # e.g. "train workers (train.num_workers x train.cpus_per_worker, train.use_gpu)"
+    count: int
+    resources: dict[str, float]
+
+
+@dataclass
+class Problem:
+    """A stage that cannot be placed on the cluster, with what it asks and what the cluster gives."""
+
+    stage: str
+    asks: str
+    gives: str
+
+    def __str__(self) -> str:
+        return f"stage {self.stage}: asks {self.asks}; the cluster can give {self.gives}"
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
+
+
+def node_types(cluster_cfg: dict[str, Any]) -> tuple[list[NodeType], int | None]:
+    """Node types of a cluster-launcher / autoscaler config and its global `max_workers`.
+
+    Resources must be written in the file: the placement check cannot ask the cloud what an instance
+    type has (the autoscaler does so at run time)."""
+    types, head = [], cluster_cfg.get("head_node_type")
+    for name, spec in cluster_cfg.get("available_node_types", {}).items():
+        res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        if name != head and "CPU" not in res:
+            raise ValueError(f"node type {name!r} declares no resources (CPU, GPU): write them in the cluster "
+                             f"file, e.g. resources: {{CPU: 8, GPU: 1}} for a g5.2xlarge")
+        types.append(NodeType(name, res, 1 if name == head else int(spec.get("max_workers", 0)), name == head))
+    return types, cluster_cfg.get("max_workers")
+
+
+def live_node_types() -> tuple[list[NodeType], int | None]:
+    """Node types of the cluster this process is connected to: its autoscaler config when known (the
+    local cluster's, or ~/ray_bootstrap_config.yaml on a `ray up` head), else its nodes as they are."""
+    for path in (os.environ.get(CONFIG_ENV), BOOTSTRAP_CONFIG):
+        if path and Path(path).is_file():
+            return node_types(yaml.safe_load(Path(path).read_text()))
+    import ray
+
+    types = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = {k: float(v) for k, v in node["Resources"].items()
+                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+            types.append(NodeType(node["NodeID"][:8], res, 1, head=True))  # fixed: no autoscaler
+    return types, 0
+
+
+def stage_demands(cfg: PipelineConfig) -> dict[str, list[Demand]]:
+    """What each stage asks of the cluster at once (stages run one after another)."""
+    s, q, t, v, e = cfg.synthesis, cfg.synthesis.quality, cfg.train, cfg.serve, cfg.evaluate
+
+    def res(cpu: float, gpu: float = 0.0, **extra: float) -> dict[str, float]:
+        return {"CPU": cpu, **({"GPU": gpu} if gpu else {}), **extra}
+
+    engine = res(s.num_cpus_per_actor, s.num_gpus_per_actor,
+                 **({f"accelerator_type:{s.accelerator_type}": 0.001} if s.accelerator_type else {}))
+    replicas = v.autoscaling.max_replicas if v.autoscaling else v.num_replicas
+    eval_cpus = v.num_cpus if e.replica_num_cpus is None else e.replica_num_cpus
+    return {
+        "synthesize": [
+            Demand("vLLM engine actors (synthesis.num_actors x num_cpus_per_actor, num_gpus_per_actor)",
+                   s.num_actors, engine),
+            Demand("quality scorer (synthesis.quality.num_cpus, num_gpus)", 1, res(q.num_cpus, q.num_gpus))],
+        "train": [Demand("train workers (train.num_workers x train.cpus_per_worker, use_gpu)", t.num_workers,
+                         res(t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))],
+        "serve": [Demand("serve replicas (serve.autoscaling.max_replicas or serve.num_replicas x serve.num_cpus, "
+                         "num_gpus)", replicas, res(v.num_cpus, v.num_gpus))],
+        "evaluate": [Demand("evaluation replicas (evaluate.num_replicas x evaluate.replica_num_cpus, "
+                            "serve.num_gpus)", e.num_replicas, res(eval_cpus, v.num_gpus))],
+    }
+
+
+def _fits(req: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in req.items() if v > 0)
+
+
+def _pack(requests: list[dict[str, float]], types: list[NodeType], max_workers: int | None) -> int:
+    """How many of `requests` (largest first) fit on the head plus worker nodes opened on demand,
+    each type up to its max_workers and all together up to the cluster's max_workers."""
+    open_nodes = [dict(t.resources) for t in types if t.head]
+    started = {t.name: 0 for t in types}
+    placed = 0
+    for req in sorted(requests, key=lambda r: (-r.get("GPU", 0.0), -r.get("CPU", 0.0))):
+        node = next((free for free in open_nodes if _fits(req, free)), None)
+        if node is None:
+            room = max_workers is None or sum(started.values()) < max_workers
+            choices = [t for t in types if not t.head and room and started[t.name] < t.max_workers
+                       and _fits(req, t.resources)]
+            if not choices:
+                return placed
+            # keep GPU nodes for GPU work, and take the smallest node that fits
+            pick = min(choices, key=lambda t: (bool(t.resources.get("GPU")) and not req.get("GPU"),
+                                               sum(t.resources.values())))
+            started[pick.name] += 1
+            node = dict(pick.resources)
+            open_nodes.append(node)
+        for k, v in req.items():
+            node[k] = node.get(k, 0.0) - v
+        placed += 1
+    return placed
+
+
+def check_placement(cfg: PipelineConfig, types: list[NodeType], max_workers: int | None = None) -> list[Problem]:
+    """Every stage whose requests do not all fit the node types at their max_workers; [] when all fit."""
+    shape = ", ".join(f"{t.name} {t.max_workers} x {_fmt(t.resources)}" for t in types)
+    cap = f" (max_workers {max_workers} in all)" if max_workers is not None else ""
+    problems = []
+    for stage, demands in stage_demands(cfg).items():
+        requests = [d.resources for d in demands for _ in range(d.count)]
+        if _pack(requests, types, max_workers) == len(requests):
+            continue
+        asks = " + ".join(f"{d.count} x {_fmt(d.resources)} for {d.what}" for d in demands)
+        alone = [f"{_pack([d.resources] * d.count, types, max_workers)} of the {d.count} {d.what.split(' (')[0]}"
+                 for d in demands]
+        problems.append(Problem(stage, asks, f"{', '.join(alone)} at most, with node types {shape}{cap}"))
+    return problems
+
+
+def check_files(cluster_file: str | Path, config_file: str | Path, overrides: list[str] | None = None
+                ) -> list[Problem]:
+    """`mgh-ray check-cluster`: the job config against a cluster-launcher file, before anything starts."""
+    from mgh_ray import config, pipeline
+
+    cfg = config.load(pipeline.PipelineConfig, config_file, overrides or [])
+    types, max_workers = node_types(config.read_yaml(cluster_file))
+    return check_placement(cfg, types, max_workers)
