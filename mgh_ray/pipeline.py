@@ -113,6 +113,23 @@ class StaleStageError(RuntimeError):
     """A finished stage in the run folder was made with a different config."""
 
 
+class PlacementError(RuntimeError):
+    """A stage asks for more than the cluster's node types can ever give; the message names it."""
+
+
+def check_cluster(cfg: PipelineConfig) -> None:
+    """Refuse, before any stage starts, a config whose stages cannot be placed on the connected
+    cluster (its autoscaler's node types at max_workers when known, else its live nodes), instead
+    of waiting forever for resources that never come."""
+    from mgh_ray import cluster
+
+    types, max_workers = cluster.live_node_types()
+    problems = cluster.check_placement(cfg, types, max_workers)
+    if problems:
+        raise PlacementError("this config does not fit the cluster:\n  - " + "\n  - ".join(map(str, problems))
+                             + "\nlower the stage's counts/resources, or give the cluster bigger node types")
+
+
 def fingerprint(*sections: Section) -> str:
     blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -284,6 +301,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """All stages in order, skipping finished ones; returns the evaluation table (task x model)."""
     run = RunLayout(cfg.run_dir)
     init_ray(cfg.ray)
+    check_cluster(cfg)
     storage.check_writable(run.run_dir)  # a missing bucket or credentials fail before any stage
     save_config(cfg, run.run_dir)
     f_syn = fingerprint(cfg.synthesis)

@@ -186,22 +186,26 @@ def local_cluster(tmp_path):
         shutil.rmtree(lc.temp_dir, ignore_errors=True)
 
 
-def cluster_run_dir(tmp_path) -> str:
-    """Where the submitted pipeline writes (a local folder here; an s3:// URI once run_dir takes URIs)."""
-    return os.environ.get("MGH_RAY_TEST_RUN_DIR") or str(tmp_path / "run")
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+           "AWS_EC2_METADATA_DISABLED")
 
 
 def read_scores(run_dir: str):
+    import io
+
     import pandas as pd
 
-    return pd.read_csv(f"{run_dir}/evaluate/scores.csv", index_col=0)
+    from mgh_ray import storage
+
+    return pd.read_csv(io.StringIO(storage.read_text(storage.join(run_dir, "evaluate", "scores.csv"))), index_col=0)
 
 
 @pytest.mark.integration
-def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, tmp_path):
+def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, tmp_path, s3_bucket):
     """`ray start --head` with token auth and the autoscaler: an unauthenticated job submission is refused;
-    the submitted pipeline (tiny.yaml has ray.num_cpus: 4, which must not reach ray.init) succeeds on
-    worker nodes the autoscaler starts from zero, which go away again after the idle timeout."""
+    the submitted pipeline (tiny.yaml has ray.num_cpus: 4, which must not reach ray.init), with run_dir on
+    the loopback S3 server, succeeds on worker nodes the autoscaler starts from zero, which go away
+    again after the idle timeout."""
     import urllib.error
     import urllib.request
 
@@ -225,14 +229,15 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
                          env=env, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0 and "connected" in cli.stdout, cli.stdout[-2000:] + cli.stderr[-2000:]
 
-    run_dir = cluster_run_dir(tmp_path)
+    run_dir = f"s3://{s3_bucket}/run"
     client = JobSubmissionClient(url, headers=local_cluster.headers())
     job = client.submit_job(
         entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
                              *cluster_bench.MICRO]),
         runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                      "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
-                                                                  str(Path.home() / ".cache/mgh_ray"))}})
+                                                                  str(Path.home() / ".cache/mgh_ray")),
+                                  **{k: os.environ[k] for k in AWS_ENV if k in os.environ}}})
     deadline, most = time.time() + 1500, 0
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job {job} still {status}"

@@ -126,3 +126,13 @@ def test_pipeline_with_run_dir_on_s3_writes_nothing_local(tmp_path, monkeypatch,
     assert storage.is_file(storage.join(run.evaluate, "report.md"))
     assert storage.is_file(storage.join(run.evaluate, "scores.png"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_pipeline_refuses_a_config_the_cluster_cannot_place(tmp_path, ray_cluster):
+    """On the 4-CPU test cluster, 8 training workers can never be placed: refused at once, stage named,
+    nothing written (Ray Train would otherwise retry its worker group for minutes)."""
+    cfg = micro(tmp_path / "run", "train.num_workers=8")
+    with pytest.raises(pipeline.PlacementError, match=r"stage train: asks 8 x \{CPU: 1\}"):
+        pipeline.run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()
