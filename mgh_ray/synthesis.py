@@ -182,11 +182,16 @@ def _generate_rows(batch: pd.DataFrame, kinds: list[str], topics: list[str]) -> 
 
 def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
     """The seeds of this run as a Ray Dataset (seed file problems raise SeedError here, before any
-    engine). Generate-mode rows are made from the config (a count, not data), so from_items is fine."""
+    engine). Generate-mode rows are made on workers from row numbers (`ray.data.range`)."""
     import ray.data
 
     if cfg.mode == "generate":
-        ds = ray.data.from_items(_generate_rows(cfg, ps))
+        unknown = [k for k in cfg.kinds if k not in ps.kinds]
+        if unknown:
+            raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
+        n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
+        ds = ray.data.range(n).map_batches(_generate_rows, batch_format="pandas",
+                                           fn_kwargs={"kinds": list(cfg.kinds), "topics": list(ps.topics)})
     else:
         ds = seeds.dataset(cfg.seeds, cfg.num_seeds, check=False)  # synthesize validated it
     return ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
