@@ -412,10 +412,14 @@ def _st_pooling(cfg: pooling.PoolingConfig, merged: torch.nn.Module) -> torch.nn
     return pooling.AnchorPooling.from_backbone(cfg, merged)
 
 
-def query_prompts(instructions: Iterable[str], max_prompts: int = 8) -> dict[str, str]:
-    """Export prompts from the instructions a model trained with: the most frequent is "query", the
-    next ones "query_2" .. (at most `max_prompts`; generate mode writes one instruction per task)."""
-    counts = Counter(str(i) for i in instructions if str(i).strip())
+def query_prompts(instructions: Iterable[str] | Mapping[str, int], max_prompts: int = 8) -> dict[str, str]:
+    """Export prompts from the instructions a model trained with (texts, or {text: count}): the most
+    frequent is "query", the next ones "query_2" .. (at most `max_prompts`; generate mode writes one
+    instruction per task)."""
+    if isinstance(instructions, Mapping):
+        counts = Counter({str(i): int(n) for i, n in instructions.items() if str(i).strip()})
+    else:
+        counts = Counter(str(i) for i in instructions if str(i).strip())
     ranked = sorted(counts, key=lambda i: (-counts[i], i))[:max_prompts]
     return {("query" if n == 0 else f"query_{n + 1}"): inst for n, inst in enumerate(ranked)}
 

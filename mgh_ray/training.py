@@ -383,11 +383,18 @@ def _report_with_checkpoint(metrics: dict[str, Any], encoder: Encoder, optimizer
 # ------------------------------------------------------------------ driver side
 
 
-def _export(model_loc: str, export_loc: str) -> str:
-    """Merge and export a trained model folder (a Ray task: the model loads on a worker)."""
+def _export(model_loc: str, export_loc: str, prompts: dict[str, str]) -> str:
+    """Merge and export a trained model folder with its query prompts (a Ray task: the model loads
+    on a worker)."""
     with tempfile.TemporaryDirectory() as tmp:
-        Encoder.load(storage.local_dir(model_loc)).export(Path(tmp) / "export")
+        Encoder.load(storage.local_dir(model_loc)).export(Path(tmp) / "export", prompts=prompts)
         return storage.upload_dir(Path(tmp) / "export", export_loc)
+
+
+def instruction_counts(ds: Any) -> dict[str, int]:
+    """{instruction: rows} of the training data, counted on workers (distinct instructions only)."""
+    counts = ds.select_columns(["instruction"]).groupby("instruction").count().to_pandas()
+    return dict(zip(counts["instruction"], counts.iloc[:, -1].astype(int)))
 
 
 def training_dataset(records: Any) -> Any:
@@ -444,8 +451,11 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     with result.checkpoint.as_directory() as d:  # adapter-sized files; no model is loaded here
         storage.upload_dir(Path(d) / "model", model_loc)
     if cfg.export:
+        from mgh_ray.encoder import query_prompts
+
+        prompts = query_prompts(instruction_counts(ds))
         remote = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(_export)
-        ray.get(remote.remote(model_loc, export_loc))
+        ray.get(remote.remote(model_loc, export_loc, prompts))
     storage.write_text(done, json.dumps({"steps": cfg.steps, "checkpoint": result.checkpoint.path}))
     log.info("trained model in %s%s", model_loc, f", export in {export_loc}" if cfg.export else "")
     return model_loc
