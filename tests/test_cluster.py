@@ -250,7 +250,9 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
-    assert most >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # no GPU asked: no GPU stand-in
+    # CPU work starts cpu_worker nodes; the autoscaler may add the GPU stand-in too once both cpu_workers
+    # are busy (it has a CPU), which Ray allows for CPU demand: what matters is that nodes came from zero
+    assert most >= 1 and "cpu_worker" in {n["kind"] for n in launched}
     gone = time.time() + 180  # idle timeout 6 s, then the autoscaler's next pass
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
         assert time.time() < gone, "idle worker nodes were not removed"

@@ -215,13 +215,14 @@ def test_real_engine_run_on_s3_killed_then_resumed_keeps_every_row_once(tmp_path
 @pytest.mark.integration
 def test_generate_mode_brainstorms_tasks_then_examples(tmp_path, ray_cluster, smollm2_path):
     # 320 tokens: a whole example (query, positive, four negatives) was cut off at 160 in 3 of 8 rows
-    cfg = _tiny(mode="generate", num_seeds=4, kinds=["short-long", "sts"], max_tokens=320)
+    cfg = _tiny(mode="generate", num_seeds=4, kinds=["short-long", "sts"], max_tokens=320, max_retries=3)
     report = synthesis.synthesize(cfg, str(tmp_path / "gen"))
     assert report["seeds"] == 4 and report["written"] + report["failed"] == 4 and report["missing"] == 0
     recs = records.to_pandas(str(tmp_path / "gen"), "records")
     failures = records.to_pandas(str(tmp_path / "gen"), "failures")
     # the loop below must not be empty: a parser or prompt regression that fails every row fails here.
-    # (At max_tokens=160 two runs wrote 1 and 0 of 4: duplicate negatives and truncated answers.)
+    # (At max_tokens=160 two runs wrote 1 and 0 of 4; at 320 with one retry 1 and 0 of 4: duplicate
+    # negatives and truncated answers. Three retries per step give each row four tries.)
     assert len(recs) == report["written"] >= 1, failures.get("reason", pd.Series()).tolist()
     for rec in recs.itertuples():
         assert rec.kind in ("short-long", "sts") and rec.task and rec.instruction == rec.task

@@ -105,7 +105,7 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     root = storage.normalize(root or out_dir / "dataplane")
     if not ray.is_initialized():
-        ray.init()
+        ray.init(num_cpus=4)  # the tiny preset's logical CPUs (ray.num_cpus in tiny.yaml)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     for n in sizes:
