@@ -232,8 +232,9 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     run_dir = f"s3://{s3_bucket}/run"
     client = JobSubmissionClient(url, headers=local_cluster.headers())
     job = client.submit_job(
+        # its own Serve port: the session's `ray_cluster` may hold Serve's default port on this machine
         entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
-                             *cluster_bench.MICRO]),
+                             *cluster_bench.MICRO, "serve.port=18791"]),
         runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                      "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
                                                                   str(Path.home() / ".cache/mgh_ray")),
