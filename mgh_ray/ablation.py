@@ -27,7 +27,6 @@ from pathlib import Path
 import pandas as pd
 
 from mgh_ray import config, storage
-from mgh_ray import records as rec_io
 from mgh_ray.layout import RunLayout, save_config
 
 log = logging.getLogger(__name__)
@@ -126,16 +125,13 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
                 out = run.arm(study, f"{arm}-s{seed}")
                 source = "mined" if arm == "mined" else "synth"
-                # the gate's policy decides which negatives train (reference_levels: MiniLM's order)
-                policy = arm_cfg.synthesis.quality.policy if source == "synth" else None
-                key = (source, f"{pipeline.fingerprint(arm_cfg.train)}-{policy or 'saved'}")
+                key = (source, pipeline.fingerprint(arm_cfg.train))
                 if key in trained:  # e.g. pooling "ata" is schedule "curriculum": train once, use twice
                     log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, trained[key])
                     models[f"{arm}-s{seed}"] = trained[key]
                     continue
                 pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
-                                   lambda c=arm_cfg, d=records[source], o=out, p=policy:
-                                   training.train(c.train, rec_io.gated(d, policy=p), o))
+                                   lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o))
                 models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
         scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
         per_model = {name: scores[name] for name in models}
