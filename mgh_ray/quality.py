@@ -173,37 +173,14 @@ def gate(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, Any]:
-    """Rates for the report: level-order agreement per pair, false negatives, what the policy keeps."""
-    n = len(df)
-    if n == 0:
-        return {"records": 0}
-    f = flags(df, cfg)
-    fn = f[[f"fn_{k}" for k in LEVELS]].to_numpy()
-    above = f[[f"above_{k}" for k in LEVELS]].to_numpy()
-    copy = f[[f"copy_{k}" for k in LEVELS]].to_numpy()
-    passed = gate(df, cfg)["passed"]
-    return {
-        "records": n,
-        "policy": cfg.policy,
-        "passed": int(passed.sum()),
-        "passed_rate": round(float(passed.mean()), 4),
-        "order_agreement": {f"{a}<{b}": round(float(f[f"order_{a}_{b}"].mean()), 4)
-                            for a, b in itertools.combinations(_RANKED, 2)},
-        "fully_ordered_rate": round(float(f["ordered"].mean()), 4),
-        "false_negative_rate": round(float(fn.mean()), 4),  # per negative
-        "false_negative_rate_by_level": {f"L{k}": round(float(fn[:, i].mean()), 4)
-                                         for i, k in enumerate(LEVELS)},
-        "records_with_false_negative": round(float(fn.any(axis=1).mean()), 4),
-        "answers_query_rate": round(float(above.any(axis=1).mean()), 4),  # some negative scores >= positive
-        "copies_positive_rate": round(float(copy.any(axis=1).mean()), 4),
-        "mean_similarity": {**{f"L{k}": round(float(df[f"sim_{k}"].mean()), 4) for k in LEVELS},
-                            "pos": round(float(df["sim_pos"].mean()), 4)},
-    }
+    """Rates for the report: level-order agreement per pair, false negatives, what the policy keeps.
+    (The rates of one frame's `summary_counts`; a large folder sums the counts per batch first.)"""
+    return summary_rates(summary_counts(df, cfg), cfg)
 
 
 def summary_counts(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, float]:
-    """Additive counts behind `summarize` for one batch of records: sums over batches, then
-    `summary_rates`, give the report of a folder too large to hold in one process."""
+    """Additive counts of one batch of records (plus its generated tokens and retries, when present):
+    sums over batches, then `summary_rates`, give the report of a folder of any size."""
     n = len(df)
     if n == 0:
         return {"n": 0}
@@ -215,6 +192,8 @@ def summary_counts(df: pd.DataFrame, cfg: QualityConfig) -> dict[str, float]:
         "above_any": int(f[[f"above_{k}" for k in LEVELS]].to_numpy().any(axis=1).sum()),
         "copy_any": int(f[[f"copy_{k}" for k in LEVELS]].to_numpy().any(axis=1).sum()),
         "sim_pos": float(df["sim_pos"].sum()),
+        "gen_tokens": int(df["gen_tokens"].fillna(0).sum()) if "gen_tokens" in df else 0,
+        "retries": int(df["retries"].fillna(0).sum()) if "retries" in df else 0,
     }
     for a, b in itertools.combinations(_RANKED, 2):
         out[f"order:{a}<{b}"] = int(f[f"order_{a}_{b}"].sum())

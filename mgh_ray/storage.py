@@ -210,17 +210,11 @@ def check_readable(loc: str | Path, what: str = "file") -> None:
 # ------------------------------------------------------------------ folders (models, checkpoints)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file in a local folder."""
-    return {str(p.relative_to(folder)): _file_digest(p) for p in sorted(folder.rglob("*"))
+    from mgh_ray.assets import sha256_of
+
+    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != MANIFEST}
 
 

@@ -337,8 +337,6 @@ def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dup
     """The folder's report from per-batch counts (computed on workers) and this run's totals."""
     rec_ds = records.read(out_dir, "records")
     q = _sum(rec_ds, _summary_counts, qcfg=cfg.quality.model_dump(mode="json"))
-    rec_tokens = _sum(records.read(out_dir, "records", columns=["gen_tokens", "retries"]),
-                      lambda b: pd.DataFrame([{"gen_tokens": b["gen_tokens"].sum(), "retries": b["retries"].sum()}]))
     fail = _sum(records.read(out_dir, "failures"), _failure_counts)
     window = (run["t_last"] - run["t_first"]) if run.get("t_first") and run.get("t_last") else 0.0
     gen = run["gen_tokens"]
@@ -349,8 +347,8 @@ def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dup
         "written": written, "failed": int(fail.get("failed", 0)),
         "missing": counts["missing"],  # 0 after a completed run
         "failed_by_reason": {k.split(":", 1)[1]: int(v) for k, v in fail.items() if k.startswith("reason:") and v},
-        "retries": int(rec_tokens.get("retries", 0) + fail.get("retries", 0)),
-        "generated_tokens": int(rec_tokens.get("gen_tokens", 0) + fail.get("gen_tokens", 0)),
+        "retries": int(q.get("retries", 0) + fail.get("retries", 0)),
+        "generated_tokens": int(q.get("gen_tokens", 0) + fail.get("gen_tokens", 0)),
         "this_run": {"rows": run["rows"], "written": run["written"], "failed": run["failed"],
                      "retries": run["retries"], "generated_tokens": gen, "wall_s": run["wall_s"],
                      "tokens_per_s": round(gen / run["wall_s"], 2) if run["wall_s"] else 0.0,
