@@ -83,7 +83,7 @@ def _seeds_with_planted_copies(n: int = 80):
 
 
 @pytest.mark.integration
-def test_mine_skips_planted_false_negatives_and_picks_the_ranks_an_independent_ranking_gives(tmp_path,
+def test_mine_skips_planted_false_negatives_and_picks_the_ranks_an_independent_ranking_gives(tmp_path, ray_cluster,
                                                                                           minilm_path):
     from sentence_transformers import SentenceTransformer
 
