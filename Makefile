@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/mgh-ray pipeline $(CONFIG)
 
+# plain `pytest` deselects the integration tests (pyproject addopts); this runs every test
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "integration or not integration"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q
 
 fetch: install
 	$(VENV)/bin/mgh-ray fetch $(CONFIG)

@@ -100,14 +100,15 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     root = Path(pipeline.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
     save_config(cfg, str(root))
     pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
-                       lambda: pipeline.synthesize(cfg))
+                       lambda: pipeline.synthesize(cfg), cfg.ray.node_loss_retries)
     records = {"synth": run.synthesize}  # records folders: training streams their gated view
     if "mined" in ab.schedules:
         pipeline.run_stage(run.mine, "mine", pipeline.fingerprint(cfg.mining),
-                           lambda: mining.mine(pipeline.mining_of(cfg), run.mine))
+                           lambda: mining.mine(pipeline.mining_of(cfg), run.mine), cfg.ray.node_loss_retries)
         records["mined"] = run.mine
 
-    base_over = [f"train.steps={ab.steps}"] if ab.steps else []
+    # arms are only evaluated: no merged / sentence-transformers export for each of them
+    base_over = ["train.export=false", *([f"train.steps={ab.steps}"] if ab.steps else [])]
     eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
     studies = {
         "schedule": {arm: schedule_overrides(arm) for arm in ab.schedules},
@@ -131,7 +132,8 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                     models[f"{arm}-s{seed}"] = trained[key]
                     continue
                 pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
-                                   lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o))
+                                   lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o),
+                                   cfg.ray.node_loss_retries)
                 models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
         scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
         per_model = {name: scores[name] for name in models}

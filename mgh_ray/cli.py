@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from mgh_ray import config, storage
+from mgh_ray import config, driver, storage
 from mgh_ray.config import ConfigError
 from mgh_ray.layout import RunLayout
 
@@ -152,6 +152,7 @@ def pipeline_(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> N
     from mgh_ray import pipeline
 
     cfg = _setup(config_path, overrides)
+    driver.forbid_model_loads()  # a cluster head (cluster.yaml: CPU 0) must never hold a model
     scores = pipeline.run_pipeline(cfg)
     out = RunLayout(cfg.run_dir).evaluate
     typer.echo("\n" + _scores(scores))
@@ -167,6 +168,7 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
     from mgh_ray import ablation
 
     cfg = _setup(config_path, overrides)
+    driver.forbid_model_loads()
     _ray(cfg)
     for name, table in ablation.run_ablation(cfg).items():
         typer.echo(f"\n## {name}\n{_table(table)}")
@@ -174,8 +176,8 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
-              stage: str = typer.Option("synthesis", help="synthesis | training | serving | serving-peers | "
-                                                                      "pooling | dataplane | cluster")) -> None:
+              stage: str = typer.Option("synthesis", help="synthesis | synthesis-levers | training | serving | "
+                                                                      "serving-peers | pooling | dataplane | cluster")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
@@ -194,6 +196,10 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
     _ray(cfg)
     if stage == "synthesis":
         table = synthesis.run(cfg.synthesis, out)
+    elif stage == "synthesis-levers":
+        from mgh_ray.benchmarks import synthesis_levers
+
+        table = synthesis_levers.run(cfg.synthesis, out)
     elif stage == "training":
         table = training.run(cfg.train, out)
     elif stage in ("serving", "serving-peers"):
@@ -211,8 +217,8 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
         table = dataplane.run(out)
     else:
-        typer.echo(f"error: unknown stage {stage!r}; use synthesis, training, serving, serving-peers, pooling, "
-                   "dataplane or cluster",
+        typer.echo(f"error: unknown stage {stage!r}; use synthesis, synthesis-levers, training, serving, "
+                   "serving-peers, pooling, dataplane or cluster",
                    err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))

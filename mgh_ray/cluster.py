@@ -60,7 +60,9 @@ class LocalClusterConfig(Section):
     cpus_per_worker: int = Field(2, ge=1, strict=True)
     gpu_workers: int = Field(1, ge=0, strict=True)  # max_workers of gpu_worker (stand-ins)
     cpus_per_gpu_worker: int = Field(1, ge=0, strict=True)
-    idle_timeout_minutes: float = Field(0.25, gt=0)  # an idle worker node goes away after this
+    # An idle worker node goes away after this. Not much shorter: a node removed while Ray Data spreads
+    # an actor onto it fails that read (the pipeline reruns such a stage, see ray.node_loss_retries).
+    idle_timeout_minutes: float = Field(1.0, gt=0)
     auth: Literal["token", "disabled"] = "token"  # token: every client needs the token (RAY_AUTH_MODE)
     token_path: str | None = None  # None: Ray's default ~/.ray/auth_token (generated if missing)
 

@@ -4,8 +4,9 @@ On a cluster the driver runs on a small CPU head (cluster.yaml: `CPU: 0`); a 7B 
 an out-of-memory crash. Every place that loads a model calls `check_model_load`, which raises in a
 process that has declared itself a driver that must not load models (`forbid_model_loads()`, or the
 env var MGH_RAY_NO_MODELS_IN_PID set to its pid, which Ray workers inherit but do not match).
-The pipeline tests turn it on for the whole run, so a model load that slips back into the driver
-fails loudly instead of passing on a laptop.
+`mgh-ray pipeline` and `mgh-ray ablate` (and so their `ray job submit` entrypoints) turn it on for
+their whole run, as do the pipeline tests, so a model load that slips back into the driver fails
+loudly instead of passing on a laptop.
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ class RayConfig(Section):
     # API that Ray Train's placement-group cleaner polls every second (without it that actor logs
     # "Failed to query Ray Train Controller actor state" each time and cannot clean up after a crash).
     include_dashboard: bool = Field(True, strict=True)
+    # A stage that fails because a node went away (spot preemption, or the autoscaler removing an idle
+    # node just as Ray Data spread an actor onto it) is run again this many times; each stage resumes
+    # from what it wrote, so a rerun costs only the lost work.
+    node_loss_retries: int = Field(1, ge=0, strict=True)
 
 
 class AblationConfig(Section):
@@ -135,8 +139,26 @@ def fingerprint(*sections: Section) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object]) -> bool:
-    """Run `fn` unless `folder` (path or URI) holds a matching _SUCCESS; returns True if it ran."""
+def lost_node(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) says a node, or an actor with its node, died."""
+    import ray.exceptions as rex
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        # an ActorDiedError says so only in its text, and Ray Data re-raises it wrapped
+        if isinstance(exc, (rex.NodeDiedError, rex.LocalRayletDiedError)) or "its node has died" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object], node_loss_retries: int = 0) -> bool:
+    """Run `fn` unless `folder` (path or URI) holds a matching _SUCCESS; returns True if it ran.
+
+    A failure caused by a lost node runs `fn` again (up to `node_loss_retries` times): stages resume
+    from their own partial output, and Ray Data or Ray Train do not retry every such loss themselves
+    (a parquet footer reader placed on a node the autoscaler is removing fails the read)."""
     marker = RunLayout.success(folder)
     if storage.is_file(marker):
         done = storage.read_text(marker).strip()
@@ -149,7 +171,15 @@ def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object]) -> 
     storage.makedirs(folder)
     start = time.time()
     log.info("stage %s: running into %s", name, folder)
-    fn()
+    for attempt in range(node_loss_retries + 1):
+        try:
+            fn()
+            break
+        except Exception as exc:
+            if attempt == node_loss_retries or not lost_node(exc):
+                raise
+            log.warning("stage %s: a node was lost (%s); running the stage again, resuming from %s",
+                        name, str(exc).strip().splitlines()[-1][:200], folder)
     storage.write_text(marker, print_)
     log.info("stage %s: finished in %.0f s", name, time.time() - start)
     return True
@@ -316,7 +346,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     ]
     for i, (name, folder, fp, fn) in enumerate(plan, 1):
         log.info("[%d/%d] %s", i, len(plan), name)
-        run_stage(folder, name, fp, fn)
+        run_stage(folder, name, fp, fn, cfg.ray.node_loss_retries)
     return scores_of(cfg)
 
 

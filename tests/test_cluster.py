@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -170,20 +171,26 @@ def test_init_ray_connects_without_local_cluster_settings(monkeypatch):
 
 # ---------------------------------------------------------------- real clusters (integration)
 
-@pytest.fixture
-def local_cluster(tmp_path):
+@contextlib.contextmanager
+def autoscaling_cluster(tmp_path, **shape):
     """The local autoscaling cluster on ports of its own (a session `ray_cluster` may be up beside it),
     0 workers at start, short idle timeout; stopped, every process of it, even when the test fails."""
     from mgh_ray import cluster
 
     lc = cluster.LocalClusterConfig(port=6391, dashboard_port=8291, temp_dir=f"/tmp/mgr-test-{os.getpid()}",
-                                    token_path=str(tmp_path / "auth_token"), idle_timeout_minutes=0.1)
+                                    token_path=str(tmp_path / "auth_token"), idle_timeout_minutes=0.5, **shape)
     try:
         yield cluster.up(lc)
     finally:
         cluster.down(lc)
         assert cluster._pids(Path(lc.temp_dir)) == []  # nothing left behind
         shutil.rmtree(lc.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    with autoscaling_cluster(tmp_path) as lc:
+        yield lc
 
 
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -254,67 +261,100 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     # CPU work starts cpu_worker nodes; the autoscaler may add the GPU stand-in too once both cpu_workers
     # are busy (it has a CPU), which Ray allows for CPU demand: what matters is that nodes came from zero
     assert most >= 1 and "cpu_worker" in {n["kind"] for n in launched}
-    gone = time.time() + 180  # idle timeout 6 s, then the autoscaler's next pass
+    gone = time.time() + 180  # idle timeout 30 s, then the autoscaler's next pass
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
         assert time.time() < gone, "idle worker nodes were not removed"
         time.sleep(3)
 
 
+def serve_replicas(lc, app: str) -> int:
+    """RUNNING replicas of a Serve app, from the dashboard's Serve API (no ray.init here)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{lc.dashboard_url}/api/serve/applications/", headers=lc.headers())
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        apps = json.load(resp).get("applications") or {}
+    deployments = (apps.get(app) or {}).get("deployments") or {}
+    return sum(r.get("state") == "RUNNING" for d in deployments.values() for r in d.get("replicas") or [])
+
+
 @pytest.mark.integration
-def test_serve_autoscaling_scales_up_under_load_and_back_down(ray_cluster, tmp_path, minilm_path):
-    """A bounded load (at most 2000 requests or 90 s, loopback) raises the replica count of an app with
-    serve.autoscaling; after the load stops the extra replicas go away."""
+def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, minilm_path):
+    """`mgh-ray serve` submitted as a job to the local autoscaling cluster with serve.autoscaling: a
+    bounded load (at most 2000 requests or 120 s, loopback) raises the replica count, the autoscaler
+    starts a node for the replicas (2 CPUs each: one per node), and after the load stops the extra
+    replicas go away, then their nodes."""
     import threading
 
-    from ray import serve
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from mgh_ray import serving
+    from mgh_ray import cluster, serving
     from mgh_ray.encoder import Encoder, EncoderConfig
     from mgh_ray.pooling import PoolingConfig
 
     model = tmp_path / "minilm"
     Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(model)
-    cfg = serving.ServeConfig(port=18731, app_name="test-autoscale", route_prefix="/autoscale", api_key_env=None,
-                              num_cpus=0.5, max_batch_size=4, max_ongoing_requests=4,
-                              autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                                           "upscale_delay_s": 0, "downscale_delay_s": 2})
+    app, port = "autoscale", 18792
+    with autoscaling_cluster(tmp_path, cpu_workers=3) as lc:
+        client = JobSubmissionClient(lc.dashboard_url, headers=lc.headers())
+        overrides = [f"run_dir={tmp_path / 'run'}", f"serve.app_name={app}", f"serve.port={port}",
+                     "serve.proxy_location=HeadOnly", "serve.num_cpus=2", "serve.max_batch_size=4",
+                     "serve.max_ongoing_requests=4",
+                     "serve.autoscaling={min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1, "
+                     "upscale_delay_s: 0, downscale_delay_s: 2}"]
+        job = client.submit_job(
+            entrypoint=" ".join([sys.executable, "-m", "jobs.serve", "jobs/configs/tiny.yaml", "--model", str(model),
+                                 *(f"'{o}'" for o in overrides)]),
+            runtime_env={"working_dir": cluster.local_working_dir(ROOT),
+                         "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
+                                                                      str(Path.home() / ".cache/mgh_ray"))}})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while "serving at" not in client.get_job_logs(job):  # deployed, parity checked
+                status = client.get_job_status(job)
+                assert status not in {JobStatus.FAILED, JobStatus.STOPPED}, client.get_job_logs(job)[-4000:]
+                assert time.time() < deadline, client.get_job_logs(job)[-4000:]
+                time.sleep(2)
 
-    def running() -> int:
-        app = serve.status().applications[cfg.app_name]
-        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+            def workers() -> int:
+                return sum(n["alive"] and not n["head"] for n in cluster.nodes(lc.dashboard_url, lc.headers()))
 
-    url = serving.deploy(cfg, model, name=cfg.app_name)
-    stop, sent, lock = threading.Event(), [0], threading.Lock()
+            assert serve_replicas(lc, app) == 1
+            before = workers()
+            stop, sent, lock = threading.Event(), [0], threading.Lock()
 
-    def load() -> None:
-        with serving.EmbeddingClient(url) as client:
-            while not stop.is_set():
-                with lock:
-                    if sent[0] >= 2000:
-                        return
-                    sent[0] += 1
-                client.embed(["a sentence long enough to keep a replica busy for a moment " * 4] * 4)
+            def load() -> None:
+                with serving.EmbeddingClient(url) as http:
+                    while not stop.is_set():
+                        with lock:
+                            if sent[0] >= 2000:
+                                return
+                            sent[0] += 1
+                        http.embed(["a sentence long enough to keep a replica busy for a moment " * 4] * 4)
 
-    try:
-        assert running() == 1
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
-        for t in threads:
-            t.start()
-        deadline, peak = time.time() + 90, 1
-        while time.time() < deadline and peak < 2 and any(t.is_alive() for t in threads):
-            peak = max(peak, running())
-            time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-        assert peak >= 2, f"no scale-up after {sent[0]} requests"
-        deadline = time.time() + 150
-        while running() > 1:
-            assert time.time() < deadline, f"still {running()} replicas after the load stopped"
-            time.sleep(2)
-    finally:
-        stop.set()
-        serving.undeploy(cfg.app_name)
+            threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+            for t in threads:
+                t.start()
+            deadline, peak, peak_nodes = time.time() + 120, 1, before
+            while time.time() < deadline and peak < 3 and any(t.is_alive() for t in threads):
+                peak, peak_nodes = max(peak, serve_replicas(lc, app)), max(peak_nodes, workers())
+                time.sleep(1)
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            assert peak >= 2, f"no scale-up after {sent[0]} requests"
+            assert peak_nodes > before, f"replicas went to {peak} without a new node ({before} before)"
+            deadline = time.time() + 240  # replicas: downscale delay 2 s; nodes: idle timeout 30 s
+            while serve_replicas(lc, app) > 1 or workers() >= peak_nodes:
+                assert time.time() < deadline, f"{serve_replicas(lc, app)} replicas, {workers()} worker nodes"
+                time.sleep(3)
+        finally:
+            client.stop_job(job)
+            deadline = time.time() + 60
+            while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+                assert time.time() < deadline
+                time.sleep(1)
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -60,71 +61,84 @@ def test_finished_stage_with_another_config_is_refused(tmp_path):
     assert pipeline.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
 
 
+def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_path):
+    import ray.exceptions as rex
+
+    calls = []
+
+    def flaky():  # the error Ray raised when the autoscaler removed a node under a parquet read
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise rex.ActorDiedError()
+            except rex.ActorDiedError as died:
+                raise RuntimeError("The actor died because its node has died. Terminated by autoscaler.") from died
+
+    with pytest.raises(RuntimeError):  # retries off: the loss is raised
+        pipeline.run_stage(str(tmp_path / "a"), "a", "fp", flaky, node_loss_retries=0)
+    calls.clear()
+    assert pipeline.run_stage(str(tmp_path / "b"), "b", "fp", flaky, node_loss_retries=1) is True
+    assert len(calls) == 2 and (tmp_path / "b" / "_SUCCESS").read_text() == "fp"
+    with pytest.raises(ZeroDivisionError):  # not a lost node: no retry
+        pipeline.run_stage(str(tmp_path / "c"), "c", "fp", lambda: 1 / 0, node_loss_retries=3)
+    assert not (tmp_path / "c" / "_SUCCESS").exists()
+
+
 @pytest.mark.integration
-def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, ray_cluster, smollm2_path, minilm_path):
-    run = tmp_path / "run"
-    cfg = micro(run)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(driver.ENV, str(os.getpid()))  # the driver never loads a model (cluster heads are small)
-        scores = pipeline.run_pipeline(cfg)
+def test_pipeline_on_s3_runs_to_the_table_resumes_and_ablates(tmp_path, monkeypatch, ray_cluster, smollm2_path,
+                                                               minilm_path, s3_bucket):
+    """The micro pipeline with run_dir on the loopback S3 server (local paths go through the same
+    storage layer, and each stage's own tests run them): every stage's output lands in the bucket,
+    nothing of the run on local disk outside the caches, no model in the driver; a rerun reuses every
+    stage; a changed config is refused; the ablation runner trains its arms on the same records."""
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+    monkeypatch.setenv(driver.ENV, str(os.getpid()))  # the driver never loads a model (cluster heads are small)
+    run = RunLayout(f"s3://{s3_bucket}/run")
+    cfg = micro(run.run_dir, "train.export=true")
+    scores = pipeline.run_pipeline(cfg)
 
     assert {"base", "trained"} <= set(scores.columns)
     assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
     assert scores.notna().all().all()
-    for stage in STAGES:
-        assert (run / stage / "_SUCCESS").is_file(), stage
-    assert (run / "config.yaml").is_file() and (run / "train" / "config.yaml").is_file()
-    assert (run / "synthesize" / "report.json").is_file() and (run / "train" / "model").is_dir()
-    assert (run / "evaluate" / "report.md").is_file() and (run / "evaluate" / "scores.png").stat().st_size > 0
-    parity = pd.read_json(run / "serve" / "serve.json", typ="series")
-    assert parity["parity_min_cosine"] >= 0.9999
-
-    # a rerun reuses every stage: nothing is rewritten, the same table comes back
-    stamps = {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
-    metrics = (run / "train" / "metrics.jsonl").read_text()
-    again = pipeline.run_pipeline(cfg)
-    pd.testing.assert_frame_equal(again, scores)
-    assert stamps == {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
-    assert (run / "train" / "metrics.jsonl").read_text() == metrics
-
-    # a different training config must not silently reuse the trained model
-    with pytest.raises(pipeline.StaleStageError, match="train"):
-        pipeline.run_pipeline(micro(run, "train.steps=5"))
-
-    # the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
-    ab = micro(run, "ablation.schedules=[curriculum,in_batch]", "ablation.poolings=[]", "ablation.steps=4",
-               "ablation.tasks=[LeeSTS]")
-    tables = ablation.run_ablation(ab)
-    table = tables["schedule"]
-    assert list(table.index) == ["curriculum", "in_batch"] and "pooling" not in tables
-    assert table["mean"].notna().all()
-    for arm in ("curriculum-s0", "in_batch-s0"):
-        assert (run / "ablation" / "schedule" / arm / "_SUCCESS").is_file()
-    assert (run / "ablation" / "schedule.png").stat().st_size > 0
-    assert (run / "ablation" / "schedule.md").is_file()
-
-
-@pytest.mark.integration
-def test_pipeline_with_run_dir_on_s3_writes_nothing_local(tmp_path, monkeypatch, ray_cluster, smollm2_path,
-                                                          minilm_path, s3_bucket):
-    """The micro pipeline with run_dir on the loopback S3 server: every stage's output lands in the
-    bucket (records, checkpoints, model, export, evaluation, report), and nothing of the run is
-    written to local disk outside the project's caches."""
-    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
-    monkeypatch.setenv(driver.ENV, str(os.getpid()))  # a model loaded in this (driver) process fails
-    run = RunLayout(f"s3://{s3_bucket}/run")
-    scores = pipeline.run_pipeline(micro(run.run_dir, "train.export=true"))
-    assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
     for stage in (*STAGES, "base"):
         assert storage.is_file(RunLayout.success(getattr(run, stage))), stage
         assert stage == "base" or storage.is_file(RunLayout.config(getattr(run, stage))), stage
+    assert storage.is_file(RunLayout.config(run.run_dir))
     assert storage.list_files(RunLayout.records(run.synthesize))
+    assert storage.is_file(storage.join(run.synthesize, "report.json"))
     assert storage.is_file(storage.join(run.model, "encoder.yaml"))
     assert storage.is_file(storage.join(run.model, storage.MANIFEST))
     assert storage.list_files(storage.join(run.export, "merged"), recursive=True)
     assert storage.list_files(storage.join(run.train, "train"), recursive=True)  # Ray Train's checkpoints
     assert storage.is_file(storage.join(run.evaluate, "report.md"))
     assert storage.is_file(storage.join(run.evaluate, "scores.png"))
+    parity = pd.read_json(io.StringIO(storage.read_text(storage.join(run.serve, "serve.json"))), typ="series")
+    assert parity["parity_min_cosine"] >= 0.9999
+    assert list(tmp_path.iterdir()) == []
+
+    # a rerun reuses every stage: nothing is rewritten, the same table comes back
+    stamps = {s: storage.info(RunLayout.success(getattr(run, s))).mtime for s in STAGES}
+    metrics = storage.read_text(storage.join(run.train, "metrics.jsonl"))
+    again = pipeline.run_pipeline(cfg)
+    pd.testing.assert_frame_equal(again, scores)
+    assert stamps == {s: storage.info(RunLayout.success(getattr(run, s))).mtime for s in STAGES}
+    assert storage.read_text(storage.join(run.train, "metrics.jsonl")) == metrics
+
+    # a different training config must not silently reuse the trained model
+    with pytest.raises(pipeline.StaleStageError, match="train"):
+        pipeline.run_pipeline(micro(run.run_dir, "train.export=true", "train.steps=5"))
+
+    # the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
+    ab = micro(run.run_dir, "ablation.schedules=[curriculum,in_batch]", "ablation.poolings=[]",
+               "ablation.steps=4", "ablation.tasks=[LeeSTS]")
+    tables = ablation.run_ablation(ab)
+    table = tables["schedule"]
+    assert list(table.index) == ["curriculum", "in_batch"] and "pooling" not in tables
+    assert table["mean"].notna().all()
+    for arm in ("curriculum-s0", "in_batch-s0"):
+        assert storage.is_file(RunLayout.success(run.arm("schedule", arm)))
+    assert storage.is_file(storage.join(run.ablation, "schedule.png"))
+    assert storage.is_file(storage.join(run.ablation, "schedule.md"))
     assert list(tmp_path.iterdir()) == []
 
 

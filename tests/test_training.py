@@ -18,8 +18,8 @@ from mgh_ray.benchmarks.training import seed_records
 from mgh_ray.curriculum import Curriculum
 from mgh_ray.encoder import Encoder, EncoderConfig
 from mgh_ray.losses import InfoNCE, LossConfig
-from mgh_ray.training import (TrainConfig, _concat, batch_stream, check_dataset, contrastive_loss, lr_factor,
-                              read_metrics, train)
+from mgh_ray.training import (TrainConfig, _concat, batch_stream, check_dataset, contrastive_loss,
+                              instruction_counts, lr_factor, read_metrics, train)
 
 
 def test_default_is_the_tiny_cpu_preset_and_a_gpu_cluster_is_expressible(tmp_path):
@@ -57,6 +57,10 @@ def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
     for first, second in (batches[:2], batches[2:]):
         ids = [*first["id"], *second["id"]]
         assert len(set(ids)) == 8 and set(ids) <= set(records["id"])  # a pass repeats no row
+
+    # the export's query prompts come from these counts, over every block of the dataset
+    mixed = records.assign(instruction=["a"] * 6 + ["b"] * 3 + ["a, again"])
+    assert instruction_counts(ray.data.from_pandas(mixed).repartition(3)) == {"a": 6, "b": 3, "a, again": 1}
 
 
 def test_lr_schedule():

@@ -116,7 +116,7 @@ def start_app(cfg: ServeConfig, model_dir: Path, name: str, route_prefix: str | 
 
     key = api_key(cfg)
     check_public(cfg, cfg.host, key)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     app = application(cfg, model_dir, key)
     serve.run_many([serve.RunTarget(app, name=name, route_prefix=route_prefix)],
                    wait_for_applications_running=False)

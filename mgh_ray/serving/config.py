@@ -44,6 +44,10 @@ class ServeConfig(Section):
     model_name: str | None = None  # id in /v1/models and the `model` field; None: the folder's name
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSection | None = None
+    # Serve's HTTP proxies: one per node (Ray's default; a load balancer in front spreads clients), or
+    # on the head only, for nodes that share one host (the local autoscaling cluster: each proxy there
+    # would bind the same host:port)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     # in-flight requests per replica: cheap (texts wait in the batch queue), and a high bound keeps a few
     # clients that stall mid-body from occupying every slot
     max_ongoing_requests: int = Field(128, ge=1, le=10_000)
