@@ -52,6 +52,23 @@ def schedule_overrides(arm: str) -> list[str]:
     raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
 
 
+def arm_key(cfg, arm_cfg, arm: str) -> tuple[str, str]:
+    """(records source, training fingerprint) of an arm: arms with equal keys train the same model.
+
+    Sources: "mined", "synth" (the synthesized records through the run's gate policy), or
+    "synth:<policy>" when the arm reads them through another policy (reference_levels: relabel, which
+    re-orders each record's negatives by the reference embedder); the policy is then part of the
+    fingerprint, so such an arm never reuses a model trained on the LLM's levels."""
+    from mgh_ray import pipeline
+
+    if arm == "mined":
+        return "mined", pipeline.fingerprint(arm_cfg.train)
+    policy = arm_cfg.synthesis.quality.policy
+    if policy != cfg.synthesis.quality.policy:
+        return f"synth:{policy}", pipeline.fingerprint(arm_cfg.train, arm_cfg.synthesis.quality)
+    return "synth", pipeline.fingerprint(arm_cfg.train)
+
+
 def _check_arms(arms: list[str], known: tuple[str, ...], what: str) -> None:
     bad = [a for a in arms if a not in known]
     if bad:
@@ -92,6 +109,7 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
 def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm of both ablations; returns {"schedule": table, "pooling": table}."""
     from mgh_ray import evaluation, mining, pipeline, training
+    from mgh_ray import records as records_io
 
     ab = cfg.ablation
     _check_arms(ab.schedules, SCHEDULES, "schedule")
@@ -125,8 +143,10 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
             for seed in ab.seeds:
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
                 out = run.arm(study, f"{arm}-s{seed}")
-                source = "mined" if arm == "mined" else "synth"
-                key = (source, pipeline.fingerprint(arm_cfg.train))
+                key = arm_key(cfg, arm_cfg, arm)
+                source = key[0]
+                if source not in records:  # the synthesized records through another gate policy
+                    records[source] = records_io.gated(run.synthesize, policy=source.split(":", 1)[1])
                 if key in trained:  # e.g. pooling "ata" is schedule "curriculum": train once, use twice
                     log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, trained[key])
                     models[f"{arm}-s{seed}"] = trained[key]

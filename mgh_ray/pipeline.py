@@ -60,7 +60,7 @@ class AblationConfig(Section):
     """The paper's two ablations (see ablation.py); every arm gets the same seeds and steps."""
 
     schedules: list[str] = ["curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse",
-                            "cumulative", "in_batch", "mined"]
+                            "cumulative", "in_batch", "mined", "reference_levels"]
     poolings: list[str] = ["ata", "mean", "last", "weighted_mean"]
     seeds: list[int] = [0]
     steps: int | None = Field(None, ge=1, strict=True)  # None: train.steps

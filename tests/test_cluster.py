@@ -189,12 +189,21 @@ def autoscaling_cluster(tmp_path, **shape):
 
 @pytest.fixture
 def local_cluster(tmp_path):
-    with autoscaling_cluster(tmp_path) as lc:
+    # one worker node type of 4 CPUs (the plain test cluster's size), no GPU stand-in: on 2 cores every
+    # extra idle node (a raylet and its agents) slows the run; the driver still runs on the CPU-0 head
+    with autoscaling_cluster(tmp_path, cpu_workers=1, cpus_per_worker=4, gpu_workers=0) as lc:
         yield lc
 
 
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
            "AWS_EC2_METADATA_DISABLED")
+
+
+def local_files() -> set[str]:
+    """Files of the repo outside the venv, git and caches (the working dir of jobs on the local cluster)."""
+    skip = {".venv", ".git", ".pytest_cache", "__pycache__", ".ruff_cache"}
+    return {str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and not p.name.endswith(".pyc")}
 
 
 def read_scores(run_dir: str):
@@ -237,6 +246,7 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     assert cli.returncode == 0 and "connected" in cli.stdout, cli.stdout[-2000:] + cli.stderr[-2000:]
 
     run_dir = f"s3://{s3_bucket}/run"
+    before = local_files()  # the job runs in the repo (local://): a path written by mistake lands here
     client = JobSubmissionClient(url, headers=local_cluster.headers())
     job = client.submit_job(
         # its own Serve port: the session's `ray_cluster` may hold Serve's default port on this machine
@@ -256,11 +266,22 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     assert "num_cpus and num_gpus must not be provided" not in logs
     scores = read_scores(run_dir)
     assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
+    # every stage's output is in the bucket, nothing of the run on local disk outside the caches
+    from mgh_ray import storage
+    from mgh_ray.layout import RunLayout
+
+    run = RunLayout(run_dir)
+    for stage in ("fetch", "synthesize", "train", "serve", "evaluate", "base"):
+        assert storage.is_file(RunLayout.success(getattr(run, stage))), stage
+        assert stage == "base" or storage.is_file(RunLayout.config(getattr(run, stage))), stage
+    assert storage.list_files(RunLayout.records(run.synthesize))
+    assert storage.is_file(storage.join(run.model, storage.MANIFEST))
+    assert storage.list_files(storage.join(run.train, "train"), recursive=True)  # Ray Train's checkpoints
+    assert all(storage.is_file(storage.join(run.evaluate, f)) for f in ("report.md", "scores.png"))
+    assert local_files() == before
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
-    # CPU work starts cpu_worker nodes; the autoscaler may add the GPU stand-in too once both cpu_workers
-    # are busy (it has a CPU), which Ray allows for CPU demand: what matters is that nodes came from zero
-    assert most >= 1 and "cpu_worker" in {n["kind"] for n in launched}
+    assert most >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # started from zero for the work
     gone = time.time() + 180  # idle timeout 30 s, then the autoscaler's next pass
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
         assert time.time() < gone, "idle worker nodes were not removed"
@@ -295,7 +316,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
     model = tmp_path / "minilm"
     Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(model)
     app, port = "autoscale", 18792
-    with autoscaling_cluster(tmp_path, cpu_workers=3) as lc:
+    with autoscaling_cluster(tmp_path, cpu_workers=3, gpu_workers=0) as lc:
         client = JobSubmissionClient(lc.dashboard_url, headers=lc.headers())
         overrides = [f"run_dir={tmp_path / 'run'}", f"serve.app_name={app}", f"serve.port={port}",
                      "serve.proxy_location=HeadOnly", "serve.num_cpus=2", "serve.max_batch_size=4",

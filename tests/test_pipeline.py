@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mgh_ray import ablation, config, driver, pipeline, storage
-from mgh_ray.layout import RunLayout
+from mgh_ray import ablation, config, driver, pipeline
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
 STAGES = ("fetch", "synthesize", "train", "serve", "evaluate")
@@ -52,6 +50,14 @@ def test_schedule_arms_map_to_training_settings():
     with pytest.raises(ValueError, match="unknown schedule arm"):
         ablation.schedule_overrides("level_x")
 
+    # which arms share a trained model: pooling "ata" is schedule "curriculum"; reference_levels is not
+    def key(arm, *over):
+        return ablation.arm_key(tiny, config.override(tiny, [*ablation.schedule_overrides(arm), *over]), arm)
+
+    assert key("curriculum") == key("curriculum", "train.encoder.pooling.mode=ata")
+    assert key("reference_levels")[0] == "synth:relabel" and key("reference_levels")[1] != key("curriculum")[1]
+    assert key("mined")[0] == "mined" and key("in_batch") != key("curriculum")
+
 
 def test_finished_stage_with_another_config_is_refused(tmp_path):
     (tmp_path / "train").mkdir()
@@ -85,61 +91,53 @@ def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_pat
 
 
 @pytest.mark.integration
-def test_pipeline_on_s3_runs_to_the_table_resumes_and_ablates(tmp_path, monkeypatch, ray_cluster, smollm2_path,
-                                                               minilm_path, s3_bucket):
-    """The micro pipeline with run_dir on the loopback S3 server (local paths go through the same
-    storage layer, and each stage's own tests run them): every stage's output lands in the bucket,
-    nothing of the run on local disk outside the caches, no model in the driver; a rerun reuses every
-    stage; a changed config is refused; the ablation runner trains its arms on the same records."""
-    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, monkeypatch, ray_cluster, smollm2_path,
+                                                        minilm_path):
+    """The micro pipeline in-process on a local run_dir, no model in the driver; a rerun reuses every
+    stage; a changed config is refused; the ablation runner trains its arms on the same records.
+    (The same pipeline with run_dir on S3 runs as a submitted job in test_cluster.py.)"""
     monkeypatch.setenv(driver.ENV, str(os.getpid()))  # the driver never loads a model (cluster heads are small)
-    run = RunLayout(f"s3://{s3_bucket}/run")
-    cfg = micro(run.run_dir, "train.export=true")
+    run = tmp_path / "run"
+    cfg = micro(run)
     scores = pipeline.run_pipeline(cfg)
 
     assert {"base", "trained"} <= set(scores.columns)
     assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
     assert scores.notna().all().all()
-    for stage in (*STAGES, "base"):
-        assert storage.is_file(RunLayout.success(getattr(run, stage))), stage
-        assert stage == "base" or storage.is_file(RunLayout.config(getattr(run, stage))), stage
-    assert storage.is_file(RunLayout.config(run.run_dir))
-    assert storage.list_files(RunLayout.records(run.synthesize))
-    assert storage.is_file(storage.join(run.synthesize, "report.json"))
-    assert storage.is_file(storage.join(run.model, "encoder.yaml"))
-    assert storage.is_file(storage.join(run.model, storage.MANIFEST))
-    assert storage.list_files(storage.join(run.export, "merged"), recursive=True)
-    assert storage.list_files(storage.join(run.train, "train"), recursive=True)  # Ray Train's checkpoints
-    assert storage.is_file(storage.join(run.evaluate, "report.md"))
-    assert storage.is_file(storage.join(run.evaluate, "scores.png"))
-    parity = pd.read_json(io.StringIO(storage.read_text(storage.join(run.serve, "serve.json"))), typ="series")
+    for stage in STAGES:
+        assert (run / stage / "_SUCCESS").is_file(), stage
+        assert (run / stage / "config.yaml").is_file(), stage
+    assert (run / "config.yaml").is_file() and (run / "base" / "_SUCCESS").is_file()
+    assert (run / "synthesize" / "report.json").is_file() and (run / "train" / "model" / "encoder.yaml").is_file()
+    assert (run / "evaluate" / "report.md").is_file() and (run / "evaluate" / "scores.png").stat().st_size > 0
+    parity = pd.read_json(run / "serve" / "serve.json", typ="series")
     assert parity["parity_min_cosine"] >= 0.9999
-    assert list(tmp_path.iterdir()) == []
 
     # a rerun reuses every stage: nothing is rewritten, the same table comes back
-    stamps = {s: storage.info(RunLayout.success(getattr(run, s))).mtime for s in STAGES}
-    metrics = storage.read_text(storage.join(run.train, "metrics.jsonl"))
+    stamps = {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
+    metrics = (run / "train" / "metrics.jsonl").read_text()
     again = pipeline.run_pipeline(cfg)
     pd.testing.assert_frame_equal(again, scores)
-    assert stamps == {s: storage.info(RunLayout.success(getattr(run, s))).mtime for s in STAGES}
-    assert storage.read_text(storage.join(run.train, "metrics.jsonl")) == metrics
+    assert stamps == {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
+    assert (run / "train" / "metrics.jsonl").read_text() == metrics
 
     # a different training config must not silently reuse the trained model
     with pytest.raises(pipeline.StaleStageError, match="train"):
-        pipeline.run_pipeline(micro(run.run_dir, "train.export=true", "train.steps=5"))
+        pipeline.run_pipeline(micro(run, "train.steps=5"))
 
     # the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
-    ab = micro(run.run_dir, "ablation.schedules=[curriculum,in_batch]", "ablation.poolings=[]",
+    # (reference_levels: the same records through the relabel gate, i.e. the reference embedder's levels)
+    ab = micro(run, "ablation.schedules=[curriculum,reference_levels]", "ablation.poolings=[]",
                "ablation.steps=4", "ablation.tasks=[LeeSTS]")
     tables = ablation.run_ablation(ab)
     table = tables["schedule"]
-    assert list(table.index) == ["curriculum", "in_batch"] and "pooling" not in tables
+    assert list(table.index) == ["curriculum", "reference_levels"] and "pooling" not in tables
     assert table["mean"].notna().all()
-    for arm in ("curriculum-s0", "in_batch-s0"):
-        assert storage.is_file(RunLayout.success(run.arm("schedule", arm)))
-    assert storage.is_file(storage.join(run.ablation, "schedule.png"))
-    assert storage.is_file(storage.join(run.ablation, "schedule.md"))
-    assert list(tmp_path.iterdir()) == []
+    for arm in ("curriculum-s0", "reference_levels-s0"):
+        assert (run / "ablation" / "schedule" / arm / "_SUCCESS").is_file()
+        assert not (run / "ablation" / "schedule" / arm / "export").exists()  # arms are only evaluated
+    assert (run / "ablation" / "schedule.png").stat().st_size > 0
+    assert (run / "ablation" / "schedule.md").is_file()
 
 
 @pytest.mark.integration
