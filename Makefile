@@ -23,7 +23,7 @@ demo: install
 
 # plain `pytest` deselects the integration tests (pyproject addopts); this runs every test
 test: install
-	$(PY) -m pytest -q -m "integration or not integration"
+	$(PY) -m pytest -q -m "integration or not integration" --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q
