@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -119,7 +120,9 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     save_config(cfg, str(root))
     pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
                        lambda: pipeline.synthesize(cfg), cfg.ray.node_loss_retries)
-    records = {"synth": run.synthesize}  # records folders: training streams their gated view
+    # what each records source trains on: a folder (training streams its gated view with the folder's
+    # saved policy) or, for an arm with another gate policy, that gated view as a Dataset (arm_key)
+    records: dict[str, Any] = {"synth": run.synthesize}
     if "mined" in ab.schedules:
         pipeline.run_stage(run.mine, "mine", pipeline.fingerprint(cfg.mining),
                            lambda: mining.mine(pipeline.mining_of(cfg), run.mine), cfg.ray.node_loss_retries)

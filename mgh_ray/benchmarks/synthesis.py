@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from mgh_ray import assets, config, prompts, synthesis
+from mgh_ray.benchmarks import save
 from mgh_ray.seeds import read_seeds
 from mgh_ray.synthesis import SynthesisConfig
 
@@ -52,12 +53,6 @@ def transformers_loop(cfg: SynthesisConfig, messages: list[list[dict[str, str]]]
     seconds = time.time() - t0
     return {"rows": len(messages), "generated_tokens": tokens, "seconds": round(seconds, 2),
             "parse_ok_rate": round(ok / max(len(messages), 1), 3), "torch_threads": torch.get_num_threads()}
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def run(cfg: SynthesisConfig, out_dir: Path, baseline_rows: int = 8) -> pd.DataFrame:
@@ -94,14 +89,10 @@ def run(cfg: SynthesisConfig, out_dir: Path, baseline_rows: int = 8) -> pd.DataF
     settings = {**synthesis.engine_settings(cfg), "max_tokens": cfg.max_tokens,
                 "temperature": cfg.temperature, "num_seeds": cfg.num_seeds, "baseline_rows": baseline_rows,
                 "torch_threads": base["torch_threads"]}
-    md = (f"# Synthesis benchmark\n\n{_markdown(table)}\n\n"
+    md = (f"# Synthesis benchmark\n\n{table.to_markdown(index=False)}\n\n"
           f"Engine settings: `{json.dumps(settings, default=str)}`\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark_synthesis.md").write_text(md)
-    (out_dir / "benchmark_synthesis.json").write_text(
-        json.dumps({"table": rows, "ratio_vs_transformers": table["ratio_vs_transformers"].tolist(),
-                    "settings": settings, "synthesis_report": report}, indent=2, default=str))
-    log.info("synthesis benchmark:\n%s", md)
+    save(out_dir, "synthesis", md, {"table": rows, "ratio_vs_transformers": table["ratio_vs_transformers"].tolist(),
+                                    "settings": settings, "synthesis_report": report})
     return table
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from mgh_ray import config, synthesis
+from mgh_ray.benchmarks import save
 from mgh_ray.synthesis import SynthesisConfig
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,7 @@ def run(cfg: SynthesisConfig, out_dir: Path, levers: dict[str, list[str]] | None
     md = (f"# Synthesis levers ({cfg.num_seeds} seeds, model {cfg.model}, {cfg.prompt_version})\n\n"
           + table.to_markdown(index=False) + "\n\n"
           f"Settings of `today`: `{json.dumps(synthesis.engine_settings(cfg), default=str)}`\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark_synthesis_levers.md").write_text(md)
-    (out_dir / "benchmark_synthesis_levers.json").write_text(json.dumps(table.to_dict("records"), indent=1,
-                                                                        default=str))
-    log.info("synthesis levers:\n%s", md)
+    save(out_dir, "synthesis_levers", md, table.to_dict("records"))
     return table
 
 
