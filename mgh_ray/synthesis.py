@@ -53,7 +53,7 @@ from pydantic import Field
 
 from mgh_ray import assets, config, prompts, quality, records, seeds, storage
 from mgh_ray.engine import sampling_json
-from mgh_ray.layout import RunLayout, load_config_dict, save_config
+from mgh_ray.layout import load_config_dict, save_config
 from mgh_ray.quality import QualityConfig
 from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
 from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exported for callers)

@@ -216,19 +216,49 @@ def read_scores(run_dir: str):
     return pd.read_csv(io.StringIO(storage.read_text(storage.join(run_dir, "evaluate", "scores.csv"))), index_col=0)
 
 
+def record_ids(folder: str) -> list[str]:
+    """Every row id in a synthesis folder's records and failures (path or URI), repeats included."""
+    import io
+
+    import pandas as pd
+
+    from mgh_ray import records, storage
+
+    return [i for table in ("records", "failures") for f in records.shard_files(folder, table)
+            for i in pd.read_parquet(io.BytesIO(storage.read_bytes(f)), columns=["id"])["id"]]
+
+
+# tiny.yaml cut to CI size, with the default quality gate (a run whose gate keeps too few records fails
+# loudly, which is what a user would see). Synthesis sends 4 rows per engine call, 2 calls at a time:
+# the 16 rows finish in rounds, so a job stopped at the first shard stops mid-stage.
+PIPELINE_JOB = ["synthesis.num_seeds=16", "synthesis.rows_per_shard=4", "synthesis.batch_size=4",
+                "synthesis.max_concurrent_batches=2", "train.steps=4", "train.batch_size=2",
+                "train.checkpoint_every=4", "train.warmup=1", "train.export=false", "train.encoder.max_length=32",
+                "train.encoder.lora.top_layers=2", "evaluate.tasks=[LeeSTS,SDGPairClassification]",
+                "evaluate.max_rows=16", "evaluate.num_replicas=1",
+                "serve.port=18791"]  # a Serve port of its own: the session's `ray_cluster` may hold the default
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
 @pytest.mark.integration
-def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, tmp_path, s3_bucket):
-    """`ray start --head` with token auth and the autoscaler: an unauthenticated job submission is refused;
-    the submitted pipeline (tiny.yaml has ray.num_cpus: 4, which must not reach ray.init), with run_dir on
-    the loopback S3 server, succeeds on worker nodes the autoscaler starts from zero, which go away
-    again after the idle timeout."""
+def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(local_cluster, tmp_path,
+                                                                                 s3_bucket):
+    """The user's path, end to end: `ray start --head` with token auth and the autoscaler (an
+    unauthenticated submission is refused), the micro pipeline submitted as a job with run_dir on the
+    loopback S3 server (tiny.yaml's ray.num_cpus must not reach ray.init; the driver may load no model).
+
+    1. stopped mid-synthesis (`ray job stop`: the driver and its engine die), then submitted again: it
+       resumes, every seed row written once, the earlier shards untouched, the default gate, a table;
+    2. the same job again reuses every stage; a changed training config is refused, stage named;
+    3. the ablation job trains two schedule arms on the same records;
+    worker nodes start from zero for the work and go away after the idle timeout."""
     import urllib.error
     import urllib.request
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
-    from mgh_ray import cluster
-    from mgh_ray.benchmarks import cluster as cluster_bench
+    from mgh_ray import cluster, prompts, records, storage, synthesis
+    from mgh_ray.layout import RunLayout
 
     url = local_cluster.dashboard_url
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -246,42 +276,93 @@ def test_tiny_pipeline_as_a_job_on_the_local_autoscaling_cluster(local_cluster, 
     assert cli.returncode == 0 and "connected" in cli.stdout, cli.stdout[-2000:] + cli.stderr[-2000:]
 
     run_dir = f"s3://{s3_bucket}/run"
-    before = local_files()  # the job runs in the repo (local://): a path written by mistake lands here
+    run = RunLayout(run_dir)
     client = JobSubmissionClient(url, headers=local_cluster.headers())
-    job = client.submit_job(
-        # its own Serve port: the session's `ray_cluster` may hold Serve's default port on this machine
-        entrypoint=" ".join([sys.executable, "-m", "jobs.pipeline", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
-                             *cluster_bench.MICRO, "serve.port=18791"]),
-        runtime_env={"working_dir": cluster.local_working_dir(ROOT),
-                     "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
-                                                                  str(Path.home() / ".cache/mgh_ray")),
-                                  **{k: os.environ[k] for k in AWS_ENV if k in os.environ}}})
-    deadline, most = time.time() + 1500, 0
-    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, f"job {job} still {status}"
-        most = max(most, sum(n["alive"] and not n["head"] for n in cluster.nodes(url, local_cluster.headers())))
-        time.sleep(3)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    most = [0]
+
+    def submit(module: str, *overrides: str) -> str:
+        return client.submit_job(
+            entrypoint=" ".join([sys.executable, "-m", module, "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
+                                 *PIPELINE_JOB, *overrides]),
+            runtime_env={"working_dir": cluster.local_working_dir(ROOT),
+                         "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
+                                                                      str(Path.home() / ".cache/mgh_ray")),
+                                      **{k: os.environ[k] for k in AWS_ENV if k in os.environ}}})
+
+    def finish(job: str, until=lambda: False) -> tuple[str, str]:
+        """Wait for the job's end (or `until()`); returns (status, logs). Counts worker nodes meanwhile."""
+        deadline = time.time() + 1200
+        while (status := str(client.get_job_status(job).value)) not in TERMINAL and not until():
+            assert time.time() < deadline, f"job {job} still {status}"
+            most[0] = max(most[0], sum(n["alive"] and not n["head"] for n in cluster.nodes(url, local_cluster.headers())))
+            time.sleep(1)
+        return status, client.get_job_logs(job)
+
+    before_files = local_files()  # jobs run in the repo (local://): a path written by mistake lands here
+    # 1. stopped once the first shard of synthesized rows is in the bucket, then resumed by a new job
+    job = submit("jobs.pipeline")
+    status, logs = finish(job, until=lambda: bool(records.shard_files(run.synthesize)))
+    assert status not in TERMINAL, f"the job ended ({status}) before synthesis wrote a shard: {logs[-4000:]}"
+    client.stop_job(job)
+    status, logs = finish(job)
+    first = record_ids(run.synthesize)
+    shards = {f: storage.read_bytes(f) for t in ("records", "failures") for f in records.shard_files(run.synthesize, t)}
+    assert status == "STOPPED" and not storage.is_file(RunLayout.success(run.synthesize)), logs[-4000:]
+    assert 1 <= len(first) < 16, f"{len(first)} rows before the stop"
+
+    status, logs = finish(submit("jobs.pipeline"))
+    assert status == "SUCCEEDED", logs[-4000:]
     assert "num_cpus and num_gpus must not be provided" not in logs
+    assert "stage fetch: done earlier" in logs and "stage synthesize: running into" in logs
+    ids = record_ids(run.synthesize)
+    assert len(ids) == len(set(ids)) == 16 and set(first) <= set(ids)  # no duplicate, no gap
+    assert all(storage.read_bytes(f) == data for f, data in shards.items())  # earlier shards untouched
+    report = json.loads(storage.read_text(storage.join(run.synthesize, "report.json")))
+    assert report["seeds"] == 16 and report["missing"] == 0 and report["this_run"]["rows"] == 16 - len(first)
+    # 16 real seeds: a parser or prompt regression shows as failed rows (32-seed runs write 31 of 32)
+    assert report["written"] + report["failed"] == 16 and report["written"] >= 11, report["failed_by_reason"]
+    recs = records.to_pandas(run.synthesize, "records")
+    for rec in recs.itertuples():  # what each record says of itself
+        assert all(isinstance(getattr(rec, f"gen_{k}"), str) and getattr(rec, f"gen_{k}") for k in range(1, 5))
+        assert rec.model == "smollm2" and rec.attempts >= 1 and json.loads(rec.sampling)["max_tokens"] == 320
+        assert rec.prompt_version == prompts.DEFAULT_VERSION and rec.instruction == synthesis.DEFAULT_INSTRUCTION
+    failed = records.to_pandas(run.synthesize, "failures")
+    assert (failed["attempts"] == 3).all() and failed["raw_output"].map(bool).all()  # 2 retries, raw output kept
     scores = read_scores(run_dir)
+    assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
     assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
     # every stage's output is in the bucket, nothing of the run on local disk outside the caches
-    from mgh_ray import storage
-    from mgh_ray.layout import RunLayout
-
-    run = RunLayout(run_dir)
     for stage in ("fetch", "synthesize", "train", "serve", "evaluate", "base"):
         assert storage.is_file(RunLayout.success(getattr(run, stage))), stage
         assert stage == "base" or storage.is_file(RunLayout.config(getattr(run, stage))), stage
-    assert storage.list_files(RunLayout.records(run.synthesize))
     assert storage.is_file(storage.join(run.model, storage.MANIFEST))
     assert storage.list_files(storage.join(run.train, "train"), recursive=True)  # Ray Train's checkpoints
     assert all(storage.is_file(storage.join(run.evaluate, f)) for f in ("report.md", "scores.png"))
-    assert local_files() == before
+    assert json.loads(storage.read_text(storage.join(run.serve, "serve.json")))["parity_min_cosine"] >= 0.9999
+
+    # 2. the same job again reuses every stage and gives the same table; another train config is refused
+    status, logs = finish(submit("jobs.pipeline"))
+    assert status == "SUCCEEDED" and "running into" not in logs, logs[-4000:]
+    assert all(f"stage {s}: done earlier" in logs for s in ("fetch", "synthesize", "train", "serve", "evaluate"))
+    assert read_scores(run_dir).equals(scores)
+    status, logs = finish(submit("jobs.pipeline", "train.steps=5"))
+    assert status == "FAILED" and "StaleStageError" in logs and "stage 'train'" in logs, logs[-4000:]
+
+    # 3. the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
+    # (reference_levels: the same records through the relabel gate, i.e. the reference embedder's levels)
+    status, logs = finish(submit("jobs.ablate", "ablation.schedules=[curriculum,reference_levels]",
+                                 "ablation.poolings=[]", "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
+    assert status == "SUCCEEDED" and "stage synthesize: done earlier" in logs, logs[-4000:]
+    for arm in ("curriculum-s0", "reference_levels-s0"):
+        assert storage.is_file(RunLayout.success(run.arm("schedule", arm))), arm
+        assert not storage.exists(storage.join(run.arm("schedule", arm), "export"))  # arms are only evaluated
+    assert all(storage.is_file(storage.join(run.ablation, f)) for f in ("schedule.md", "schedule.png"))
+    table = storage.read_text(storage.join(run.ablation, "schedule.md"))
+    assert "curriculum" in table and "reference_levels" in table
+    assert local_files() == before_files
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
-    assert most >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # started from zero for the work
+    assert most[0] >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # started from zero for the work
     gone = time.time() + 180  # idle timeout 30 s, then the autoscaler's next pass
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
         assert time.time() < gone, "idle worker nodes were not removed"

@@ -1,28 +1,18 @@
-"""The main job end to end on a micro budget, its resume, and the ablation runner in CI size."""
+"""The pipeline's stage bookkeeping, its driver guard and placement check, the ablation arms.
+
+The pipeline itself runs end to end as submitted jobs in test_cluster.py (stop and resume, reuse,
+stale config, ablation), the way users run it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from mgh_ray import ablation, config, driver, pipeline
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
-STAGES = ("fetch", "synthesize", "train", "serve", "evaluate")
-
-
-def micro(run_dir: Path | str, *extra: str) -> pipeline.PipelineConfig:
-    """tiny.yaml cut down to CI size: 16 seeds, 4 training steps, 2 small tasks; the default quality
-    gate (a run whose gate keeps too few records fails loudly, which is what a user would see)."""
-    return config.load(pipeline.PipelineConfig, TINY, [
-        f"run_dir={run_dir}", "synthesis.num_seeds=16", "synthesis.rows_per_shard=4",
-        "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
-        "train.warmup=1", "train.export=false", "train.encoder.max_length=32", "train.encoder.lora.top_layers=2",
-        "evaluate.tasks=[LeeSTS,SDGPairClassification]", "evaluate.max_rows=16", "evaluate.num_replicas=1",
-        *extra])
 
 
 def test_a_model_load_in_a_forbidden_driver_fails_loudly(monkeypatch):
@@ -91,60 +81,10 @@ def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_pat
 
 
 @pytest.mark.integration
-def test_pipeline_runs_to_the_table_resumes_and_ablates(tmp_path, monkeypatch, ray_cluster, smollm2_path,
-                                                        minilm_path):
-    """The micro pipeline in-process on a local run_dir, no model in the driver; a rerun reuses every
-    stage; a changed config is refused; the ablation runner trains its arms on the same records.
-    (The same pipeline with run_dir on S3 runs as a submitted job in test_cluster.py.)"""
-    monkeypatch.setenv(driver.ENV, str(os.getpid()))  # the driver never loads a model (cluster heads are small)
-    run = tmp_path / "run"
-    cfg = micro(run)
-    scores = pipeline.run_pipeline(cfg)
-
-    assert {"base", "trained"} <= set(scores.columns)
-    assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
-    assert scores.notna().all().all()
-    for stage in STAGES:
-        assert (run / stage / "_SUCCESS").is_file(), stage
-        assert (run / stage / "config.yaml").is_file(), stage
-    assert (run / "config.yaml").is_file() and (run / "base" / "_SUCCESS").is_file()
-    assert (run / "synthesize" / "report.json").is_file() and (run / "train" / "model" / "encoder.yaml").is_file()
-    assert (run / "evaluate" / "report.md").is_file() and (run / "evaluate" / "scores.png").stat().st_size > 0
-    parity = pd.read_json(run / "serve" / "serve.json", typ="series")
-    assert parity["parity_min_cosine"] >= 0.9999
-
-    # a rerun reuses every stage: nothing is rewritten, the same table comes back
-    stamps = {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
-    metrics = (run / "train" / "metrics.jsonl").read_text()
-    again = pipeline.run_pipeline(cfg)
-    pd.testing.assert_frame_equal(again, scores)
-    assert stamps == {s: (run / s / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
-    assert (run / "train" / "metrics.jsonl").read_text() == metrics
-
-    # a different training config must not silently reuse the trained model
-    with pytest.raises(pipeline.StaleStageError, match="train"):
-        pipeline.run_pipeline(micro(run, "train.steps=5"))
-
-    # the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
-    # (reference_levels: the same records through the relabel gate, i.e. the reference embedder's levels)
-    ab = micro(run, "ablation.schedules=[curriculum,reference_levels]", "ablation.poolings=[]",
-               "ablation.steps=4", "ablation.tasks=[LeeSTS]")
-    tables = ablation.run_ablation(ab)
-    table = tables["schedule"]
-    assert list(table.index) == ["curriculum", "reference_levels"] and "pooling" not in tables
-    assert table["mean"].notna().all()
-    for arm in ("curriculum-s0", "reference_levels-s0"):
-        assert (run / "ablation" / "schedule" / arm / "_SUCCESS").is_file()
-        assert not (run / "ablation" / "schedule" / arm / "export").exists()  # arms are only evaluated
-    assert (run / "ablation" / "schedule.png").stat().st_size > 0
-    assert (run / "ablation" / "schedule.md").is_file()
-
-
-@pytest.mark.integration
 def test_pipeline_refuses_a_config_the_cluster_cannot_place(tmp_path, ray_cluster):
     """On the 4-CPU test cluster, 8 training workers can never be placed: refused at once, stage named,
     nothing written (Ray Train would otherwise retry its worker group for minutes)."""
-    cfg = micro(tmp_path / "run", "train.num_workers=8")
+    cfg = config.load(pipeline.PipelineConfig, TINY, [f"run_dir={tmp_path / 'run'}", "train.num_workers=8"])
     with pytest.raises(pipeline.PlacementError, match=r"stage train: asks 8 x \{CPU: 1\}"):
         pipeline.run_pipeline(cfg)
     assert not (tmp_path / "run").exists()
