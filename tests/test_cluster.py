@@ -177,8 +177,9 @@ def autoscaling_cluster(tmp_path, **shape):
     0 workers at start, short idle timeout; stopped, every process of it, even when the test fails."""
     from mgh_ray import cluster
 
+    shape.setdefault("idle_timeout_minutes", 0.5)
     lc = cluster.LocalClusterConfig(port=6391, dashboard_port=8291, temp_dir=f"/tmp/mgr-test-{os.getpid()}",
-                                    token_path=str(tmp_path / "auth_token"), idle_timeout_minutes=0.5, **shape)
+                                    token_path=str(tmp_path / "auth_token"), **shape)
     try:
         yield cluster.up(lc)
     finally:
@@ -234,7 +235,7 @@ def record_ids(folder: str) -> list[str]:
 PIPELINE_JOB = ["synthesis.num_seeds=16", "synthesis.rows_per_shard=4", "synthesis.batch_size=4",
                 "synthesis.max_concurrent_batches=2", "train.steps=4", "train.batch_size=2",
                 "train.checkpoint_every=4", "train.warmup=1", "train.export=false", "train.encoder.max_length=32",
-                "train.encoder.lora.top_layers=2", "evaluate.tasks=[LeeSTS,SDGPairClassification]",
+                "train.encoder.lora.top_layers=2", "evaluate.tasks=[LeeSTS]",
                 "evaluate.max_rows=16", "evaluate.num_replicas=1",
                 "serve.port=18791"]  # a Serve port of its own: the session's `ray_cluster` may hold the default
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -250,7 +251,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     1. stopped mid-synthesis (`ray job stop`: the driver and its engine die), then submitted again: it
        resumes, every seed row written once, the earlier shards untouched, the default gate, a table;
     2. the same job again reuses every stage; a changed training config is refused, stage named;
-    3. the ablation job trains two schedule arms on the same records;
+    3. the ablation job trains an arm on the same records;
     worker nodes start from zero for the work and go away after the idle timeout."""
     import urllib.error
     import urllib.request
@@ -329,7 +330,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     failed = records.to_pandas(run.synthesize, "failures")
     assert (failed["attempts"] == 3).all() and failed["raw_output"].map(bool).all()  # 2 retries, raw output kept
     scores = read_scores(run_dir)
-    assert list(scores.index) == ["LeeSTS", "SDGPairClassification", "mean"]
+    assert list(scores.index) == ["LeeSTS", "mean"]
     assert {"base", "trained"} <= set(scores.columns) and scores.notna().all().all()
     # every stage's output is in the bucket, nothing of the run on local disk outside the caches
     for stage in ("fetch", "synthesize", "train", "serve", "evaluate", "base"):
@@ -348,17 +349,17 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     status, logs = finish(submit("jobs.pipeline", "train.steps=5"))
     assert status == "FAILED" and "StaleStageError" in logs and "stage 'train'" in logs, logs[-4000:]
 
-    # 3. the ablation runner, CI size: two schedule arms on the same records, same seeds and steps
-    # (reference_levels: the same records through the relabel gate, i.e. the reference embedder's levels)
-    status, logs = finish(submit("jobs.ablate", "ablation.schedules=[curriculum,reference_levels]",
-                                 "ablation.poolings=[]", "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
+    # 3. the ablation runner, CI size: one schedule arm on the pipeline's records, the one that reads them
+    # through another gate policy (reference_levels: relabel, i.e. the reference embedder's levels);
+    # which arm maps to which training settings is checked without Ray in test_pipeline.py
+    status, logs = finish(submit("jobs.ablate", "ablation.schedules=[reference_levels]", "ablation.poolings=[]",
+                                 "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
     assert status == "SUCCEEDED" and "stage synthesize: done earlier" in logs, logs[-4000:]
-    for arm in ("curriculum-s0", "reference_levels-s0"):
-        assert storage.is_file(RunLayout.success(run.arm("schedule", arm))), arm
-        assert not storage.exists(storage.join(run.arm("schedule", arm), "export"))  # arms are only evaluated
+    arm = run.arm("schedule", "reference_levels-s0")
+    assert storage.is_file(RunLayout.success(arm)) and storage.list_files(storage.join(arm, "model"))
+    assert not storage.exists(storage.join(arm, "export"))  # arms are only evaluated
     assert all(storage.is_file(storage.join(run.ablation, f)) for f in ("schedule.md", "schedule.png"))
-    table = storage.read_text(storage.join(run.ablation, "schedule.md"))
-    assert "curriculum" in table and "reference_levels" in table
+    assert "reference_levels" in storage.read_text(storage.join(run.ablation, "schedule.md"))
     assert local_files() == before_files
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
@@ -397,13 +398,14 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
     model = tmp_path / "minilm"
     Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(model)
     app, port = "autoscale", 18792
-    with autoscaling_cluster(tmp_path, cpu_workers=3, gpu_workers=0) as lc:
+    # replica nodes hold no Ray Data work (whose footer readers an early removal can hit): a short idle timeout
+    with autoscaling_cluster(tmp_path, cpu_workers=3, gpu_workers=0, idle_timeout_minutes=0.25) as lc:
         client = JobSubmissionClient(lc.dashboard_url, headers=lc.headers())
         overrides = [f"run_dir={tmp_path / 'run'}", f"serve.app_name={app}", f"serve.port={port}",
                      "serve.proxy_location=HeadOnly", "serve.num_cpus=2", "serve.max_batch_size=4",
                      "serve.max_ongoing_requests=4",
                      "serve.autoscaling={min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1, "
-                     "upscale_delay_s: 0, downscale_delay_s: 2}"]
+                     "upscale_delay_s: 0, downscale_delay_s: 2, look_back_period_s: 5}"]
         job = client.submit_job(
             entrypoint=" ".join([sys.executable, "-m", "jobs.serve", "jobs/configs/tiny.yaml", "--model", str(model),
                                  *(f"'{o}'" for o in overrides)]),
@@ -439,7 +441,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
             for t in threads:
                 t.start()
             deadline, peak, peak_nodes = time.time() + 120, 1, before
-            while time.time() < deadline and peak < 3 and any(t.is_alive() for t in threads):
+            while time.time() < deadline and (peak < 2 or peak_nodes <= before) and any(t.is_alive() for t in threads):
                 peak, peak_nodes = max(peak, serve_replicas(lc, app)), max(peak_nodes, workers())
                 time.sleep(1)
             stop.set()
@@ -447,7 +449,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
                 t.join(timeout=60)
             assert peak >= 2, f"no scale-up after {sent[0]} requests"
             assert peak_nodes > before, f"replicas went to {peak} without a new node ({before} before)"
-            deadline = time.time() + 240  # replicas: downscale delay 2 s; nodes: idle timeout 30 s
+            deadline = time.time() + 240  # replicas: downscale delay 2 s; nodes: idle timeout 15 s
             while serve_replicas(lc, app) > 1 or workers() >= peak_nodes:
                 assert time.time() < deadline, f"{serve_replicas(lc, app)} replicas, {workers()} worker nodes"
                 time.sleep(3)

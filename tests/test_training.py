@@ -6,8 +6,6 @@ resumes and does not redo."""
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -211,14 +209,10 @@ def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_pa
     untrained = Encoder.from_config(cfg.encoder).eval().encode(texts, instruction="Retrieve the article")
     assert np.abs(resumed_vecs - untrained).max() > 1e-3
 
-    # a new driver on a finished out_dir returns at once ...
-    assert train(cfg, seed_records(16), tmp_path) == model_dir
-    # ... and one that died after the last checkpoint resumes there: no step runs again
-    (tmp_path / "done.json").unlink()
-    shutil.rmtree(model_dir)
+    # a new driver on a finished out_dir returns at once (one whose workers all failed resumes from the
+    # latest checkpoint: the next test)
     assert train(cfg, seed_records(16), tmp_path) == model_dir
     assert read_metrics(tmp_path).step.tolist() == list(range(1, 9))
-    assert json.loads((tmp_path / "done.json").read_text())["steps"] == 8
 
 
 @pytest.mark.integration

@@ -32,6 +32,7 @@ class AutoscalingSection(Section):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)  # the window Serve averages ongoing requests over
 
 
 class ServeConfig(Section):
