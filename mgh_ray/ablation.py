@@ -29,6 +29,7 @@ import pandas as pd
 
 from mgh_ray import config, storage
 from mgh_ray.layout import RunLayout, save_config
+from mgh_ray.report import MEAN_UNLIKE
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def summarize(scores: dict[str, pd.DataFrame], arms: list[str], seeds: list[int]
         per_seed = pd.concat([scores[f"{arm}-s{s}"] for s in seeds], axis=1)  # (task, seed)
         row = per_seed.mean(axis=1).to_dict()
         row["std_over_seeds"] = per_seed.loc["mean"].std(ddof=1) if len(seeds) > 1 else float("nan")
+        if MEAN_UNLIKE in per_seed.index:  # the spread the gain on unlike tasks is measured against
+            row["std_unlike_over_seeds"] = per_seed.loc[MEAN_UNLIKE].std(ddof=1) if len(seeds) > 1 else float("nan")
         rows[arm] = row
     return pd.DataFrame(rows).T
 
@@ -93,14 +96,24 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(table)), 3.5))
-    err = table["std_over_seeds"].fillna(0.0)
-    ax.bar(table.index, table["mean"], yerr=err, capsize=3, color="#4C72B0")
-    ax.set_ylabel("mean main score over tasks")
+    import numpy as np
+
+    # the mean over all tasks, and over the tasks unlike the seeds when the table has them
+    bars = [("mean", "std_over_seeds", "all tasks", "#4C72B0")]
+    if MEAN_UNLIKE in table:
+        bars.append((MEAN_UNLIKE, "std_unlike_over_seeds", "tasks unlike the seeds", "#DD8452"))
+    x, width = np.arange(len(table)), 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table)), 3.5))
+    for i, (col, std, label, color) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[col], width, yerr=table[std].fillna(0.0),
+               capsize=3, color=color, label=label)
+    ax.set_ylabel("mean main score")
     ax.set_title(title)
-    lo = float(table["mean"].min())
-    ax.set_ylim(max(0.0, lo - 0.05), float(table["mean"].max()) + 0.03)
-    plt.xticks(rotation=30, ha="right")
+    values = table[[c for c, *_ in bars]].to_numpy(dtype=float)
+    ax.set_ylim(max(0.0, float(np.nanmin(values)) - 0.05), float(np.nanmax(values)) + 0.03)
+    ax.set_xticks(x, [str(i) for i in table.index], rotation=30, ha="right")
+    if len(bars) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -158,7 +171,8 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                                    lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o),
                                    cfg.ray.node_loss_retries)
                 models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
-        scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve)
+        scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve,
+                                     like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
         per_model = {name: scores[name] for name in models}
         table = summarize(per_model, list(arms), ab.seeds)
         table.to_csv(root / f"{study}.csv")

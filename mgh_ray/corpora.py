@@ -121,7 +121,9 @@ def _build_moviedialog() -> pd.DataFrame:
     df = df[(df.statement.str.strip().str.len() > 10) & (df.reply.str.strip().str.len() > 10)]
     df = df.drop_duplicates("statement")
     df["id"] = [stable_id("movie", s) for s in df.statement]
-    return df[["id", "statement", "reply"]].reset_index(drop=True)
+    # split by statement, as BBC by article: training seeds never meet the reranking task's pairs
+    df["split"] = ["eval" if _in_eval("movie" + s) else "train" for s in df.statement]
+    return df[["id", "statement", "reply", "split"]].reset_index(drop=True)
 
 
 def _build_lee() -> pd.DataFrame:
@@ -157,7 +159,8 @@ _BUILDERS = {
 TABLES = tuple(_BUILDERS)
 # Build version of each table, part of its cache file name: bump it when the builder's output changes.
 # 2: text decoded as UTF-8 first (was latin-1, which garbled BBC's and TREC's UTF-8 files).
-VERSIONS = {"seeds": 2, "bbc_eval": 2, "trec": 2, "moviedialog": 1, "lee": 2, "sdg": 1, "reuters_r8": 1}
+# 2 (moviedialog): a train/eval split.
+VERSIONS = {"seeds": 2, "bbc_eval": 2, "trec": 2, "moviedialog": 2, "lee": 2, "sdg": 1, "reuters_r8": 1}
 
 
 def table_path(name: str) -> Path:
@@ -181,3 +184,65 @@ def table(name: str) -> pd.DataFrame:
 
 def build_all() -> dict[str, int]:
     return {name: len(table(name)) for name in TABLES}
+
+
+# --------------------------------------------------------------------------- training seeds by source
+
+# Training seeds by source: the corpora table they come from, the split they take, the columns that
+# are query and positive, their E5 instruction and task family, and the evaluation table held out of
+# the same corpus (tasks built on it are "shaped like the seeds"; every other task is not).
+MOVIE_INSTRUCTION = "Given a line of movie dialogue, retrieve the reply that follows it"
+SEED_SOURCES: dict[str, dict[str, str]] = {
+    "bbc": {"table": "seeds", "query": "query", "positive": "positive", "instruction": "",
+            "kind": "short-long", "held_out": "bbc_eval"},
+    "moviedialog": {"table": "moviedialog", "split": "train", "query": "statement", "positive": "reply",
+                    "instruction": MOVIE_INSTRUCTION, "kind": "short-short", "held_out": "moviedialog"},
+}
+
+
+def seed_rows(source: str) -> pd.DataFrame:
+    """Training seeds of one source: id, query, positive, instruction ("" = synthesis' default), kind, source."""
+    if source not in SEED_SOURCES:
+        raise KeyError(f"unknown seed source {source!r}; known: {', '.join(SEED_SOURCES)}")
+    spec = SEED_SOURCES[source]
+    df = table(spec["table"])
+    if "split" in spec:
+        df = df[df.split == spec["split"]]
+    return pd.DataFrame({"id": df.id, "query": df[spec["query"]], "positive": df[spec["positive"]],
+                         "instruction": spec["instruction"], "kind": spec["kind"],
+                         "source": source}).reset_index(drop=True)
+
+
+def mixed_seeds(sources: list[str], seed: int = 0) -> pd.DataFrame:
+    """The training seeds of several sources as one table: each source shuffled (seeded), then taken in
+    turn, so that the first N rows hold every source. One source: its table in its own order (BBC: by
+    category folder, as the tiny preset has always read it)."""
+    if len(sources) == 1:
+        return seed_rows(sources[0])
+    parts = [seed_rows(s).sample(frac=1.0, random_state=seed).reset_index(drop=True) for s in sources]
+    for part in parts:
+        part["turn"] = range(len(part))
+    mixed = pd.concat(parts, ignore_index=True)
+    order = {s: i for i, s in enumerate(sources)}
+    mixed["rank"] = mixed["source"].map(order)
+    return mixed.sort_values(["turn", "rank"]).drop(columns=["turn", "rank"]).reset_index(drop=True)
+
+
+def seeds_path(sources: list[str]) -> Path:
+    """The mixed seed table of `sources` as a parquet file in this node's cache (built once)."""
+    tables = sorted({SEED_SOURCES[s]["table"] for s in sources if s in SEED_SOURCES})
+    tag = hashlib.sha256("+".join(sources).encode()).hexdigest()[:8]
+    stamp = "-".join(f"{t}{VERSIONS[t]}" for t in tables)
+    path = assets.cache_dir() / "data" / f"seeds-{'+'.join(sources)}-{stamp}-{tag}.parquet"
+    if not path.is_file():
+        df = mixed_seeds(sources)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    return path
+
+
+def held_out_tables(sources: list[str]) -> set[str]:
+    """The evaluation tables split from these seed sources (tasks on them are shaped like the seeds)."""
+    return {SEED_SOURCES[s]["held_out"] for s in sources if s in SEED_SOURCES}

@@ -102,14 +102,15 @@ class Generator:
         t0 = time.time()
         rid, ps, c = row["id"], self.ps, self.cfg
         out = {**{k: row.get(k) for k in ("id", "seed_id", "kind", "query", "positive", "instruction")},
-               "mode": c.mode, "task": "", "prompt_version": ps.version, "model": self.model_name,
+               "mode": row.get("mode") or c.mode, "task": "", "prompt_version": ps.version,
+               "model": self.model_name,
                "sampling": self.sampling, "attempts": 0, "retries": 0, "gen_tokens": 0}
         if row.get("problem"):  # a bad seed: recorded, never sent to the LLM
             out.update(status="failed", stage="seed", reason="bad_seed", detail=row["problem"], raw_output="",
                        t_start=None, t_end=None)
             return out
         steps: list[tuple[str, Any, dict, Any]] = []
-        if c.mode == "augment":
+        if out["mode"] == "augment":
             steps.append(("augment", lambda _: prompts.augment_messages(ps, row["query"], row["positive"],
                                                                          c.max_input_chars),
                           prompts.negatives_schema(ps), prompts.parse_negatives))
@@ -129,7 +130,7 @@ class Generator:
                            raw_output=res["raw"], t_start=t0, t_end=time.time())
                 return out
             got.update(res["value"])
-        if c.mode == "generate":
+        if out["mode"] == "generate":
             out.update(task=got["task"], instruction=got["task"], query=got["query"],
                        positive=got["positive"])
         out.update({f"gen_{k}": got[f"L{k}"] for k in prompts.LEVELS})

@@ -37,6 +37,7 @@ import pandas as pd
 from pydantic import Field
 
 from mgh_ray.config import Section
+from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
 from mgh_ray.serving import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -279,18 +280,27 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     return results, dict(replicas)
 
 
-def scores_table(results: dict[str, dict[str, Any]], task_names: list[str]) -> pd.DataFrame:
-    """Main score per task (rows, in `task_names` order) and model (columns), plus a 'mean' row."""
+def scores_table(results: dict[str, dict[str, Any]], task_names: list[str],
+                 like_seeds: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Main score per task (rows, in `task_names` order) and model (columns), plus a 'mean' row; when
+    some tasks are shaped like the training seeds (`like_seeds`) and some are not, the mean of each
+    group too (does the gain carry over to data unlike the seeds?)."""
     table = pd.DataFrame({m: {t: float(r[t].get_score()) for t in task_names if t in r}
                           for m, r in results.items()}).reindex(task_names)
-    table.loc["mean"] = table.mean(axis=0)
+    like = [t for t in task_names if t in like_seeds]
+    unlike = [t for t in task_names if t not in like_seeds]
+    table.loc["mean"] = table.loc[task_names].mean(axis=0)
+    if like and unlike:
+        table.loc[MEAN_LIKE] = table.loc[like].mean(axis=0)
+        table.loc[MEAN_UNLIKE] = table.loc[unlike].mean(axis=0)
     table.index.name = "task"
     return table
 
 
 def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
-             serve_cfg: ServeConfig | None = None) -> pd.DataFrame:
-    """Evaluate every named model on `cfg.tasks` through Serve; write results, report.md and scores.png."""
+             serve_cfg: ServeConfig | None = None, like_seeds: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Evaluate every named model on `cfg.tasks` through Serve; write results, report.md and scores.png.
+    `like_seeds`: the tasks shaped like the training seeds (the table gets a mean for each group)."""
     from mgh_ray import report, tasks
 
     out_dir = Path(out_dir)
@@ -301,12 +311,15 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
         results[name], seen = evaluate_model(cfg, name, model, out_dir, serve_cfg)
         if seen:
             log.info("%s: encode requests per replica %s", name, seen)
-    table = scores_table(results, cfg.tasks)
+    table = scores_table(results, cfg.tasks, like_seeds)
     metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
     report.write(table, out_dir, metrics=metrics,
                  note=f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}, "
                       f"truncation={cfg.truncation} (texts longer than the model's token limit are "
                       f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); "
-                      f"{time.perf_counter() - start:.0f} s")
+                      f"{time.perf_counter() - start:.0f} s"
+                      + (f". Shaped like the training seeds (held out of the same corpora): "
+                         f"{', '.join(t for t in cfg.tasks if t in like_seeds)}; every other task is unlike "
+                         "them." if MEAN_LIKE in table.index else ""))
     log.info("main scores (%s):\n%s", out_dir, report.markdown_table(table))
     return table

@@ -209,15 +209,16 @@ def base_model(cfg: PipelineConfig) -> str:
 
 
 def fetch(cfg: PipelineConfig) -> dict[str, str]:
-    """Fetch the pinned models and data into this node's cache, and publish the default seeds into
-    run_dir/fetch so every node (and an object-store run_dir) reads the same seed file."""
+    """Fetch the pinned models and data into this node's cache, and publish the training seeds of
+    `synthesis.seed_sources` into run_dir/fetch so every node (and an object-store run_dir) reads the
+    same seed file."""
     from mgh_ray import assets, corpora
 
     run = RunLayout(cfg.run_dir)
     paths = assets.fetch_all()
     paths.update({f"table:{k}": str(corpora.table_path(k)) for k in corpora.build_all()})
     seeds_loc = storage.join(run.fetch, "seeds.parquet")
-    storage.write_bytes(seeds_loc, corpora.table_path("seeds").read_bytes())
+    storage.write_bytes(seeds_loc, corpora.seeds_path(cfg.synthesis.seed_sources).read_bytes())
     paths["published:seeds"] = seeds_loc
     storage.write_text(storage.join(run.fetch, "assets.json"), json.dumps(paths, indent=1))
     save_config(cfg, run.fetch)
@@ -314,13 +315,21 @@ def publish(local: Path, loc: str) -> None:
         storage.copy_into(local, loc)
 
 
+def like_seeds(cfg: PipelineConfig, task_names: list[str] | None = None) -> list[str]:
+    """The evaluation tasks shaped like the training seeds (none known for a seed file of the user's)."""
+    from mgh_ray import tasks
+
+    names = cfg.evaluate.tasks if task_names is None else task_names
+    return [] if cfg.synthesis.seeds is not None else tasks.like_seeds(names, cfg.synthesis.seed_sources)
+
+
 def evaluate(cfg: PipelineConfig, models: dict[str, str] | None = None) -> pd.DataFrame:
     from mgh_ray import evaluation
 
     run = RunLayout(cfg.run_dir)
     models = models or {"base": base_model(cfg), "trained": trained_model(cfg)}
     local = stage_dir(run.evaluate)
-    scores = evaluation.evaluate(cfg.evaluate, models, local, cfg.serve)
+    scores = evaluation.evaluate(cfg.evaluate, models, local, cfg.serve, like_seeds=like_seeds(cfg))
     scores.to_csv(local / "scores.csv")
     save_config(cfg.evaluate, str(local))
     publish(local, run.evaluate)
@@ -334,11 +343,14 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     check_cluster(cfg)
     storage.check_writable(run.run_dir)  # a missing bucket or credentials fail before any stage
     save_config(cfg, run.run_dir)
+    # "fetch" alone for the default seeds: run folders made before seed_sources existed stay valid
+    sources = cfg.synthesis.seed_sources
+    f_fetch = "fetch" if sources == ["bbc"] else "fetch:" + "+".join(sources)
     f_syn = fingerprint(cfg.synthesis)
     f_train = fingerprint(cfg.synthesis, cfg.train)
     f_eval = fingerprint(cfg.synthesis, cfg.train, cfg.evaluate, cfg.serve)
     plan: list[tuple[str, str, str, Callable[[], object]]] = [
-        ("fetch", run.fetch, "fetch", lambda: fetch(cfg)),
+        ("fetch", run.fetch, f_fetch, lambda: fetch(cfg)),
         ("synthesize", run.synthesize, f_syn, lambda: synthesize(cfg)),
         ("train", run.train, f_train, lambda: train(cfg)),
         ("serve", run.serve, f_eval, lambda: serve(cfg)),

@@ -1,6 +1,7 @@
 """Readable evaluation report: a markdown table of main scores and a PNG bar chart, next to the results.
 
-Input is the scores table of `evaluation.evaluate` (rows: tasks plus "mean"; columns: models, e.g.
+Input is the scores table of `evaluation.evaluate` (rows: tasks plus "mean", and the means of the tasks
+like and unlike the training seeds when there are both; columns: models, e.g.
 base vs trained or pooling variants). The best score of each row is in bold.
 
     python -m mgh_ray.report runs/tiny/evaluate/scores.csv    # rewrites report.md / scores.png beside it
@@ -16,6 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 log = logging.getLogger(__name__)
+
+# rows of the scores table beside "mean": the tasks shaped like the training seeds, and the rest
+MEAN_LIKE, MEAN_UNLIKE = "mean: like the seeds", "mean: unlike the seeds"
 
 
 def _cell(value: float, best: bool, floatfmt: str) -> str:
@@ -36,7 +40,7 @@ def markdown_table(table: pd.DataFrame, metrics: dict[str, str] | None = None, f
         finite = [v for v in values if not math.isnan(v)]
         top = max(finite) if len(finite) > 1 else None
         cells = [_cell(v, top is not None and v == top, floatfmt) for v in values]
-        label = f"**{task}**" if task == "mean" else str(task)
+        label = f"**{task}**" if str(task).startswith("mean") else str(task)
         extra = [metrics.get(str(task), "")] if metrics else []
         lines.append("| " + " | ".join([label, *extra, *cells]) + " |")
     return "\n".join(lines)

@@ -36,13 +36,12 @@ class SeedError(ValueError):
     """The seed file cannot be used at all; the message names the file, the problem and the fix."""
 
 
-def default_location() -> str:
-    """The BBC training seeds, built once into the node's cache (single-node runs; a pipeline
-    publishes them into its run folder so that every node reads the same file)."""
+def default_location(sources: list[str] | tuple[str, ...] = ("bbc",)) -> str:
+    """The fetched training seeds of `sources` (default: BBC), built once into the node's cache
+    (single-node runs; a pipeline publishes them into its run folder so every node reads one file)."""
     from mgh_ray import corpora
 
-    corpora.table("seeds")
-    return str(corpora.table_path("seeds"))
+    return str(corpora.seeds_path(list(sources)))
 
 
 def _format(loc: str) -> str:

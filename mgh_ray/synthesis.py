@@ -49,7 +49,7 @@ import time
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mgh_ray import assets, config, prompts, quality, records, seeds, storage
 from mgh_ray.engine import sampling_json
@@ -61,17 +61,22 @@ from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exp
 log = logging.getLogger(__name__)
 
 # Fields that define what a row *is*; a rerun into the same folder must not change them.
-IDENTITY = ("mode", "seeds", "prompt_version", "model", "instruction", "kinds", "temperature", "top_p",
-            "max_tokens", "seed", "max_retries", "guided_decoding", "max_input_chars")
+IDENTITY = ("mode", "seeds", "seed_sources", "prompt_version", "model", "instruction", "kinds", "temperature",
+            "top_p", "max_tokens", "seed", "max_retries", "guided_decoding", "max_input_chars")
 
 
 class SynthesisConfig(config.Section):
     """What to synthesize, with which engine, and how to judge it. Defaults = the tiny CPU preset."""
 
     mode: Literal["augment", "generate"] = "augment"
-    # parquet or jsonl with query, positive (optional: id, instruction); None: the BBC training seeds
+    # parquet or jsonl with query, positive (optional: id, instruction, kind); None: the fetched
+    # training seeds of `seed_sources` (corpora.SEED_SOURCES), which the pipeline publishes in run_dir
     seeds: str | None = None
+    seed_sources: list[str] = Field(default_factory=lambda: ["bbc"], min_length=1)
     num_seeds: int | None = Field(64, ge=1, strict=True)  # first N seeds (generate mode: N examples); None: all
+    # augment mode: also this many generate-mode examples (LLM-brainstormed tasks of `kinds`, symmetric
+    # "sts" ones included) in the same run and engine, so one records folder holds both
+    generate_examples: int = Field(0, ge=0, strict=True)
     kinds: list[str] = Field(default_factory=lambda: [
         "short-long", "long-short", "short-short", "long-long", "sts"])  # generate mode: task families
     prompt_version: str = prompts.DEFAULT_VERSION  # a shipped version or a path to a prompt YAML
@@ -108,6 +113,21 @@ class SynthesisConfig(config.Section):
     # output
     rows_per_shard: int = Field(32, ge=1, strict=True)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+
+    @field_validator("seed_sources")
+    @classmethod
+    def _known_sources(cls, v: list[str]) -> list[str]:
+        from mgh_ray import corpora
+
+        unknown = [s for s in v if s not in corpora.SEED_SOURCES]
+        if unknown or len(set(v)) != len(v):
+            raise ValueError(f"seed_sources {v}: each once, from {list(corpora.SEED_SOURCES)}")
+        return v
+
+
+def seed_location(cfg: SynthesisConfig) -> str:
+    """The seed file: `seeds`, else the fetched seeds of `seed_sources` in this node's cache."""
+    return cfg.seeds if cfg.seeds is not None else seeds.default_location(cfg.seed_sources)
 
 
 def row_id(seed_id: str, prompt_version: str) -> str:
@@ -159,12 +179,16 @@ class IdLedger:
 
 
 def _with_ids(batch: pd.DataFrame, version: str, instruction: str, mode: str) -> pd.DataFrame:
+    """Row ids, and each row's mode (a run in augment mode may carry generate-mode rows too)."""
     batch = batch.copy()
     batch["id"] = [row_id(s, version) for s in batch["seed_id"]]
-    if mode == "augment":
-        batch["instruction"] = batch["instruction"].where(batch["instruction"] != "", instruction)
-        batch["kind"] = batch["kind"].where(batch["kind"] != "", "short-long")
-    batch["topic"] = batch.get("topic", "")
+    if "mode" not in batch:
+        batch["mode"] = mode
+    seeded = batch["mode"] == "augment"
+    batch["instruction"] = batch["instruction"].where(~seeded | (batch["instruction"] != ""), instruction)
+    batch["kind"] = batch["kind"].where(~seeded | (batch["kind"] != ""), "short-long")
+    if "topic" not in batch:
+        batch["topic"] = ""
     return batch
 
 
@@ -179,24 +203,37 @@ def _generate_rows(batch: pd.DataFrame, kinds: list[str], topics: list[str]) -> 
     """Generate-mode work rows for a batch of row numbers: (task family, topic) pairs, round robin."""
     rows = [{"seed_id": f"gen:{kinds[i % len(kinds)]}:{i}", "kind": kinds[i % len(kinds)],
              "topic": topics[(i // len(kinds)) % len(topics)], "query": "", "positive": "",
-             "instruction": "", "problem": ""} for i in batch["id"]]
+             "instruction": "", "problem": "", "mode": "generate"} for i in batch["id"]]
     return pd.DataFrame(rows)
+
+
+def _seeded_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.assign(topic="", mode="augment")
 
 
 def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
     """The seeds of this run as a Ray Dataset (seed file problems raise SeedError here, before any
-    engine). Generate-mode rows are made on workers from row numbers (`ray.data.range`)."""
+    engine). Generate-mode rows are made on workers from row numbers (`ray.data.range`); in augment
+    mode `generate_examples` of them follow the seeds, each row carrying its own mode."""
     import ray.data
 
-    if cfg.mode == "generate":
+    generated = None
+    if cfg.mode == "generate" or cfg.generate_examples:
         unknown = [k for k in cfg.kinds if k not in ps.kinds]
         if unknown:
             raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
-        n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
-        ds = ray.data.range(n).map_batches(_generate_rows, batch_format="pandas",
-                                           fn_kwargs={"kinds": list(cfg.kinds), "topics": list(ps.topics)})
+        if cfg.mode == "augment":
+            n = cfg.generate_examples
+        else:
+            n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
+        generated = ray.data.range(n).map_batches(_generate_rows, batch_format="pandas",
+                                                  fn_kwargs={"kinds": list(cfg.kinds), "topics": list(ps.topics)})
+    if cfg.mode == "generate":
+        ds = generated
     else:
-        ds = seeds.dataset(cfg.seeds, cfg.num_seeds, check=False)  # synthesize validated it
+        ds = seeds.dataset(seed_location(cfg), cfg.num_seeds, check=False)  # synthesize validated it
+        if generated is not None:
+            ds = ds.map_batches(_seeded_rows, batch_format="pandas").union(generated)
     return ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
                           fn_kwargs={"version": ps.version, "instruction": cfg.instruction, "mode": cfg.mode})
 
@@ -265,7 +302,7 @@ def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
     _check_same_run(cfg, out_dir)
     ps = prompts.load(cfg.prompt_version)
     if cfg.mode == "augment":
-        seeds.validate(cfg.seeds)  # seed file problems surface here, before any engine starts
+        seeds.validate(seed_location(cfg))  # seed file problems surface here, before any engine starts
     if not ray.is_initialized():
         ray.init()
     ctx = ray.data.DataContext.get_current()

@@ -29,6 +29,16 @@ def test_tiny_is_cpu_and_local():
     assert cfg.serve.host == "127.0.0.1"
 
 
+def test_small_mixes_seed_sources_with_generated_tasks_and_ablates_over_three_seeds():
+    cfg = config.load(pipeline.PipelineConfig, DIR / "small.yaml", [])
+    assert cfg.synthesis.seed_sources == ["bbc", "moviedialog"] and cfg.synthesis.generate_examples > 0
+    assert "sts" in cfg.synthesis.kinds and cfg.synthesis.quality.policy == "filter"
+    assert cfg.ablation.seeds == [0, 1, 2] and cfg.ablation.poolings == ["ata", "mean", "last"]
+    assert {"curriculum", "level_4", "random", "reverse", "in_batch", "mined", "reference_levels"} == set(
+        cfg.ablation.schedules)
+    assert pipeline.like_seeds(cfg) == ["BBCHeadlineRetrieval", "MovieDialogReranking"]
+
+
 def test_gpu_uses_gpu_actors_and_workers():
     cfg = config.load(pipeline.PipelineConfig, DIR / "gpu.yaml", [])
     assert cfg.synthesis.num_gpus_per_actor >= 1 and cfg.synthesis.num_actors > 1

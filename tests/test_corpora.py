@@ -63,3 +63,24 @@ def test_a_changed_builder_version_rebuilds_instead_of_reading_a_stale_table(tmp
 
 def test_every_table_has_a_version():
     assert set(corpora.VERSIONS) == set(corpora.TABLES)
+
+
+def test_movie_dialog_seeds_and_the_reranking_task_never_share_a_pair():
+    movies = corpora.table("moviedialog")
+    train, held = movies[movies.split == "train"], movies[movies.split == "eval"]
+    assert 0.15 < len(held) / len(movies) < 0.25
+    seeds = corpora.seed_rows("moviedialog")
+    assert set(seeds["query"]) == set(train["statement"]) and not set(seeds["query"]) & set(held["statement"])
+    assert (seeds["instruction"] == corpora.MOVIE_INSTRUCTION).all() and (seeds["kind"] == "short-short").all()
+
+
+def test_mixed_seeds_take_the_sources_in_turn():
+    one = corpora.mixed_seeds(["bbc"])
+    assert one["id"].tolist() == corpora.table("seeds")["id"].tolist()  # one source: its own order
+    mixed = corpora.mixed_seeds(["bbc", "moviedialog"])
+    assert mixed["source"].head(6).tolist() == ["bbc", "moviedialog"] * 3
+    assert len(mixed) == len(one) + len(corpora.seed_rows("moviedialog")) and mixed["id"].is_unique
+    assert mixed.equals(corpora.mixed_seeds(["bbc", "moviedialog"]))  # seeded: the same on every node
+    assert corpora.held_out_tables(["bbc", "moviedialog"]) == {"bbc_eval", "moviedialog"}
+    with pytest.raises(KeyError, match="unknown seed source"):
+        corpora.seed_rows("wiki")

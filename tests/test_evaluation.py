@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from mgh_ray import evaluation, serving
+from mgh_ray import evaluation, report, serving
+from mgh_ray.tasks import DATA_VERSION
 
 PORT = 18731  # the same Serve HTTP port as tests/test_serving.py (one Serve per Ray session)
 TASKS = ["LeeSTS", "BBCHeadlineRetrieval"]
@@ -49,6 +50,15 @@ def test_scores_table_adds_the_mean_row():
     assert list(table.index) == ["B", "A", "mean"] and list(table.columns) == ["base", "trained"]
     assert table.loc["mean", "base"] == pytest.approx(0.3)
     assert table.loc["mean", "trained"] == pytest.approx(0.7)
+
+    # tasks shaped like the seeds and tasks unlike them get a mean each (only when there are both)
+    results = {"base": {"A": Result(0.2), "B": Result(0.4), "C": Result(0.9)}}
+    split = evaluation.scores_table(results, ["A", "B", "C"], like_seeds=["A"])
+    assert list(split.index) == ["A", "B", "C", "mean", report.MEAN_LIKE, report.MEAN_UNLIKE]
+    assert split.loc[report.MEAN_LIKE, "base"] == pytest.approx(0.2)
+    assert split.loc[report.MEAN_UNLIKE, "base"] == pytest.approx(0.65)
+    assert split.loc["mean", "base"] == pytest.approx(0.5)  # over the tasks, not over the group means
+    assert list(evaluation.scores_table(results, ["B", "C"], like_seeds=["A"]).index) == ["B", "C", "mean"]
 
 
 def test_endpoint_urls_are_told_from_folders(tmp_path):
@@ -92,7 +102,7 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     folder = out / "results" / "mgh-ray__minilm" / serving.model_revision(minilm_dir)
     files = {p.stem: p for p in folder.glob("*.json") if p.stem in TASKS}
     assert set(files) == set(TASKS) and (folder / "model_meta.json").is_file()
-    assert json.loads(files["LeeSTS"].read_text())["dataset_revision"] == "mgh1-n24-s0"
+    assert json.loads(files["LeeSTS"].read_text())["dataset_revision"] == f"{DATA_VERSION}-n24-s0"
     stored = ResultCache(out).load_task_result("LeeSTS", evaluation.model_meta("minilm", folder.name, 384))
     assert stored.get_score() == pytest.approx(local["LeeSTS"], abs=1e-4)
     stamps = {t: p.stat().st_mtime_ns for t, p in files.items()}

@@ -88,3 +88,19 @@ def test_pipeline_refuses_a_config_the_cluster_cannot_place(tmp_path, ray_cluste
     with pytest.raises(pipeline.PlacementError, match=r"stage train: asks 8 x \{CPU: 1\}"):
         pipeline.run_pipeline(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_ablation_table_keeps_the_unlike_mean_and_its_spread_over_seeds(tmp_path):
+    import pandas as pd
+
+    from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
+
+    index = ["BBCHeadlineRetrieval", "LeeSTS", "mean", MEAN_LIKE, MEAN_UNLIKE]
+    scores = {"curriculum-s0": pd.Series([0.6, 0.2, 0.4, 0.6, 0.2], index=index),
+              "curriculum-s1": pd.Series([0.6, 0.4, 0.5, 0.6, 0.4], index=index)}
+    table = ablation.summarize(scores, ["curriculum"], [0, 1])
+    assert table.loc["curriculum", MEAN_UNLIKE] == pytest.approx(0.3)
+    assert table.loc["curriculum", "std_unlike_over_seeds"] == pytest.approx(pd.Series([0.2, 0.4]).std())
+    assert table.loc["curriculum", "std_over_seeds"] == pytest.approx(pd.Series([0.4, 0.5]).std())
+    png = ablation.plot(table, "schedule", tmp_path / "schedule.png")
+    assert png.stat().st_size > 0

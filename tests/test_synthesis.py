@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from mgh_ray import config, prompts, records, seeds, synthesis
+from mgh_ray import config, corpora, prompts, records, seeds, synthesis
 from mgh_ray.records import TRAIN_COLS
 from mgh_ray.synthesis import SeedError, SynthesisConfig
 
@@ -119,24 +119,44 @@ def test_row_ids_depend_on_seed_and_prompt_version_only():
 
 
 @pytest.mark.integration
-def test_generate_mode_brainstorms_tasks_then_examples(tmp_path, ray_cluster, smollm2_path):
+def test_work_rows_mix_seeds_of_several_sources_with_generate_mode_rows(ray_cluster):
+    cfg = _tiny(seed_sources=["bbc", "moviedialog"], num_seeds=4, generate_examples=3, kinds=["short-long", "sts"])
+    rows = synthesis.work_rows(cfg, prompts.load(cfg.prompt_version)).to_pandas()
+    seeded, generated = rows[rows["mode"] == "augment"], rows[rows["mode"] == "generate"]
+    assert len(seeded) == 4 and len(generated) == 3 and rows["id"].is_unique
+    # the first 4 seeds: two of each source, with its instruction and task family
+    assert sorted(zip(seeded["instruction"], seeded["kind"])) == sorted(
+        [(synthesis.DEFAULT_INSTRUCTION, "short-long"), (corpora.MOVIE_INSTRUCTION, "short-short")] * 2)
+    assert (generated["instruction"] == "").all() and generated["topic"].map(bool).all()
+    assert sorted(generated["kind"]) == ["short-long", "short-long", "sts"]
+
+
+@pytest.mark.integration
+def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_path, ray_cluster, smollm2_path):
+    """Augment mode with generate-mode examples in the same run: one engine, each row its own mode."""
     # 320 tokens: a whole example (query, positive, four negatives) was cut off at 160 in 3 of 8 rows
-    cfg = _tiny(mode="generate", num_seeds=4, kinds=["short-long", "sts"], max_tokens=320, max_retries=3)
+    cfg = _tiny(seed_sources=["bbc", "moviedialog"], num_seeds=2, generate_examples=4, kinds=["short-long", "sts"],
+                max_tokens=320, max_retries=3)
     report = synthesis.synthesize(cfg, str(tmp_path / "gen"))
-    assert report["seeds"] == 4 and report["written"] + report["failed"] == 4 and report["missing"] == 0
+    assert report["seeds"] == 6 and report["written"] + report["failed"] == 6 and report["missing"] == 0
     recs = records.to_pandas(str(tmp_path / "gen"), "records")
     failures = records.to_pandas(str(tmp_path / "gen"), "failures")
-    # the loop below must not be empty: a parser or prompt regression that fails every row fails here.
-    # (At max_tokens=160 two runs wrote 1 and 0 of 4; at 320 with one retry 1 and 0 of 4: duplicate
-    # negatives and truncated answers. Three retries per step give each row four tries.)
-    assert len(recs) == report["written"] >= 1, failures.get("reason", pd.Series()).tolist()
-    for rec in recs.itertuples():
+    seeded, generated = recs[recs["mode"] == "augment"], recs[recs["mode"] == "generate"]
+    # the loops below must not be empty: a parser or prompt regression that fails every row fails here.
+    # (Generate mode at max_tokens=160 wrote 1 and 0 of 4 in two runs; at 320 with one retry 1 and 0 of
+    # 4: duplicate negatives and truncated answers. Three retries per step give each row four tries.)
+    assert len(generated) >= 1 and len(seeded) >= 1, failures.get("reason", pd.Series()).tolist()
+    for rec in generated.itertuples():
         assert rec.kind in ("short-long", "sts") and rec.task and rec.instruction == rec.task
-        assert rec.query and rec.positive and rec.mode == "generate"
+        assert rec.query and rec.positive
+    for rec in seeded.itertuples():  # the seeds' own instruction and task family, from their source
+        assert (rec.instruction, rec.kind) in {(synthesis.DEFAULT_INSTRUCTION, "short-long"),
+                                               (corpora.MOVIE_INSTRUCTION, "short-short")}
+    for rec in recs.itertuples():
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
         assert all(isinstance(n, str) and len(n.split()) >= prompts.MIN_NEGATIVE_WORDS for n in negatives)
         assert len(set(negatives)) == 4  # the parser rejects repeated negatives
-    assert set(failures.get("stage", [])) <= {"brainstorm", "generate"}
+    assert set(failures.get("stage", [])) <= {"brainstorm", "generate", "augment"}
     assert set(failures.get("reason", [])) <= ALLOWED_REASONS
     # the kind reaches the training reader, which puts the instruction on both sides of sts rows
     from mgh_ray.training import symmetric_rows

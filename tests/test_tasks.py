@@ -75,6 +75,18 @@ def test_no_training_seed_reaches_an_evaluation_task(loaded):
     split = bbc.dataset["default"]["test"]
     assert not {i[1:] for i in split["corpus"]["id"]} & set(seeds["id"])
     assert not set(split["queries"]["text"]) & set(seeds["query"])
+    # the movie-dialog seeds (the small preset's second source) are held out of the reranking task
+    # (by statement: a reply may also be another pair's statement, as dialogue lines follow each other)
+    movie = corpora.seed_rows("moviedialog")
+    queries = set(loaded["MovieDialogReranking"].dataset["default"]["test"]["queries"]["text"])
+    assert len(queries) == 30 and not queries & set(movie["query"])
+
+
+def test_tasks_like_the_seeds_are_those_held_out_of_the_seed_corpora():
+    assert tasks.like_seeds(list(tasks.NAMES), ["bbc"]) == ["BBCHeadlineRetrieval"]
+    assert tasks.like_seeds(list(tasks.NAMES), ["bbc", "moviedialog"]) == ["BBCHeadlineRetrieval",
+                                                                          "MovieDialogReranking"]
+    assert tasks.like_seeds(["LeeSTS", "SDGPairClassification"], ["bbc"]) == []
 
 
 def test_layouts(loaded):
