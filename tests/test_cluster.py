@@ -217,16 +217,25 @@ def read_scores(run_dir: str):
     return pd.read_csv(io.StringIO(storage.read_text(storage.join(run_dir, "evaluate", "scores.csv"))), index_col=0)
 
 
-def record_ids(folder: str) -> list[str]:
-    """Every row id in a synthesis folder's records and failures (path or URI), repeats included."""
+def read_table(folder: str, table: str, columns: list[str] | None = None):
+    """A records folder's table (path or URI) read here with pandas: no Ray Data, so the test process
+    never starts a Ray instance of its own beside the cluster under test."""
     import io
 
     import pandas as pd
 
     from mgh_ray import records, storage
 
-    return [i for table in ("records", "failures") for f in records.shard_files(folder, table)
-            for i in pd.read_parquet(io.BytesIO(storage.read_bytes(f)), columns=["id"])["id"]]
+    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(f)), columns=columns)
+             for f in records.shard_files(folder, table)]
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    return pd.DataFrame(columns=columns or (records.RECORD_COLS if table == "records" else records.FAILURE_COLS))
+
+
+def record_ids(folder: str) -> list[str]:
+    """Every row id in a synthesis folder's records and failures, repeats included."""
+    return [*read_table(folder, "records", ["id"])["id"], *read_table(folder, "failures", ["id"])["id"]]
 
 
 # tiny.yaml cut to CI size, with the default quality gate (a run whose gate keeps too few records fails
@@ -322,12 +331,12 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     assert report["seeds"] == 16 and report["missing"] == 0 and report["this_run"]["rows"] == 16 - len(first)
     # 16 real seeds: a parser or prompt regression shows as failed rows (32-seed runs write 31 of 32)
     assert report["written"] + report["failed"] == 16 and report["written"] >= 11, report["failed_by_reason"]
-    recs = records.to_pandas(run.synthesize, "records")
+    recs = read_table(run.synthesize, "records")
     for rec in recs.itertuples():  # what each record says of itself
         assert all(isinstance(getattr(rec, f"gen_{k}"), str) and getattr(rec, f"gen_{k}") for k in range(1, 5))
         assert rec.model == "smollm2" and rec.attempts >= 1 and json.loads(rec.sampling)["max_tokens"] == 320
         assert rec.prompt_version == prompts.DEFAULT_VERSION and rec.instruction == synthesis.DEFAULT_INSTRUCTION
-    failed = records.to_pandas(run.synthesize, "failures")
+    failed = read_table(run.synthesize, "failures")
     assert (failed["attempts"] == 3).all() and failed["raw_output"].map(bool).all()  # 2 retries, raw output kept
     scores = read_scores(run_dir)
     assert list(scores.index) == ["LeeSTS", "mean"]
