@@ -1,17 +1,20 @@
 """Real human-written text, turned into tidy parquet tables with fixed, seeded splits.
 
-Sources are the pinned archives of `assets` (see shared DATA.md for what each is). Tables:
+Sources are the pinned archives of `assets` (`assets.WHEELS` pins each package, its hash and the
+files taken from it). Tables:
 
     seeds        BBC headline -> article lead, training split only (id, query, positive, category)
     bbc_eval     BBC articles held out from the seeds (id, title, body, category)
     trec         TREC question classification (text, coarse, fine, split)
-    moviedialog  statement -> reply pairs (id, statement, reply)
+    moviedialog  statement -> reply pairs (id, statement, reply, split: train / eval by statement)
     lee          Lee et al. document pairs with mean human similarity (text1, text2, score)
     sdg          text, goal name, relevance label
     reuters_r8   Reuters R8 test documents (text, label)
 
 BBC articles are deduplicated (by title and by body) and split by article, so no article is both a
-training seed and an evaluation document. TREC-QC gets a seeded train/test split.
+training seed and an evaluation document; movie dialogue is split the same way by statement. TREC-QC
+gets a seeded train/test split. Training seeds come from `SEED_SOURCES` (BBC, movie dialogue), one
+source or several taken in turn (`mixed_seeds`).
 
 Text files are decoded as UTF-8, falling back to latin-1 per file (`decode`): 646 of BBC's 647
 non-ASCII files are UTF-8, and reading them as latin-1 turned "£5.05" into "Â£5.05". Each table has

@@ -1,6 +1,7 @@
-"""Curriculum: which negative level each training example uses at each step (DESIGN.md 2.2).
+"""Curriculum: which negative level each training example uses at each step.
 
-A sampler with a cursor, not one dataset per stage (ANCHORS 6), so a restored run lands mid-stage:
+A sampler with a cursor, not one dataset per stage (a run restored from a checkpoint would
+restart its stage from the top), so a restored run lands mid-stage:
 the cursor (step, stage, RNG state) is saved in every checkpoint. Modes, for the paper's ablation:
 
     curriculum   stages L1 -> L2 -> L3 -> L4 (coarse to fine)

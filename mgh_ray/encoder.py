@@ -75,7 +75,7 @@ class EncoderConfig(Section):
     padding_side: Literal["right", "left"] = "right"
     append_eos: bool = True  # decoders: end every text with EOS (last-token pooling's summary token, T9)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False  # non-reentrant (DDP + LoRA safe, ANCHORS R11)
+    gradient_checkpointing: bool = False  # non-reentrant: the reentrant kind breaks DDP + LoRA (parameters marked ready twice)
 
     @field_validator("query_template")
     @classmethod
@@ -425,7 +425,8 @@ def query_prompts(instructions: Iterable[str] | Mapping[str, int], max_prompts: 
 
 
 def _load_adapter(model: torch.nn.Module, folder: Path) -> None:
-    """Load adapter weights into a fresh peft model; refuse a silent partial load (ANCHORS T6)."""
+    """Load adapter weights into a fresh peft model; refuse a silent partial load (peft warns and goes on with
+    missing keys, which would serve an untrained adapter)."""
     import peft
     from safetensors.torch import load_file
 

@@ -11,7 +11,7 @@ a range of +-20. A t near 1 leaves the softmax almost flat and the model barely 
 Across workers: `all_gather` with autograd (torch.distributed.nn), so gradients reach the worker that
 produced each candidate; worker r's query i has its positive at column r * B + i (B = per-worker batch,
 equal on every worker). Getting this offset wrong trains anchors toward someone else's positive or
-their own negatives (ANCHORS 4.2, ST PR #3453). The per-worker loss is the mean over its local
+their own negatives. The per-worker loss is the mean over its local
 queries, so DDP's gradient average equals the gradient of the single-process loss on the global batch
 (tests/test_losses.py checks this with 2 gloo processes). Candidates that are the same text as a
 query's positive (keys equal) but not its label are masked out: they are false negatives.

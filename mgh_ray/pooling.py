@@ -1,6 +1,6 @@
 """Pooling: token states -> one vector. Anchor-Token-Aware (ATA) pooling and its baselines.
 
-ATA (DESIGN.md 2.3) weighs each token by the attention it *receives* in one layer, so the "anchor"
+ATA (Pan et al., "Negative Matters", ACL 2025) weighs each token by the attention it *receives* in one layer, so the "anchor"
 tokens LLMs concentrate attention on (first token, punctuation, final EOS) weigh more. No parameters.
 
     r_j = mean over heads of sum over valid queries i of A[h, i, j]    (A: one layer's attention)

@@ -1,4 +1,4 @@
-"""Offline MTEB tasks built from the fetched corpora (DATA.md): one per task family, none from `seeds`.
+"""Offline MTEB tasks built from the fetched corpora (`corpora`): one per task family, none from `seeds`.
 
 Each task is an `mteb` task subclass whose `load_data` builds its dataset from `corpora.table(...)`,
 so `mteb.evaluate` scores it with mteb's own evaluator and writes mteb's own result files:

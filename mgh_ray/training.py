@@ -231,7 +231,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     start = curriculum.step
     batches = batch_stream(shard, cfg.batch_size, cfg.seed, rank, start)
-    # every LoRA parameter takes part in each forward: no unused-parameter search (ANCHORS R11)
+    # every LoRA parameter takes part in each forward: no unused-parameter search (with it on, DDP
+    # walks the graph every step and errors on parameters used twice under gradient checkpointing)
     model = ray.train.torch.prepare_model(encoder, parallel_strategy_kwargs={"find_unused_parameters": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -298,7 +299,8 @@ def contrastive_loss(model: torch.nn.Module, encoder: Encoder, loss_fn: torch.nn
     levels: (b, K) levels of each example's K hard negatives (`Curriculum.levels`; K > 1 in cumulative
     mode), or (b,) for one each. Symmetric examples (a `symmetric` bool column, else a `kind` column
     naming a symmetric task such as "sts"; absent: none) get their instruction on the positive and the
-    negatives too, as on the query (DESIGN.md 2.4); other documents get none."""
+    negatives too, as on the query (both sides of a symmetric pair are the same kind of text);
+    other documents get none."""
     from mgh_ray.losses import text_keys
 
     b = len(batch)

@@ -27,7 +27,7 @@ def _batch(left: bool):
 
 
 def _ref(cfg: PoolingConfig, hidden, mask, probs, pool_mask, causal):
-    """Plain loops, straight from the formulas in DESIGN.md 2.3."""
+    """Plain loops, straight from the formulas in pooling.py's docstring."""
     out = []
     for b in range(hidden.shape[0]):
         real = [j for j in range(hidden.shape[1]) if mask[b, j]]

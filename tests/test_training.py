@@ -217,7 +217,7 @@ def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_pa
 
 @pytest.mark.integration
 def test_new_driver_resumes_a_run_whose_workers_all_failed(ray_cluster, tmp_path):
-    """ANCHORS R9: the first driver gives up (no retries left); rerunning `train` on the same out_dir
+    """The first driver gives up (no retries left); rerunning `train` on the same out_dir
     continues from the latest checkpoint instead of starting over."""
     cfg = _tiny(tmp_path, fail_at_step=3, fail_rank=0, max_failures=0, num_workers=1)
     with pytest.raises(Exception):
