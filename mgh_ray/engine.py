@@ -28,8 +28,8 @@ def sampling_seed(cfg: Any, rid: str, step: str, attempt: int) -> int:
 
 
 def sampling_json(cfg: Any) -> str:
-    return json.dumps({k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "seed",
-                                                    "max_retries", "guided_decoding")}, sort_keys=True)
+    return json.dumps({k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "example_max_tokens",
+                                                    "seed", "max_retries", "guided_decoding")}, sort_keys=True)
 
 
 class Generator:
@@ -75,7 +75,8 @@ class Generator:
         tokens, text, result = 0, "", prompts.Parsed(False, reason="not_run")
         for attempt in range(c.max_retries + 1):
             guided = StructuredOutputsParams(json=schema) if c.guided_decoding else None
-            sp = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
+            sp = SamplingParams(max_tokens=c.example_max_tokens if step == "generate" else c.max_tokens,
+                                temperature=c.temperature, top_p=c.top_p,
                                 seed=sampling_seed(c, rid, step, attempt), structured_outputs=guided)
             try:
                 final = None

@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 # Fields that define what a row *is*; a rerun into the same folder must not change them.
 IDENTITY = ("mode", "seeds", "seed_sources", "prompt_version", "model", "instruction", "kinds", "temperature",
-            "top_p", "max_tokens", "seed", "max_retries", "guided_decoding", "max_input_chars")
+            "top_p", "max_tokens", "example_max_tokens", "seed", "max_retries", "guided_decoding",
+            "max_input_chars")
 
 
 class SynthesisConfig(config.Section):
@@ -108,6 +109,10 @@ class SynthesisConfig(config.Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(320, ge=1, strict=True)  # 4 negatives of <= 240 characters, keys and quotes included
+    # generate mode's second step writes a query and a positive as well as four negatives. Measured on
+    # SmolLM2 (4 examples, 3 retries): 320 tokens wrote 1 of 4 (2 cut off); 512 wrote 2 of 4 but took
+    # 2.7x as long, since a row that runs long spends the whole budget on every try
+    example_max_tokens: int = Field(320, ge=1, strict=True)
     seed: int = Field(0, strict=True)
     max_retries: int = Field(2, ge=0, strict=True)  # extra attempts for a row whose output does not parse, each with a new seed
     # output

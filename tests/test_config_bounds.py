@@ -27,7 +27,7 @@ BAD = [
     "train.loss.temperature=0", "serve.num_replicas=0", "serve.port=70000", "serve.autoscaling.max_replicas=0",
     "serve.max_batch_size=0", "serve.torch_threads=0", "evaluate.num_replicas=0", "evaluate.max_rows=0",
     "evaluate.concurrency=0", "mining.num_seeds=-1", "mining.chunk_size=0", "ablation.steps=0",
-    "synthesis.generate_examples=-1", "synthesis.seed_sources=[]", "synthesis.seed_sources=[wiki]",
+    "synthesis.generate_examples=-1", "synthesis.example_max_tokens=0", "synthesis.seed_sources=[]", "synthesis.seed_sources=[wiki]",
     "synthesis.seed_sources=[bbc,bbc]",
 ]
 

@@ -144,7 +144,8 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     seeded, generated = recs[recs["mode"] == "augment"], recs[recs["mode"] == "generate"]
     # the loops below must not be empty: a parser or prompt regression that fails every row fails here.
     # (Generate mode at max_tokens=160 wrote 1 and 0 of 4 in two runs; at 320 with one retry 1 and 0 of
-    # 4: duplicate negatives and truncated answers. Three retries per step give each row four tries.)
+    # 4, with three retries 1 of 4 (2 of 4 at example_max_tokens=512, in 2.7x the time): duplicate
+    # negatives and truncated answers. Three retries per step give each row four tries.)
     assert len(generated) >= 1 and len(seeded) >= 1, failures.get("reason", pd.Series()).tolist()
     for rec in generated.itertuples():
         assert rec.kind in ("short-long", "sts") and rec.task and rec.instruction == rec.task
