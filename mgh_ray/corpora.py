@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
+import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -174,15 +176,19 @@ def table(name: str) -> pd.DataFrame:
     """The tidy table `name`, built once from the pinned archives and cached as parquet."""
     if name not in _BUILDERS:
         raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
-    path = table_path(name)
+    return pd.read_parquet(_cached(table_path(name), _BUILDERS[name]))
+
+
+def _cached(path: Path, build: Callable[[], pd.DataFrame]) -> Path:
+    """`path`, written once from `build()` (atomically: a concurrent builder never sees half a file)."""
     if not path.is_file():
-        df = _BUILDERS[name]()
+        df = build()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent builders never share one
         df.to_parquet(tmp, index=False)
         tmp.replace(path)
         log.info("built %s: %d rows", path, len(df))
-    return pd.read_parquet(path)
+    return path
 
 
 def build_all() -> dict[str, int]:
@@ -223,29 +229,19 @@ def mixed_seeds(sources: list[str], seed: int = 0) -> pd.DataFrame:
     if len(sources) == 1:
         return seed_rows(sources[0])
     parts = [seed_rows(s).sample(frac=1.0, random_state=seed).reset_index(drop=True) for s in sources]
-    for part in parts:
-        part["turn"] = range(len(part))
-    mixed = pd.concat(parts, ignore_index=True)
-    order = {s: i for i, s in enumerate(sources)}
-    mixed["rank"] = mixed["source"].map(order)
-    return mixed.sort_values(["turn", "rank"]).drop(columns=["turn", "rank"]).reset_index(drop=True)
+    # a stable sort on the position within its source keeps the sources' order inside each turn
+    mixed = pd.concat([p.assign(turn=range(len(p))) for p in parts], ignore_index=True)
+    return mixed.sort_values("turn", kind="stable").drop(columns="turn").reset_index(drop=True)
 
 
 def seeds_path(sources: list[str]) -> Path:
-    """The mixed seed table of `sources` as a parquet file in this node's cache (built once)."""
-    tables = sorted({SEED_SOURCES[s]["table"] for s in sources if s in SEED_SOURCES})
-    tag = hashlib.sha256("+".join(sources).encode()).hexdigest()[:8]
-    stamp = "-".join(f"{t}{VERSIONS[t]}" for t in tables)
-    path = assets.cache_dir() / "data" / f"seeds-{'+'.join(sources)}-{stamp}-{tag}.parquet"
-    if not path.is_file():
-        df = mixed_seeds(sources)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        df.to_parquet(tmp, index=False)
-        tmp.replace(path)
-    return path
+    """The mixed seed table of `sources` as a parquet file in this node's cache (built once). The name
+    carries a hash of the sources' specs and their tables' build versions, so a change rebuilds it."""
+    key = json.dumps([[SEED_SOURCES[s], VERSIONS[SEED_SOURCES[s]["table"]]] for s in sources], sort_keys=True)
+    name = f"seeds-{'+'.join(sources)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
+    return _cached(assets.cache_dir() / "data" / name, lambda: mixed_seeds(sources))
 
 
 def held_out_tables(sources: list[str]) -> set[str]:
     """The evaluation tables split from these seed sources (tasks on them are shaped like the seeds)."""
-    return {SEED_SOURCES[s]["held_out"] for s in sources if s in SEED_SOURCES}
+    return {SEED_SOURCES[s]["held_out"] for s in sources}

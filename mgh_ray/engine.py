@@ -103,8 +103,7 @@ class Generator:
         t0 = time.time()
         rid, ps, c = row["id"], self.ps, self.cfg
         out = {**{k: row.get(k) for k in ("id", "seed_id", "kind", "query", "positive", "instruction")},
-               "mode": row.get("mode") or c.mode, "task": "", "prompt_version": ps.version,
-               "model": self.model_name,
+               "mode": row["mode"], "task": "", "prompt_version": ps.version, "model": self.model_name,
                "sampling": self.sampling, "attempts": 0, "retries": 0, "gen_tokens": 0}
         if row.get("problem"):  # a bad seed: recorded, never sent to the LLM
             out.update(status="failed", stage="seed", reason="bad_seed", detail=row["problem"], raw_output="",

@@ -289,7 +289,7 @@ def scores_table(results: dict[str, dict[str, Any]], task_names: list[str],
                           for m, r in results.items()}).reindex(task_names)
     like = [t for t in task_names if t in like_seeds]
     unlike = [t for t in task_names if t not in like_seeds]
-    table.loc["mean"] = table.loc[task_names].mean(axis=0)
+    table.loc["mean"] = table.mean(axis=0)
     if like and unlike:
         table.loc[MEAN_LIKE] = table.loc[like].mean(axis=0)
         table.loc[MEAN_UNLIKE] = table.loc[unlike].mean(axis=0)
@@ -313,13 +313,12 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
             log.info("%s: encode requests per replica %s", name, seen)
     table = scores_table(results, cfg.tasks, like_seeds)
     metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
-    report.write(table, out_dir, metrics=metrics,
-                 note=f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}, "
-                      f"truncation={cfg.truncation} (texts longer than the model's token limit are "
-                      f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); "
-                      f"{time.perf_counter() - start:.0f} s"
-                      + (f". Shaped like the training seeds (held out of the same corpora): "
-                         f"{', '.join(t for t in cfg.tasks if t in like_seeds)}; every other task is unlike "
-                         "them." if MEAN_LIKE in table.index else ""))
+    note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}, "
+            f"truncation={cfg.truncation} (texts longer than the model's token limit are "
+            f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); {time.perf_counter() - start:.0f} s.")
+    if MEAN_LIKE in table.index:
+        like = ", ".join(t for t in cfg.tasks if t in like_seeds)
+        note += f" Shaped like the training seeds (held out of the same corpora): {like}; the rest are unlike them."
+    report.write(table, out_dir, metrics=metrics, note=note)
     log.info("main scores (%s):\n%s", out_dir, report.markdown_table(table))
     return table

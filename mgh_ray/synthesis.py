@@ -184,16 +184,14 @@ class IdLedger:
 
 
 def _with_ids(batch: pd.DataFrame, version: str, instruction: str, mode: str) -> pd.DataFrame:
-    """Row ids, and each row's mode (a run in augment mode may carry generate-mode rows too)."""
+    """Row ids and the row's mode (one augment run may also carry generate-mode rows)."""
     batch = batch.copy()
     batch["id"] = [row_id(s, version) for s in batch["seed_id"]]
-    if "mode" not in batch:
-        batch["mode"] = mode
-    seeded = batch["mode"] == "augment"
-    batch["instruction"] = batch["instruction"].where(~seeded | (batch["instruction"] != ""), instruction)
-    batch["kind"] = batch["kind"].where(~seeded | (batch["kind"] != ""), "short-long")
-    if "topic" not in batch:
-        batch["topic"] = ""
+    batch["mode"] = mode
+    if mode == "augment":
+        batch["instruction"] = batch["instruction"].where(batch["instruction"] != "", instruction)
+        batch["kind"] = batch["kind"].where(batch["kind"] != "", "short-long")
+    batch["topic"] = batch.get("topic", "")
     return batch
 
 
@@ -208,39 +206,32 @@ def _generate_rows(batch: pd.DataFrame, kinds: list[str], topics: list[str]) -> 
     """Generate-mode work rows for a batch of row numbers: (task family, topic) pairs, round robin."""
     rows = [{"seed_id": f"gen:{kinds[i % len(kinds)]}:{i}", "kind": kinds[i % len(kinds)],
              "topic": topics[(i // len(kinds)) % len(topics)], "query": "", "positive": "",
-             "instruction": "", "problem": "", "mode": "generate"} for i in batch["id"]]
+             "instruction": "", "problem": ""} for i in batch["id"]]
     return pd.DataFrame(rows)
-
-
-def _seeded_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch.assign(topic="", mode="augment")
 
 
 def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
     """The seeds of this run as a Ray Dataset (seed file problems raise SeedError here, before any
     engine). Generate-mode rows are made on workers from row numbers (`ray.data.range`); in augment
-    mode `generate_examples` of them follow the seeds, each row carrying its own mode."""
+    mode `generate_examples` of them join the seeds, each row carrying its own mode."""
     import ray.data
 
-    generated = None
-    if cfg.mode == "generate" or cfg.generate_examples:
+    parts = []
+    if cfg.mode == "augment":
+        parts.append(("augment", seeds.dataset(seed_location(cfg), cfg.num_seeds, check=False)))  # validated
+        n_generated = cfg.generate_examples
+    else:
+        n_generated = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
+    if n_generated:
         unknown = [k for k in cfg.kinds if k not in ps.kinds]
         if unknown:
             raise ValueError(f"unknown kinds {unknown}; prompt set {ps.version} has {list(ps.kinds)}")
-        if cfg.mode == "augment":
-            n = cfg.generate_examples
-        else:
-            n = cfg.num_seeds if cfg.num_seeds is not None else len(cfg.kinds) * len(ps.topics)
-        generated = ray.data.range(n).map_batches(_generate_rows, batch_format="pandas",
-                                                  fn_kwargs={"kinds": list(cfg.kinds), "topics": list(ps.topics)})
-    if cfg.mode == "generate":
-        ds = generated
-    else:
-        ds = seeds.dataset(seed_location(cfg), cfg.num_seeds, check=False)  # synthesize validated it
-        if generated is not None:
-            ds = ds.map_batches(_seeded_rows, batch_format="pandas").union(generated)
-    return ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
-                          fn_kwargs={"version": ps.version, "instruction": cfg.instruction, "mode": cfg.mode})
+        parts.append(("generate", ray.data.range(n_generated).map_batches(
+            _generate_rows, batch_format="pandas", fn_kwargs={"kinds": list(cfg.kinds), "topics": list(ps.topics)})))
+    with_ids = [ds.map_batches(_with_ids, batch_format="pandas", batch_size=1024,
+                               fn_kwargs={"version": ps.version, "instruction": cfg.instruction, "mode": mode})
+                for mode, ds in parts]
+    return with_ids[0].union(*with_ids[1:]) if len(with_ids) > 1 else with_ids[0]
 
 
 # --------------------------------------------------------------------------- the job
