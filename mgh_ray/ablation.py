@@ -14,7 +14,10 @@ Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
 
 Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
 evaluated by `evaluation.evaluate` through Serve; results are one table (mean over seeds, with the
-spread when there are several seeds) and one bar chart per ablation.
+spread when there are several seeds) and one bar chart per ablation. Each table starts with the
+untrained backbone: `untrained` (the run's base, the config's pooling) in the schedule table, and
+`untrained-<pooling>` for every pooling arm in the pooling table (is training worth more than
+switching the pooling of the untrained model?).
 
     mgh-ray ablate jobs/configs/tiny.yaml ablation.steps=40 ablation.seeds=[0,1]
 """
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse", "cumulative",
              "in_batch", "mined", "reference_levels")
 POOLINGS = ("ata", "mean", "last", "weighted_mean", "cls")
+UNTRAINED = "untrained"  # the table rows of the untrained backbone
 
 
 def schedule_overrides(arm: str) -> list[str]:
@@ -77,9 +81,12 @@ def _check_arms(arms: list[str], known: tuple[str, ...], what: str) -> None:
         raise ValueError(f"unknown {what} arm(s) {bad}; known: {', '.join(known)}")
 
 
-def summarize(scores: dict[str, pd.DataFrame], arms: list[str], seeds: list[int]) -> pd.DataFrame:
-    """Rows arm; columns each task's mean over seeds, the task mean, and its std over seeds."""
-    rows = {}
+def summarize(scores: dict[str, pd.Series], arms: list[str], seeds: list[int],
+              untrained: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows: the `untrained` models' scores first (one model each, no spread: the line every arm has
+    to clear), then one per arm; columns each task's mean over seeds, the task mean, and its std over
+    seeds."""
+    rows = {name: scores[name].to_dict() for name in untrained}
     for arm in arms:
         per_seed = pd.concat([scores[f"{arm}-s{s}"] for s in seeds], axis=1)  # (task, seed)
         row = per_seed.mean(axis=1).to_dict()
@@ -120,6 +127,19 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     return path
 
 
+def _untrained(cfg, run: RunLayout, study: str, arms: list[str]) -> dict[str, str]:
+    """{row name: untrained model folder} for a study: the run's base for the schedule study, and the
+    backbone with each pooling arm's pooling for the pooling study (saved beside the arms)."""
+    from mgh_ray import pipeline
+
+    if study != "pooling":
+        return {UNTRAINED: pipeline.base_model(cfg)}
+    own = cfg.train.encoder.pooling.mode
+    return {f"{UNTRAINED}-{p}": pipeline.base_model(
+        config.override(cfg, [f"train.encoder.pooling.mode={p}"]),
+        None if p == own else run.arm(study, f"{UNTRAINED}-{p}")) for p in arms}
+
+
 def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm of both ablations; returns {"schedule": table, "pooling": table}."""
     from mgh_ray import evaluation, mining, pipeline, training
@@ -154,7 +174,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     for study, arms in studies.items():
         if not arms:
             continue
-        models: dict[str, Path] = {}
+        models: dict[str, Path | str] = dict(_untrained(cfg, run, study, list(arms)))
         for arm, over in arms.items():
             for seed in ab.seeds:
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
@@ -174,7 +194,8 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
         scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve,
                                      like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
         per_model = {name: scores[name] for name in models}
-        table = summarize(per_model, list(arms), ab.seeds)
+        table = summarize(per_model, list(arms), ab.seeds,
+                          untrained=[n for n in models if n.startswith(UNTRAINED)])
         table.to_csv(root / f"{study}.csv")
         (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
         plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",

@@ -196,16 +196,18 @@ def _save_base(encoder_cfg: dict, folder: str) -> str:
         return storage.upload_dir(Path(tmp) / "base", folder)
 
 
-def base_model(cfg: PipelineConfig) -> str:
-    """The untrained backbone with the same pooling, saved under run_dir/base for comparison."""
+def base_model(cfg: PipelineConfig, folder: str | None = None) -> str:
+    """The untrained backbone with the same pooling, saved for comparison under `folder` (default
+    run_dir/base)."""
     import ray
 
-    run = RunLayout(cfg.run_dir)
-    if not storage.is_file(RunLayout.success(run.base)):
-        remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_save_base)
-        ray.get(remote.remote(cfg.train.encoder.model_dump(mode="json"), run.base))
-        storage.write_text(RunLayout.success(run.base), "base")
-    return run.base
+    folder = folder or RunLayout(cfg.run_dir).base
+    if not storage.is_file(RunLayout.success(folder)):
+        remote = ray.remote(_save_base).options(num_cpus=cfg.train.cpus_per_worker,
+                                                num_gpus=1 if cfg.train.use_gpu else 0)
+        ray.get(remote.remote(cfg.train.encoder.model_dump(mode="json"), folder))
+        storage.write_text(RunLayout.success(folder), "base")
+    return folder
 
 
 def fetch(cfg: PipelineConfig) -> dict[str, str]:

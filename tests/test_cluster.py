@@ -368,7 +368,8 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     assert storage.is_file(RunLayout.success(arm)) and storage.list_files(storage.join(arm, "model"))
     assert not storage.exists(storage.join(arm, "export"))  # arms are only evaluated
     assert all(storage.is_file(storage.join(run.ablation, f)) for f in ("schedule.md", "schedule.png"))
-    assert "reference_levels" in storage.read_text(storage.join(run.ablation, "schedule.md"))
+    schedule_md = storage.read_text(storage.join(run.ablation, "schedule.md"))
+    assert "reference_levels" in schedule_md and "untrained" in schedule_md
     assert local_files() == before_files
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]

@@ -90,15 +90,18 @@ def test_pipeline_refuses_a_config_the_cluster_cannot_place(tmp_path, ray_cluste
     assert not (tmp_path / "run").exists()
 
 
-def test_ablation_table_keeps_the_unlike_mean_and_its_spread_over_seeds(tmp_path):
+def test_ablation_table_keeps_the_untrained_row_the_unlike_mean_and_its_spread_over_seeds(tmp_path):
     import pandas as pd
 
     from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
 
     index = ["BBCHeadlineRetrieval", "LeeSTS", "mean", MEAN_LIKE, MEAN_UNLIKE]
     scores = {"curriculum-s0": pd.Series([0.6, 0.2, 0.4, 0.6, 0.2], index=index),
-              "curriculum-s1": pd.Series([0.6, 0.4, 0.5, 0.6, 0.4], index=index)}
-    table = ablation.summarize(scores, ["curriculum"], [0, 1])
+              "curriculum-s1": pd.Series([0.6, 0.4, 0.5, 0.6, 0.4], index=index),
+              "untrained": pd.Series([0.3, 0.25, 0.275, 0.3, 0.25], index=index)}
+    table = ablation.summarize(scores, ["curriculum"], [0, 1], untrained=["untrained"])
+    assert list(table.index) == ["untrained", "curriculum"]  # the line every arm has to clear comes first
+    assert table.loc["untrained", MEAN_UNLIKE] == 0.25 and pd.isna(table.loc["untrained", "std_over_seeds"])
     assert table.loc["curriculum", MEAN_UNLIKE] == pytest.approx(0.3)
     assert table.loc["curriculum", "std_unlike_over_seeds"] == pytest.approx(pd.Series([0.2, 0.4]).std())
     assert table.loc["curriculum", "std_over_seeds"] == pytest.approx(pd.Series([0.4, 0.5]).std())

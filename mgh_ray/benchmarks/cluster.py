@@ -15,7 +15,6 @@ give the two wall times and their ratio (autoscaling / plain).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from mgh_ray import cluster
+from mgh_ray.benchmarks import save
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,6 @@ def run(config_path: str | Path, overrides: list[str], out_dir: Path,
              f"stand-in max {lc.gpu_workers}; idle_timeout_minutes {lc.idle_timeout_minutes}; plain: one local "
              f"Ray with tiny.yaml's ray.num_cpus; overrides {overrides}")
     md = table.to_markdown(index=False, floatfmt=".1f")
-    (out_dir / "benchmark_cluster.md").write_text(f"# Cluster benchmark\n\n{md}\n\n{shape}\n")
-    (out_dir / "benchmark_cluster.json").write_text(json.dumps(
-        {"rows": rows, "shape": shape, "nodes": timeline["nodes"]}, indent=1, default=str))
-    log.info("cluster benchmark: %s", shape)
+    save(out_dir, "cluster", f"# Cluster benchmark\n\n{md}\n\n{shape}\n",
+         {"rows": rows, "shape": shape, "nodes": timeline["nodes"]})
     return table

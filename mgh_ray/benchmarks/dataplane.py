@@ -18,7 +18,6 @@ Repeated texts are embedded once per actor, so the mining rows measure the plumb
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from mgh_ray import storage
+from mgh_ray.benchmarks import save
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,8 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
         table.loc[group.index, "rows_per_s_vs_smallest"] = (group["rows_per_s"] / first["rows_per_s"]).round(2)
         table.loc[group.index, "peak_rss_vs_smallest"] = (group["driver_peak_rss_mb"]
                                                           / first["driver_peak_rss_mb"]).round(3)
-    md = "# Data plane benchmark\n\n" + table.to_markdown(index=False) + "\n"
-    (out_dir / "benchmark_dataplane.md").write_text(md)
-    (out_dir / "benchmark_dataplane.json").write_text(json.dumps(table.to_dict("records"), indent=1))
-    log.info("data plane benchmark:\n%s", md)
+    save(out_dir, "dataplane", "# Data plane benchmark\n\n" + table.to_markdown(index=False) + "\n",
+         table.to_dict("records"))
     return table
 
 

@@ -15,7 +15,6 @@ Default shape: batch 64 x 512 tokens, SmolLM2's probe layer (9 heads, 3 key head
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,6 +26,7 @@ import pandas as pd
 import torch
 
 from mgh_ray import pooling
+from mgh_ray.benchmarks import save
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +142,11 @@ def run(out_dir: Path, shape: Shape | None = None, budgets: list[float] | None =
     shape = shape or Shape()
     budgets = budgets or [64.0, 256.0]
     table = compare(shape, budgets, device)
-    try:
-        md = table.to_markdown(index=False, floatfmt=".3g")
-    except ImportError:
-        md = table.to_string(index=False)
+    md = table.to_markdown(index=False, floatfmt=".3g")
     setup = (f"ATA received attention of one layer, {device}, batch {shape.batch} x {shape.seq} tokens, "
              f"{shape.heads} heads ({shape.kv_heads} key heads, dim {shape.head_dim}), {shape.dtype} q/k; "
              "peak memory above the inputs (warm run), best time of 2 runs; chunked rows must agree with the "
              "unchunked one (max_abs_diff).")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark_pooling.md").write_text(f"# ATA memory\n\n{md}\n\n{setup}\n")
-    (out_dir / "benchmark_pooling.json").write_text(json.dumps(
-        {"rows": table.to_dict(orient="records"), "shape": asdict(shape), "device": device}, indent=1))
-    log.info("pooling benchmark\n%s\n%s", md, setup)
+    save(out_dir, "pooling", f"# ATA memory\n\n{md}\n\n{setup}\n",
+         {"rows": table.to_dict(orient="records"), "shape": asdict(shape), "device": device})
     return table

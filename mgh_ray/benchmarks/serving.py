@@ -15,7 +15,6 @@ The table goes to the log and to out_dir/benchmark_serving.{md,json}.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from mgh_ray.benchmarks import save
 from mgh_ray.config import Section
 from mgh_ray.evaluation import EvalConfig
 from mgh_ray.serving import ServeConfig
@@ -166,13 +166,9 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
 
 
 def _save(table: pd.DataFrame, out_dir: Path, meta: dict) -> None:
-    lines = ["| measure | value | unit |", "|---|---:|---|"]
-    lines += [f"| {m} | {r.value:.3f} | {r.unit} |" for m, r in table.iterrows()]
-    md = "\n".join(lines)
-    (out_dir / "benchmark_serving.md").write_text("# Serving benchmark\n\n" + md + "\n")
-    (out_dir / "benchmark_serving.json").write_text(json.dumps(
-        {"table": table.reset_index().to_dict(orient="records"), **meta}, indent=1, default=str))
-    log.info("serving benchmark (%s):\n%s", out_dir, md)
+    md = table.to_markdown(floatfmt=".3f", colalign=("left", "right", "left"))
+    save(out_dir, "serving", "# Serving benchmark\n\n" + md + "\n",
+         {"table": table.reset_index().to_dict(orient="records"), **meta})
 
 
 def main() -> None:

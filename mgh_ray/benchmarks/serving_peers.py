@@ -18,7 +18,6 @@ Vectors of each server are compared with in-process `Encoder` vectors (min cosin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from mgh_ray.benchmarks import save
 from mgh_ray.config import Section
 from mgh_ray.serving import ServeConfig
 
@@ -280,8 +280,6 @@ def _markdown(df: pd.DataFrame) -> str:
 def _save(table: pd.DataFrame, ratios: pd.DataFrame, out_dir: Path, meta: dict) -> None:
     md = ("texts/s (clients x texts per request)\n\n" + _markdown(table)
           + "\n\nratios\n\n" + _markdown(ratios))
-    (out_dir / "benchmark_serving_peers.md").write_text("# Serving peers benchmark\n\n" + md + "\n")
-    (out_dir / "benchmark_serving_peers.json").write_text(json.dumps(
-        {"table": table.reset_index().to_dict(orient="records"),
-         "ratios": ratios.reset_index().to_dict(orient="records"), **meta}, indent=1, default=str))
-    log.info("serving peers benchmark (%s):\n%s", out_dir, md)
+    save(out_dir, "serving_peers", "# Serving peers benchmark\n\n" + md + "\n",
+         {"table": table.reset_index().to_dict(orient="records"),
+          "ratios": ratios.reset_index().to_dict(orient="records"), **meta})

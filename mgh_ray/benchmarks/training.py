@@ -18,7 +18,6 @@ another category, L2-L4 from the same one) for benchmarks and tests, independent
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from mgh_ray import config as config_io
+from mgh_ray.benchmarks import save
 from mgh_ray.training import TrainConfig, read_metrics, train
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
     overhead = {w: speed[("mean", w)] / speed[("ata", w)] - 1 for w in (1, 2)}
     step = step_times(cfg, records)
     step_overhead = step["ata"] / step["mean"] - 1
-    md = table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False)
+    md = table.to_markdown(index=False, floatfmt=".3f")
     summary = (f"ATA cost over mean pooling (target < 10%): {step_overhead:+.1%} per training step in one "
                f"process, alternating ({step['mean']:.2f} s mean vs {step['ata']:.2f} s ATA, the cleaner "
                f"figure); {overhead[1]:+.1%} (1 worker) and {overhead[2]:+.1%} (2 workers) from the Ray "
@@ -122,20 +122,9 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                f"not linear still shows: see the spread column). Setup: "
                f"{cfg.encoder.backbone}, batch {cfg.batch_size}/worker, max_length {cfg.encoder.max_length}, "
                f"{cfg.steps} steps, median after {warmup} warm-up steps.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark_training.md").write_text(f"# Training throughput\n\n{md}\n\n{summary}\n")
     report = {"rows": table.to_dict(orient="records"), "runs": {f"{m}_{w}w": v for (m, w), v in runs.items()},
               "ata_overhead_ray_runs": overhead,
               "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
               "config": cfg.model_dump(mode="json")}
-    (out_dir / "benchmark_training.json").write_text(json.dumps(report, indent=1))
-    log.info("training benchmark\n%s\n%s", md, summary)
+    save(out_dir, "training", f"# Training throughput\n\n{md}\n\n{summary}\n", report)
     return table
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
