@@ -175,8 +175,10 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
         if not arms:
             continue
         models: dict[str, Path | str] = dict(_untrained(cfg, run, study, list(arms)))
-        for arm, over in arms.items():
-            for seed in ab.seeds:
+        # every arm's first seed before any arm's second, so an interrupted run holds whole seeds; a
+        # run with `ablation.seeds=[0]` (a one-seed table) trains what the full run trains first
+        for seed in ab.seeds:
+            for arm, over in arms.items():
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
                 out = run.arm(study, f"{arm}-s{seed}")
                 key = arm_key(cfg, arm_cfg, arm)
