@@ -22,7 +22,6 @@ from mgh_ray import storage
 
 CONFIG_FILE = "config.yaml"
 SUCCESS = "_SUCCESS"
-STARTED = "_STARTED"  # the fingerprint a stage was started with, while it is unfinished
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,6 @@ class RunLayout:
     @staticmethod
     def success(folder: str) -> str:
         return storage.join(folder, SUCCESS)
-
-    @staticmethod
-    def started(folder: str) -> str:
-        return storage.join(folder, STARTED)
 
 
 def save_config(cfg: BaseModel, folder: str) -> str:

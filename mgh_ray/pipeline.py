@@ -114,7 +114,7 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 class StaleStageError(RuntimeError):
-    """A stage in the run folder was made (or, unfinished, begun) with a different config."""
+    """A finished stage in the run folder was made with a different config."""
 
 
 class PlacementError(RuntimeError):
@@ -168,17 +168,7 @@ def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object], nod
         raise StaleStageError(
             f"stage {name!r} in {folder} was finished with a different config (fingerprint {done}, now "
             f"{print_}). Use a new run_dir=..., or delete {folder} (and the stages after it) to redo it.")
-    # an unfinished stage resumes from its partial output, which must come from the same config: a
-    # folder that mixed two (e.g. another prompt or gate halfway) would describe neither
-    started = RunLayout.started(folder)
-    if storage.is_file(started) and (begun := storage.read_text(started).strip()) != print_:
-        raise StaleStageError(
-            f"stage {name!r} in {folder} was started with a different config (fingerprint {begun}, now "
-            f"{print_}) and is unfinished: its partial output belongs to that config, saved in "
-            f"{RunLayout.config(folder)}. Rerun with that config to finish it, or use a new run_dir=... "
-            f"(or delete {folder} and the stages after it) to start over with this one.")
     storage.makedirs(folder)
-    storage.write_text(started, print_)
     start = time.time()
     log.info("stage %s: running into %s", name, folder)
     for attempt in range(node_loss_retries + 1):
@@ -191,7 +181,6 @@ def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object], nod
             log.warning("stage %s: a node was lost (%s); running the stage again, resuming from %s",
                         name, str(exc).strip().splitlines()[-1][:200], folder)
     storage.write_text(marker, print_)
-    storage.delete_file(started)
     log.info("stage %s: finished in %.0f s", name, time.time() - start)
     return True
 

@@ -188,13 +188,6 @@ def delete_dir(loc: str | Path) -> None:
         fs.delete_dir(path)
 
 
-def delete_file(loc: str | Path) -> None:
-    """Remove one file; nothing if it is not there."""
-    fs, path = resolve(loc)
-    if is_file(loc):
-        fs.delete_file(path)
-
-
 def check_writable(loc: str | Path) -> None:
     """Fail now, with the location and the fix named, if `loc` cannot take files (bucket missing,
     credentials missing or wrong, read-only disk) - before any engine or worker starts."""

@@ -57,25 +57,6 @@ def test_finished_stage_with_another_config_is_refused(tmp_path):
     assert pipeline.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
 
 
-def test_an_unfinished_stage_resumes_only_with_the_config_it_was_started_with(tmp_path):
-    folder = str(tmp_path / "synthesize")
-
-    def interrupted():
-        (tmp_path / "synthesize" / "part-0.parquet").write_text("rows made with config abc")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_stage(folder, "synthesize", "abc", interrupted)
-    with pytest.raises(pipeline.StaleStageError, match="started with a different config") as err:
-        pipeline.run_stage(folder, "synthesize", "def", lambda: None)
-    assert "config.yaml" in str(err.value) and "new run_dir" in str(err.value)
-    assert (tmp_path / "synthesize" / "part-0.parquet").exists()  # the partial output stays
-    assert pipeline.run_stage(folder, "synthesize", "abc", lambda: None) is True  # same config: resumes
-    assert sorted(p.name for p in (tmp_path / "synthesize").glob("_*")) == ["_SUCCESS"]  # _STARTED gone
-    with pytest.raises(pipeline.StaleStageError, match="finished with a different config"):
-        pipeline.run_stage(folder, "synthesize", "def", lambda: None)
-
-
 def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_path):
     import ray.exceptions as rex
 
