@@ -174,7 +174,8 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     for study, arms in studies.items():
         if not arms:
             continue
-        models: dict[str, Path | str] = dict(_untrained(cfg, run, study, list(arms)))
+        untrained = _untrained(cfg, run, study, list(arms))
+        models: dict[str, Path | str] = dict(untrained)
         # every arm's first seed before any arm's second, so an interrupted run holds whole seeds; a
         # run with `ablation.seeds=[0]` (a one-seed table) trains what the full run trains first
         for seed in ab.seeds:
@@ -197,7 +198,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                                      like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
         per_model = {name: scores[name] for name in models}
         table = summarize(per_model, list(arms), ab.seeds,
-                          untrained=[n for n in models if n.startswith(UNTRAINED)])
+                          untrained=list(untrained))
         table.to_csv(root / f"{study}.csv")
         (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
         plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
