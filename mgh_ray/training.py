@@ -23,7 +23,11 @@ Rows of the interrupted pass may repeat; none is lost: every pass visits every r
 metrics.jsonl, which the tests use to check exactly this.
 
 A rerun with the same `out_dir` is a new driver on the same Ray Train run (same storage path and
-name): it resumes from the latest checkpoint, and returns at once when training had finished.
+name): it resumes from the latest checkpoint, and returns at once when training had finished. Once
+a checkpoint exists, the rerun must bring the settings the run was started with (config.yaml):
+another lr, step count or curriculum would continue the saved optimizer and schedule under new
+rules, a model neither config describes, so it is refused with the changed fields named. Only the
+fields in `RESUMABLE` (how it runs, not what it trains) may change.
 
 Outputs under out_dir: config.yaml (resolved), metrics.jsonl (one line per step: loss, stage, level,
 lr, pairs_per_s; written by rank 0 with each checkpoint), <run_name>/ (Ray Train storage), model/
@@ -62,6 +66,11 @@ from mgh_ray.losses import LossConfig
 log = logging.getLogger(__name__)
 
 FAIL_ENV = "MGH_RAY_FAIL_AT_STEP"
+
+# TrainConfig fields a resumed run may change: operations and failure handling, never the model, the
+# data order or the optimisation (num_workers stays: each rank's RNG state is in the checkpoint)
+RESUMABLE = frozenset({"cpus_per_worker", "threads_per_worker", "max_failures", "log_every", "export",
+                       "checkpoint_every", "keep_checkpoints", "fail_at_step", "fail_rank", "log_batch_ids"})
 
 
 def _tiny_encoder() -> EncoderConfig:
@@ -415,6 +424,31 @@ def training_dataset(records: Any) -> Any:
     return records
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_same_run(cfg: TrainConfig, out_dir: str) -> None:
+    """Refuse to continue a started run (it has checkpoints: metrics.jsonl is written with each one)
+    under settings other than those it was started with, naming each changed field."""
+    from mgh_ray.config import ConfigError
+    from mgh_ray.layout import RunLayout, load_config_dict
+
+    old = load_config_dict(out_dir)
+    if not old or not storage.is_file(storage.join(out_dir, "metrics.jsonl")):
+        return  # nothing was trained yet: any settings start it
+    was, now = _flat(old), _flat(cfg.model_dump(mode="json"))
+    changed = {k: (was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys())
+               if k.split(".")[0] not in RESUMABLE and was.get(k) != now.get(k)}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"{out_dir} holds a training run started with other settings ({diff}); rerun with "
+                          f"the settings in {RunLayout.config(out_dir)} to resume it, or train into a new folder")
+
+
 def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     """Train on `records` (a records folder, a ray.data.Dataset, or a small DataFrame); returns the
     location of `out_dir/model` (an `Encoder.save` folder, also exported to `out_dir/export`)."""
@@ -426,6 +460,7 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     from mgh_ray.layout import save_config
 
     out_dir = storage.normalize(out_dir)
+    _check_same_run(cfg, out_dir)
     model_loc, export_loc, done = (storage.join(out_dir, n) for n in ("model", "export", "done.json"))
     finished = storage.is_file(done) and json.loads(storage.read_text(done))["steps"] == cfg.steps
     if finished and storage.is_file(storage.join(model_loc, "encoder.yaml")):

@@ -38,6 +38,20 @@ def test_default_is_the_tiny_cpu_preset_and_a_gpu_cluster_is_expressible(tmp_pat
     assert threads == [1, 2, 3]
 
 
+def test_a_started_run_resumes_only_with_its_settings(tmp_path):
+    from mgh_ray.layout import save_config
+    from mgh_ray.training import _check_same_run
+
+    cfg = TrainConfig(steps=8)
+    save_config(cfg, str(tmp_path))
+    _check_same_run(TrainConfig(steps=9), str(tmp_path))  # no checkpoint yet (no metrics): any settings
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    _check_same_run(cfg.model_copy(update={"max_failures": 0, "log_every": 1}), str(tmp_path))
+    changed = config_io.override(cfg, ["steps=16", "encoder.lora.r=4"])
+    with pytest.raises(config_io.ConfigError, match=r"encoder.lora.r: 16 -> 4, steps: 8 -> 16"):
+        _check_same_run(changed, str(tmp_path))
+
+
 @pytest.mark.integration
 def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
     import ray.data
@@ -223,6 +237,10 @@ def test_new_driver_resumes_a_run_whose_workers_all_failed(ray_cluster, tmp_path
     with pytest.raises(Exception):
         train(cfg, seed_records(16), tmp_path)
     assert read_metrics(tmp_path).step.tolist() == [1, 2, 3]
+    # the saved optimizer and schedule belong to these settings: another lr is refused, before Ray
+    with pytest.raises(config_io.ConfigError, match=r"lr: 0.0005 -> 0.001.*settings in .*config.yaml"):
+        train(cfg.model_copy(update={"lr": 1e-3}), seed_records(16), tmp_path)
+    cfg = cfg.model_copy(update={"max_failures": 1})  # how it runs may change
     model_dir = train(cfg, seed_records(16), tmp_path)
     m = read_metrics(tmp_path)
     assert m.step.tolist() == list(range(1, 9))
