@@ -382,6 +382,9 @@ def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dup
         "seeds": counts["seeds"], "duplicate_seeds_dropped": dupes,
         "written": written, "failed": int(fail.get("failed", 0)),
         "missing": counts["missing"],  # 0 after a completed run
+        # rows an earlier run of this folder wrote for seeds this config no longer asks for (a rerun
+        # with a smaller num_seeds or generate_examples keeps them; training reads the whole folder)
+        "outside_this_config": written + int(fail.get("failed", 0)) - counts["present"],
         "failed_by_reason": {k.split(":", 1)[1]: int(v) for k, v in fail.items() if k.startswith("reason:") and v},
         "retries": int(q.get("retries", 0) + fail.get("retries", 0)),
         "generated_tokens": int(q.get("gen_tokens", 0) + fail.get("gen_tokens", 0)),
@@ -405,6 +408,9 @@ def render_report(r: dict[str, Any]) -> str:
              "| count | value |", "|---|---|",
              *(f"| {k} | {r[k]} |" for k in ("seeds", "written", "failed", "missing", "retries",
                                               "generated_tokens", "duplicate_seeds_dropped")),
+             *(["", f"{r['outside_this_config']} rows (written or failed) are from an earlier run of this "
+                 "folder for seeds this config does not ask for; they stay, and training reads them"]
+               if r.get("outside_this_config") else []),
              "", "Failed by reason: "
              + (", ".join(f"{k} {v}" for k, v in r["failed_by_reason"].items()) or "none"),
              "", f"This run: {t['rows']} rows, {t['generated_tokens']} tokens in {t['wall_s']} s "

@@ -165,3 +165,9 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     df = synthesis.read_records(str(tmp_path / "gen"), policy="keep")
     assert len(df) == len(recs)
     assert (symmetric_rows(df) == (df["kind"] == "sts").to_numpy()).all()
+
+    # a rerun asking for fewer seeds runs nothing and keeps the other row, saying so in its report
+    again = synthesis.synthesize(cfg.model_copy(update={"num_seeds": 1}), str(tmp_path / "gen"))
+    assert (again["seeds"], again["outside_this_config"], again["this_run"]["rows"]) == (5, 1, 0)
+    assert again["written"] + again["failed"] == 6
+    assert "1 rows (written or failed) are from an earlier run" in (tmp_path / "gen" / "report.md").read_text()
