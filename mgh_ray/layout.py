@@ -9,16 +9,20 @@
     run.serve, run.evaluate, run.mine, run.ablation, run.benchmarks, run.fetch
 
 Pipeline, CLI, ablation, mining and benchmarks all ask this object; nothing else spells a stage's
-folder. Every stage folder gets its resolved config as `config.yaml` (`save_config`).
+folder. Every stage folder gets its resolved config as `config.yaml` (`save_config`); a stage that
+resumes in its folder compares its settings with that file (`check_same_settings`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
 from mgh_ray import storage
+from mgh_ray.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
 SUCCESS = "_SUCCESS"
@@ -117,3 +121,28 @@ def load_config_dict(folder: str) -> dict | None:
     if not storage.is_file(loc):
         return None
     return yaml.safe_load(storage.read_text(loc)) or {}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_settings(cfg: BaseModel, folder: str, fields: Iterable[str], what: str) -> None:
+    """Refuse to resume `what` in `folder` if its config.yaml differs from `cfg` in any of `fields`
+    (top-level names; sections are compared leaf by leaf and named with dots, e.g. `encoder.lora.r`).
+    Keys the saved config lacks (fields added since it was written) are not compared; no config.yaml:
+    nothing to resume, any settings start it."""
+    old = load_config_dict(folder)
+    if not old:
+        return
+    fields = set(fields)
+    was, now = _flat(old), _flat(cfg.model_dump(mode="json"))
+    changed = {k: (was[k], now.get(k)) for k in sorted(was)
+               if k.split(".")[0] in fields and was[k] != now.get(k)}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"{folder} holds a {what} started with other settings ({diff}); rerun with the "
+                          f"settings in {RunLayout.config(folder)} to resume it, or write to a new folder")

@@ -53,7 +53,7 @@ from pydantic import Field, field_validator
 
 from mgh_ray import assets, config, prompts, quality, records, seeds, storage
 from mgh_ray.engine import sampling_json
-from mgh_ray.layout import load_config_dict, save_config
+from mgh_ray.layout import check_same_settings, save_config
 from mgh_ray.quality import QualityConfig
 from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
 from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exported for callers)
@@ -277,15 +277,7 @@ def _bad_rows(batch: pd.DataFrame, cfg: dict[str, Any], version: str) -> pd.Data
 
 
 def _check_same_run(cfg: SynthesisConfig, out_dir: str) -> None:
-    old = load_config_dict(out_dir)
-    if not old:
-        return
-    new = cfg.model_dump(mode="json")
-    changed = [k for k in IDENTITY if k in old and old[k] != new[k]]
-    if changed:
-        raise config.ConfigError(f"{out_dir} holds a run with different {changed} "
-                                 f"(was {[old[k] for k in changed]}); resume only with the same settings, "
-                                 "or write to a new folder")
+    check_same_settings(cfg, out_dir, IDENTITY, "synthesis run")  # the scale (row counts, actors) may change
 
 
 def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:

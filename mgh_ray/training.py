@@ -424,29 +424,13 @@ def training_dataset(records: Any) -> Any:
     return records
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_same_run(cfg: TrainConfig, out_dir: str) -> None:
-    """Refuse to continue a started run (it has checkpoints: metrics.jsonl is written with each one)
-    under settings other than those it was started with, naming each changed field."""
-    from mgh_ray.config import ConfigError
-    from mgh_ray.layout import RunLayout, load_config_dict
+    """Once the run has a checkpoint (metrics.jsonl is written with each one), it resumes only with the
+    settings it was started with, but for how it runs (`RESUMABLE`)."""
+    from mgh_ray.layout import check_same_settings
 
-    old = load_config_dict(out_dir)
-    if not old or not storage.is_file(storage.join(out_dir, "metrics.jsonl")):
-        return  # nothing was trained yet: any settings start it
-    was, now = _flat(old), _flat(cfg.model_dump(mode="json"))
-    changed = {k: (was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys())
-               if k.split(".")[0] not in RESUMABLE and was.get(k) != now.get(k)}
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ConfigError(f"{out_dir} holds a training run started with other settings ({diff}); rerun with "
-                          f"the settings in {RunLayout.config(out_dir)} to resume it, or train into a new folder")
+    if storage.is_file(storage.join(out_dir, "metrics.jsonl")):
+        check_same_settings(cfg, out_dir, set(TrainConfig.model_fields) - RESUMABLE, "training run")
 
 
 def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:

@@ -6,18 +6,27 @@ resumes and does not redo."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mgh_ray import config as config_io
 from mgh_ray.benchmarks.training import seed_records
 from mgh_ray.curriculum import Curriculum
 from mgh_ray.encoder import Encoder, EncoderConfig
 from mgh_ray.losses import InfoNCE, LossConfig
-from mgh_ray.training import (TrainConfig, _concat, batch_stream, check_dataset, contrastive_loss,
-                              instruction_counts, lr_factor, read_metrics, train)
+from mgh_ray.training import (
+    TrainConfig,
+    _concat,
+    batch_stream,
+    check_dataset,
+    contrastive_loss,
+    instruction_counts,
+    lr_factor,
+    read_metrics,
+    train,
+)
 
 
 def test_default_is_the_tiny_cpu_preset_and_a_gpu_cluster_is_expressible(tmp_path):
@@ -50,6 +59,11 @@ def test_a_started_run_resumes_only_with_its_settings(tmp_path):
     changed = config_io.override(cfg, ["steps=16", "encoder.lora.r=4"])
     with pytest.raises(config_io.ConfigError, match=r"encoder.lora.r: 16 -> 4, steps: 8 -> 16"):
         _check_same_run(changed, str(tmp_path))
+    # a field added since the folder's config was written is not a change
+    saved = config_io.read_yaml(tmp_path / "config.yaml")
+    del saved["grad_clip"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_same_run(cfg.model_copy(update={"grad_clip": 0.5}), str(tmp_path))
 
 
 @pytest.mark.integration
