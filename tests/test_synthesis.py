@@ -160,7 +160,7 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     assert set(failures.get("stage", [])) <= {"brainstorm", "generate", "augment"}
     assert set(failures.get("reason", [])) <= ALLOWED_REASONS
     # the kind reaches the training reader, which puts the instruction on both sides of sts rows
-    from mgh_ray.training import symmetric_rows
+    from mgh_ray.batch_loss import symmetric_rows
 
     df = synthesis.read_records(str(tmp_path / "gen"), policy="keep")
     assert len(df) == len(recs)

@@ -12,16 +12,15 @@ import torch
 import yaml
 
 from mgh_ray import config as config_io
+from mgh_ray.batch_loss import concat_inputs, contrastive_loss
 from mgh_ray.benchmarks.training import seed_records
 from mgh_ray.curriculum import Curriculum
 from mgh_ray.encoder import Encoder, EncoderConfig
 from mgh_ray.losses import InfoNCE, LossConfig
 from mgh_ray.training import (
     TrainConfig,
-    _concat,
     batch_stream,
     check_dataset,
-    contrastive_loss,
     instruction_counts,
     lr_factor,
     read_metrics,
@@ -99,7 +98,7 @@ def test_concat_pads_on_the_tokenizer_side():
     ones = lambda n: torch.ones(1, n, dtype=torch.long)  # noqa: E731
     a = {"input_ids": ones(2), "attention_mask": ones(2)}
     b = {"input_ids": ones(4), "attention_mask": ones(4)}
-    right, left = _concat(a, b, False, 0), _concat(a, b, True, 0)
+    right, left = concat_inputs(a, b, False, 0), concat_inputs(a, b, True, 0)
     assert right["attention_mask"][0].tolist() == [1, 1, 0, 0]
     assert left["attention_mask"][0].tolist() == [0, 0, 1, 1]
     assert "pool_mask" not in right

@@ -58,7 +58,7 @@ def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dic
 
     from mgh_ray.encoder import Encoder
     from mgh_ray.losses import InfoNCE
-    from mgh_ray.training import contrastive_loss
+    from mgh_ray.batch_loss import contrastive_loss
 
     torch.set_num_threads(cfg.threads)
     enc = Encoder.from_config(cfg.encoder).train()
