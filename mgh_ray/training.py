@@ -6,8 +6,8 @@ Ray cluster already up (or a local one). `records` is a records folder (path or 
 streaming-split shards, read batch by batch (`iter_batches`), never materialised whole. Each step:
 queries (with their E5 instruction), positives and the hard negative(s) of the level(s) the
 curriculum picks are embedded in one forward (one DDP forward per backward), then InfoNCE over
-candidates gathered from every worker (`batch_loss.contrastive_loss`). Every record holds all levels' negatives, so the curriculum
-chooses the column per example: one stream serves every stage.
+candidates gathered from every worker (`batch_loss.contrastive_loss`). Every record holds all
+levels' negatives, so the curriculum chooses the column per example: one stream serves every stage.
 
 Checkpoints (every `checkpoint_every` steps and at the end) hold the adapter (`model/`, an
 `Encoder.save` folder), optimizer, scheduler, curriculum cursor (rank 0) and each rank's RNG states.
@@ -62,6 +62,7 @@ from mgh_ray.batch_loss import contrastive_loss
 from mgh_ray.config import Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
+from mgh_ray.layout import check_same_settings, save_config
 from mgh_ray.losses import LossConfig
 
 log = logging.getLogger(__name__)
@@ -352,8 +353,6 @@ def training_dataset(records: Any) -> Any:
 def _check_same_run(cfg: TrainConfig, out_dir: str) -> None:
     """Once the run has a checkpoint (metrics.jsonl is written with each one), it resumes only with the
     settings it was started with, but for how it runs (`RESUMABLE`)."""
-    from mgh_ray.layout import check_same_settings
-
     if storage.is_file(storage.join(out_dir, "metrics.jsonl")):
         check_same_settings(cfg, out_dir, set(TrainConfig.model_fields) - RESUMABLE, "training run")
 
@@ -365,8 +364,6 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mgh_ray.layout import save_config
 
     out_dir = storage.normalize(out_dir)
     _check_same_run(cfg, out_dir)
