@@ -13,8 +13,9 @@ Schedule arms (all on the same synthesized records, seeds and steps):
 Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
 
 Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
-evaluated by `evaluation.evaluate` through Serve; results are one table (mean over seeds, with the
-spread when there are several seeds) and one bar chart per ablation. Each table starts with the
+evaluated by `evaluation.evaluate` through Serve; a model both studies hold (pooling `ata` is schedule
+`curriculum`, and their untrained rows coincide) is trained and scored once. Results are one table
+(mean over seeds, with the spread when there are several seeds) and one bar chart per ablation. Each table starts with the
 untrained backbone: `untrained` (the run's base, the config's pooling) in the schedule table, and
 `untrained-<pooling>` for every pooling arm in the pooling table (is training worth more than
 switching the pooling of the untrained model?).
@@ -171,6 +172,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     }
     tables: dict[str, pd.DataFrame] = {}
     trained: dict[tuple[str, str], Path] = {}  # (records, train fingerprint) -> model: arms that coincide
+    scored: dict[str, pd.Series] = {}  # model folder -> its scores, across studies
     for study, arms in studies.items():
         if not arms:
             continue
@@ -194,9 +196,16 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                                    lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o),
                                    cfg.ray.node_loss_retries)
                 models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
-        scores = evaluation.evaluate(eval_cfg, models, root / study / "evaluate", cfg.serve,
-                                     like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
-        per_model = {name: scores[name] for name in models}
+        # a model the previous study scored (pooling's "ata" arm and its untrained row are the schedule
+        # study's "curriculum" and "untrained") keeps its scores: same folder, same tasks
+        fresh = {name: m for name, m in models.items() if str(m) not in scored}
+        for name in models.keys() - fresh.keys():
+            log.info("%s:%s is %s, scored earlier; reusing its scores", study, name, models[name])
+        if fresh:
+            scores = evaluation.evaluate(eval_cfg, fresh, root / study / "evaluate", cfg.serve,
+                                         like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
+            scored.update({str(m): scores[name] for name, m in fresh.items()})
+        per_model = {name: scored[str(m)] for name, m in models.items()}
         table = summarize(per_model, list(arms), ab.seeds,
                           untrained=list(untrained))
         table.to_csv(root / f"{study}.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -358,12 +360,19 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     status, logs = finish(submit("jobs.pipeline", "train.steps=5"))
     assert status == "FAILED" and "StaleStageError" in logs and "stage 'train'" in logs, logs[-4000:]
 
-    # 3. the ablation runner, CI size: one schedule arm on the pipeline's records, the one that reads them
-    # through another gate policy (reference_levels: relabel, i.e. the reference embedder's levels);
-    # which arm maps to which training settings is checked without Ray in test_pipeline.py
-    status, logs = finish(submit("jobs.ablate", "ablation.schedules=[reference_levels]", "ablation.poolings=[]",
-                                 "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
+    # 3. the ablation runner, CI size, on the pipeline's records: reference_levels reads them through
+    # another gate policy (relabel, i.e. the reference embedder's levels); pooling "ata" is schedule
+    # "curriculum", so both studies share that model and its untrained row, trained and scored once.
+    # Which arm maps to which training settings is checked without Ray in test_pipeline.py
+    status, logs = finish(submit("jobs.ablate", "ablation.schedules=[reference_levels,curriculum]",
+                                 "ablation.poolings=[ata]", "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
     assert status == "SUCCEEDED" and "stage synthesize: done earlier" in logs, logs[-4000:]
+    assert "pooling:ata-s0 trains exactly like" in logs and "stage pooling:" not in logs, logs[-4000:]
+    assert "pooling:ata-s0 is" in logs and "pooling:untrained-ata is" in logs, logs[-4000:]
+    tables = {s: pd.read_csv(io.StringIO(storage.read_text(storage.join(run.ablation, f"{s}.csv"))), index_col=0)
+              for s in ("schedule", "pooling")}
+    assert tables["pooling"].loc["ata", "LeeSTS"] == tables["schedule"].loc["curriculum", "LeeSTS"]
+    assert tables["pooling"].loc["untrained-ata", "LeeSTS"] == tables["schedule"].loc["untrained", "LeeSTS"]
     arm = run.arm("schedule", "reference_levels-s0")
     assert storage.is_file(RunLayout.success(arm)) and storage.list_files(storage.join(arm, "model"))
     assert not storage.exists(storage.join(arm, "export"))  # arms are only evaluated
