@@ -15,10 +15,10 @@ Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
 Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
 evaluated by `evaluation.evaluate` through Serve; a model both studies hold (pooling `ata` is schedule
 `curriculum`, and their untrained rows coincide) is trained and scored once. Results are one table
-(mean over seeds, with the spread when there are several seeds) and one bar chart per ablation. Each table starts with the
-untrained backbone: `untrained` (the run's base, the config's pooling) in the schedule table, and
-`untrained-<pooling>` for every pooling arm in the pooling table (is training worth more than
-switching the pooling of the untrained model?).
+(mean over seeds, with the spread when there are several seeds) and one bar chart per ablation. Each
+table starts with the untrained backbone: `untrained` (the run's base, the config's pooling) in the
+schedule table, and `untrained-<pooling>` for every pooling arm in the pooling table (is training
+worth more than switching the pooling of the untrained model?).
 
     mgh-ray ablate jobs/configs/tiny.yaml ablation.steps=40 ablation.seeds=[0,1]
 """
@@ -199,7 +199,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
         # a model the previous study scored (pooling's "ata" arm and its untrained row are the schedule
         # study's "curriculum" and "untrained") keeps its scores: same folder, same tasks
         fresh = {name: m for name, m in models.items() if str(m) not in scored}
-        for name in models.keys() - fresh.keys():
+        for name in (n for n in models if n not in fresh):
             log.info("%s:%s is %s, scored earlier; reusing its scores", study, name, models[name])
         if fresh:
             scores = evaluation.evaluate(eval_cfg, fresh, root / study / "evaluate", cfg.serve,

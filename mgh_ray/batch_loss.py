@@ -1,9 +1,10 @@
 """The loss of one worker's batch of MGH records: tokenise queries (with their instruction), positives
 and the chosen hard negatives, embed them in one forward, and hand the vectors to InfoNCE.
 
-Symmetric examples (STS-style pairs: both sides are the same kind of text) carry the instruction on every side; other documents
-carry none. One forward for queries and documents together, because DDP expects one forward per
-backward. `training.train_loop` calls `contrastive_loss` each step; the training benchmark times it.
+Symmetric examples (STS-style pairs: both sides are the same kind of text) carry the instruction on
+every side; other documents carry none. One forward for queries and documents together, because DDP
+expects one forward per backward. `training.train_loop` calls `contrastive_loss` each step; the
+training benchmark times it.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def symmetric_rows(batch: pd.DataFrame) -> np.ndarray:
 
 
 def concat_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], left: bool,
-            pad_id: int) -> dict[str, torch.Tensor]:
+                  pad_id: int) -> dict[str, torch.Tensor]:
     """Stack two tokenised batches (queries, documents), padding the shorter on the tokenizer's side."""
     seq = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
     out: dict[str, torch.Tensor] = {}
