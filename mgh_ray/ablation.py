@@ -1,6 +1,10 @@
-"""The paper's two ablations as one command: negative schedule and pooling.
+"""The paper's two ablations as one command: pooling (crossed with the backbone's attention) and schedule.
 
-Schedule arms (all on the same synthesized records, seeds and steps):
+Pooling study (curriculum schedule): arms are poolings (ata, mean, last, weighted_mean, cls), each under
+every attention of `ablation.attentions` (causal as pretrained, or bidirectional after the MNTP
+adaptation stage); with several attentions an arm is named "<attention>-<pooling>".
+Schedule study (the run's own attention and pooling, `train.encoder`), on the same records, seeds and
+steps:
     curriculum   L1 -> L4, one stage per level (the method)
     level_k      level k only (k = 1..4)
     random       a random level per example
@@ -10,25 +14,35 @@ Schedule arms (all on the same synthesized records, seeds and steps):
     mined        curriculum over negatives mined from the seed corpus by the reference embedder
     reference_levels  curriculum over the same records with levels re-ordered by the reference
                  embedder (quality policy relabel) instead of the LLM's levels (policy filter)
-Pooling arms (curriculum schedule): ata, mean, last, weighted_mean.
 
-Each (arm, seed) trains into its own folder and is skipped on a rerun once finished; all arms are
-evaluated by `evaluation.evaluate` through Serve; a model both studies hold (pooling `ata` is schedule
-`curriculum`, and their untrained rows coincide) is trained and scored once. Results are one table
-(mean over seeds, with the spread when there are several seeds) and one bar chart per ablation. Each
-table starts with the untrained backbone: `untrained` (the run's base, the config's pooling) in the
-schedule table, and `untrained-<pooling>` for every pooling arm in the pooling table (is training
-worth more than switching the pooling of the untrained model?).
+Each (arm, seed) trains into its own folder and is skipped on a rerun once finished. Arms that train the
+same model (the pooling study's arm with the run's attention and pooling is the schedule study's
+`curriculum`) train once: `models.json` in the ablation folder maps (records, training fingerprint) to the
+model, across runs of the command, so the schedule study of a later run reuses the pooling study's
+models. Every model is scored once, in one evaluation folder (`evaluate/`) under a name of its own
+folder, so a model both studies hold, or a later run, reuses its scores and their bootstrap replicates.
 
-    mgh-ray ablate jobs/configs/tiny.yaml ablation.steps=40 ablation.seeds=[0,1]
+Each table starts with the untrained models its arms start from: `untrained` (the run's base) in the
+schedule table, `untrained-<arm>` for every pooling arm (for a bidirectional arm: the backbone after MNTP,
+before contrastive training). Columns: every task's mean over seeds, the means (all tasks, tasks like and
+unlike the seeds), the spread over seeds of the mean and of the unlike mean, the 95% bootstrap interval
+of the unlike mean (row resampling: the replicate of an arm is the mean over its seeds' replicates, rows
+paired), the mean ATA weight on position 0, on the instruction and on the text of BBC headlines read as
+queries (where the probe layer's attention goes), and in the schedule table the share of adjacent
+levels the reference embedder orders as the arm trains on them (`level order`). `<study>_intervals.md`
+holds every task's and mean's interval. One bar chart per study.
+
+    mgh-ray ablate jobs/configs/small.yaml ablation.seeds=[0,1,2]
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mgh_ray import config, storage
@@ -40,7 +54,8 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse", "cumulative",
              "in_batch", "mined", "reference_levels")
 POOLINGS = ("ata", "mean", "last", "weighted_mean", "cls")
-UNTRAINED = "untrained"  # the table rows of the untrained backbone
+UNTRAINED = "untrained"  # the table rows of the untrained models
+PROBE_TEXTS = 64  # BBC headlines (held out of the seeds) whose ATA weights the tables report
 
 
 def schedule_overrides(arm: str) -> list[str]:
@@ -59,21 +74,37 @@ def schedule_overrides(arm: str) -> list[str]:
     raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
 
 
+def pooling_arms(cfg) -> dict[str, list[str]]:
+    """{arm name: overrides} of the pooling study: every pooling under every attention."""
+    ab = cfg.ablation
+    arms = {}
+    for attention in ab.attentions:
+        for p in ab.poolings:
+            name = p if len(ab.attentions) == 1 else f"{attention}-{p}"
+            arms[name] = ["train.curriculum.mode=curriculum", f"train.encoder.pooling.mode={p}",
+                          f"train.encoder.attention={attention}"]
+    return arms
+
+
 def arm_key(cfg, arm_cfg, arm: str) -> tuple[str, str]:
     """(records source, training fingerprint) of an arm: arms with equal keys train the same model.
 
     Sources: "mined", "synth" (the synthesized records through the run's gate policy), or
     "synth:<policy>" when the arm reads them through another policy (reference_levels: relabel, which
     re-orders each record's negatives by the reference embedder); the policy is then part of the
-    fingerprint, so such an arm never reuses a model trained on the LLM's levels."""
+    fingerprint, so such an arm never reuses a model trained on the LLM's levels. The fingerprint is
+    the pipeline's (`train_fingerprint`, the adaptation included for a bidirectional encoder) without
+    the synthesis config, which the source stands for."""
     from mgh_ray import pipeline
 
+    train = pipeline.train_config(arm_cfg)
+    adapted = [arm_cfg.adapt] if pipeline.adapted(arm_cfg) else []
     if arm == "mined":
-        return "mined", pipeline.fingerprint(arm_cfg.train)
+        return "mined", pipeline.fingerprint(train, *adapted)
     policy = arm_cfg.synthesis.quality.policy
     if policy != cfg.synthesis.quality.policy:
-        return f"synth:{policy}", pipeline.fingerprint(arm_cfg.train, arm_cfg.synthesis.quality)
-    return "synth", pipeline.fingerprint(arm_cfg.train)
+        return f"synth:{policy}", pipeline.fingerprint(train, arm_cfg.synthesis.quality, *adapted)
+    return "synth", pipeline.fingerprint(train, *adapted)
 
 
 def _check_arms(arms: list[str], known: tuple[str, ...], what: str) -> None:
@@ -98,13 +129,29 @@ def summarize(scores: dict[str, pd.Series], arms: list[str], seeds: list[int],
     return pd.DataFrame(rows).T
 
 
+def arm_intervals(boots: dict[str, dict[str, Any]], rows: dict[str, list[str]], task_names: list[str],
+                  like_seeds: list[str]) -> pd.DataFrame:
+    """95% bootstrap intervals of each table row (an arm: the mean over its seed models, whose
+    replicates resample the same rows and are averaged replicate by replicate), long: row, task or
+    mean, point, low, high. boots: {model name: {task: Bootstrap}}; rows: {table row: its models}."""
+    from mgh_ray import evaluation
+    from mgh_ray.intervals import Bootstrap
+
+    merged: dict[str, dict[str, Bootstrap]] = {}
+    for row, names in rows.items():
+        per = [boots.get(n, {}) for n in names]
+        merged[row] = {t: Bootstrap(point=float(np.mean([b[t].point for b in per])),
+                                    values=np.mean([b[t].values for b in per], axis=0),
+                                    n_rows=per[0][t].n_rows)
+                       for t in task_names if per and all(t in b for b in per)}
+    return evaluation.interval_table(merged, task_names, like_seeds)
+
+
 def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import numpy as np
 
     # the mean over all tasks, and over the tasks unlike the seeds when the table has them
     bars = [("mean", "std_over_seeds", "all tasks", "#4C72B0")]
@@ -128,22 +175,61 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     return path
 
 
-def _untrained(cfg, run: RunLayout, study: str, arms: list[str]) -> dict[str, str]:
-    """{row name: untrained model folder} for a study: the run's base for the schedule study, and the
-    backbone with each pooling arm's pooling for the pooling study (saved beside the arms)."""
-    from mgh_ray import pipeline
+# ------------------------------------------------------------------ per-model and per-source facts
 
-    if study != "pooling":
-        return {UNTRAINED: pipeline.base_model(cfg)}
-    own = cfg.train.encoder.pooling.mode
-    return {f"{UNTRAINED}-{p}": pipeline.base_model(
-        config.override(cfg, [f"train.encoder.pooling.mode={p}"]),
-        None if p == own else run.arm(study, f"{UNTRAINED}-{p}")) for p in arms}
+
+def _shares(model: str, instruction: str, texts: list[str]) -> dict[str, float]:
+    """ATA weight shares of one model folder (a Ray task: the model loads on a worker)."""
+    from mgh_ray.encoder import Encoder
+
+    return Encoder.load(model).anchor_shares(texts, instruction)
+
+
+def anchor_shares(cfg, models: dict[str, str], known: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{model folder: ATA weight shares} of the models not in `known`, on held-out BBC headlines read as
+    queries with their task's instruction."""
+    import ray
+
+    from mgh_ray import corpora, tasks
+
+    texts = corpora.table("bbc_eval").title.head(PROBE_TEXTS).tolist()
+    instruction = tasks.TASKS["BBCHeadlineRetrieval"].metadata.prompt["query"]
+    todo = sorted({m for m in models.values() if m not in known})
+    remote = ray.remote(_shares).options(num_cpus=cfg.train.cpus_per_worker)
+    got = ray.get([remote.remote(m, instruction, texts) for m in todo])
+    return {**known, **dict(zip(todo, got))}
+
+
+def level_order(records: Any) -> float:
+    """Share of adjacent levels (neg_k, neg_k+1) the reference embedder orders as training reads them,
+    over a gated records dataset (counted on workers)."""
+    parts = records.select_columns(["levels_in_order"]).map_batches(
+        lambda b: pd.DataFrame({"n": [len(b)], "in_order": [float(b["levels_in_order"].sum())]}),
+        batch_format="pandas", batch_size=None).to_pandas()
+    n = float(parts["n"].sum())
+    return float(parts["in_order"].sum()) / (3 * n) if n else float("nan")
+
+
+class _Index:
+    """A JSON file of the ablation folder: what earlier runs of the command already know (models by
+    training key, ATA shares by model), so later runs reuse them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"models": {}, "shares": {}}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+# ------------------------------------------------------------------ the command
 
 
 def run_ablation(cfg) -> dict[str, pd.DataFrame]:
-    """Train and evaluate every arm of both ablations; returns {"schedule": table, "pooling": table}."""
-    from mgh_ray import evaluation, mining, pipeline, training
+    """Train and evaluate every arm of both ablations; returns {"pooling": table, "schedule": table}."""
+    from mgh_ray import mining, pipeline, training
     from mgh_ray import records as records_io
 
     ab = cfg.ablation
@@ -152,6 +238,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     run = RunLayout(cfg.run_dir)
     root = Path(pipeline.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
     save_config(cfg, str(root))
+    index = _Index(root / "models.json")
     pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
                        lambda: pipeline.synthesize(cfg), cfg.ray.node_loss_retries)
     # what each records source trains on: a folder (training streams its gated view with the folder's
@@ -165,54 +252,136 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     # arms are only evaluated: no merged / sentence-transformers export for each of them
     base_over = ["train.export=false", *([f"train.steps={ab.steps}"] if ab.steps else [])]
     eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
-    studies = {
-        "schedule": {arm: schedule_overrides(arm) for arm in ab.schedules},
-        "pooling": {arm: ["train.curriculum.mode=curriculum", f"train.encoder.pooling.mode={arm}"]
-                    for arm in ab.poolings},
-    }
+    like = pipeline.like_seeds(cfg, eval_cfg.tasks)
+    studies = {"pooling": pooling_arms(cfg), "schedule": {arm: schedule_overrides(arm) for arm in ab.schedules}}
     tables: dict[str, pd.DataFrame] = {}
-    trained: dict[tuple[str, str], Path] = {}  # (records, train fingerprint) -> model: arms that coincide
-    scored: dict[str, pd.Series] = {}  # model folder -> its scores, across studies
     for study, arms in studies.items():
         if not arms:
             continue
-        untrained = _untrained(cfg, run, study, list(arms))
-        models: dict[str, Path | str] = dict(untrained)
+        untrained = _untrained(cfg, run, study, arms)
+        models: dict[str, str] = dict(untrained)
+        sources: dict[str, str] = {}
         # every arm's first seed before any arm's second, so an interrupted run holds whole seeds; a
         # run with `ablation.seeds=[0]` (a one-seed table) trains what the full run trains first
         for seed in ab.seeds:
             for arm, over in arms.items():
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
-                out = run.arm(study, f"{arm}-s{seed}")
+                if pipeline.adapted(arm_cfg):  # a bidirectional arm starts from the run's MNTP adapter
+                    pipeline.run_stage(run.adapt, "adapt", pipeline.adapt_fingerprint(arm_cfg),
+                                       lambda c=arm_cfg: pipeline.adapt(c), cfg.ray.node_loss_retries)
                 key = arm_key(cfg, arm_cfg, arm)
-                source = key[0]
+                source = sources[arm] = key[0]
                 if source not in records:  # the synthesized records through another gate policy
                     records[source] = records_io.gated(run.synthesize, policy=source.split(":", 1)[1])
-                if key in trained:  # e.g. pooling "ata" is schedule "curriculum": train once, use twice
-                    log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, trained[key])
-                    models[f"{arm}-s{seed}"] = trained[key]
+                known = index.data["models"].get("|".join(key))
+                if known is not None and storage.is_file(storage.join(known, "encoder.yaml")):
+                    log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, known)
+                    models[f"{arm}-s{seed}"] = known
                     continue
+                out = run.arm(study, f"{arm}-s{seed}")
                 pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
-                                   lambda c=arm_cfg, d=records[source], o=out: training.train(c.train, d, o),
+                                   lambda c=arm_cfg, d=records[source], o=out: training.train(
+                                       pipeline.train_config(c), d, o),
                                    cfg.ray.node_loss_retries)
-                models[f"{arm}-s{seed}"] = trained[key] = storage.join(out, "model")
-        # a model the previous study scored (pooling's "ata" arm and its untrained row are the schedule
-        # study's "curriculum" and "untrained") keeps its scores: same folder, same tasks
-        fresh = {name: m for name, m in models.items() if str(m) not in scored}
-        for name in (n for n in models if n not in fresh):
-            log.info("%s:%s is %s, scored earlier; reusing its scores", study, name, models[name])
-        if fresh:
-            scores = evaluation.evaluate(eval_cfg, fresh, root / study / "evaluate", cfg.serve,
-                                         like_seeds=pipeline.like_seeds(cfg, eval_cfg.tasks))
-            scored.update({str(m): scores[name] for name, m in fresh.items()})
-        per_model = {name: scored[str(m)] for name, m in models.items()}
-        table = summarize(per_model, list(arms), ab.seeds,
-                          untrained=list(untrained))
-        table.to_csv(root / f"{study}.csv")
-        (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
-        plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
-             root / f"{study}.png")
-        tables[study] = table
-        log.info("%s ablation:\n%s", study, table.to_markdown(floatfmt=".4f"))
+                models[f"{arm}-s{seed}"] = storage.join(out, "model")
+                index.data["models"]["|".join(key)] = models[f"{arm}-s{seed}"]
+                index.save()
+        tables[study] = _score(cfg, eval_cfg, like, study, arms, untrained, models, sources, records, index, root)
     pipeline.publish(root, run.ablation)
     return tables
+
+
+def _untrained(cfg, run: RunLayout, study: str, arms: dict[str, list[str]]) -> dict[str, str]:
+    """{row name: untrained model folder}: the run's base for the schedule study, and the backbone (after
+    MNTP for a bidirectional arm) with each pooling arm's pooling for the pooling study, saved beside the
+    arms (the run's own attention and pooling: the run's base)."""
+    from mgh_ray import pipeline
+
+    if study != "pooling":
+        return {UNTRAINED: pipeline.base_model(cfg)}
+    out = {}
+    own = (cfg.train.encoder.pooling.mode, pipeline.train_config(cfg).encoder.attention or "causal")
+    for arm, over in arms.items():
+        arm_cfg = config.override(cfg, over)
+        mine = (arm_cfg.train.encoder.pooling.mode, arm_cfg.train.encoder.attention or "causal") == own
+        out[f"{UNTRAINED}-{arm}"] = pipeline.base_model(arm_cfg, None if mine else run.arm(study, f"{UNTRAINED}-{arm}"))
+    return out
+
+
+def _model_name(run: RunLayout, model: str) -> str:
+    """The evaluation name of a model folder: its path under run_dir, so one folder is one name."""
+    rel = storage.normalize(model)[len(run.run_dir) + 1:] if storage.normalize(model).startswith(run.run_dir) \
+        else storage.normalize(model)
+    return rel.removesuffix("/model").replace("/", "__")
+
+
+def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]], untrained: dict[str, str],
+           models: dict[str, str], sources: dict[str, str], records: dict[str, Any], index: _Index,
+           root: Path) -> pd.DataFrame:
+    """Evaluate a study's models (each folder once, in the shared evaluation folder) and write its tables."""
+    from mgh_ray import evaluation, report, serving
+
+    ab = cfg.ablation
+    run = RunLayout(cfg.run_dir)
+    names = {row: _model_name(run, m) for row, m in models.items()}
+    folders = {names[row]: m for row, m in models.items()}
+    out_dir = root / "evaluate"
+    table_scores = evaluation.evaluate(eval_cfg, folders, out_dir, cfg.serve, like_seeds=like)
+    per_model = {row: table_scores[names[row]] for row in models}
+    boots = {names[row]: evaluation.bootstraps(out_dir, names[row], serving.model_revision(m), eval_cfg.tasks)
+             for row, m in models.items()}
+    table = summarize(per_model, list(arms), ab.seeds, untrained=list(untrained))
+    rows = {**{u: [names[u]] for u in untrained},
+            **{arm: [names[f"{arm}-s{s}"] for s in ab.seeds] for arm in arms}}
+    ivs = arm_intervals(boots, rows, eval_cfg.tasks, like)
+    unlike = ivs[ivs.row == MEAN_UNLIKE].set_index("model")
+    if len(unlike):
+        table["unlike 95% CI"] = [f"[{unlike.loc[r, 'low']:.4f}, {unlike.loc[r, 'high']:.4f}]"
+                                  if r in unlike.index else "" for r in table.index]
+    shares = anchor_shares(cfg, {r: m for r, m in models.items()
+                                 if _pooling_of(m) == "ata"}, index.data["shares"])
+    index.data["shares"] = shares
+    index.save()
+    for part in ("position_0", "instruction", "text"):
+        table[f"ata weight: {part}"] = [
+            np.mean([shares[models[m]][part] for m in _row_models(r, ab.seeds, untrained)])
+            if all(models[m] in shares for m in _row_models(r, ab.seeds, untrained)) else np.nan
+            for r in table.index]
+    if study == "schedule":
+        order = _level_orders(records, set(sources.values()))
+        table["level order"] = [np.nan if r in untrained or r == "in_batch" else order.get(sources[r], np.nan)
+                                for r in table.index]
+    table.to_csv(root / f"{study}.csv")
+    ivs.to_csv(root / f"{study}_intervals.csv", index=False)
+    (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
+    (root / f"{study}_intervals.md").write_text(report.interval_markdown(ivs, list(table_scores.index)) + "\n")
+    plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
+         root / f"{study}.png")
+    log.info("%s ablation:\n%s", study, table.to_markdown(floatfmt=".4f"))
+    return table
+
+
+def _row_models(row: str, seeds: list[int], untrained: dict[str, str]) -> list[str]:
+    return [row] if row in untrained else [f"{row}-s{s}" for s in seeds]
+
+
+def _pooling_of(model: str) -> str:
+    """The pooling mode a saved encoder folder records."""
+    import yaml
+
+    from mgh_ray.encoder import CONFIG_FILE
+
+    return str(yaml.safe_load(storage.read_text(storage.join(model, CONFIG_FILE)))["pooling"]["mode"])
+
+
+def _level_orders(records: dict[str, Any], used: set[str]) -> dict[str, float]:
+    """{records source: `level_order`} of the sources the arms train on (NaN where the records carry no
+    reference-embedder similarities)."""
+    from mgh_ray import records as records_io
+
+    out = {}
+    for src in used:
+        data = records[src]
+        ds = records_io.gated(data) if isinstance(data, str) else data
+        out[src] = level_order(ds) if "levels_in_order" in ds.schema().names else float("nan")
+    return out

@@ -315,7 +315,9 @@ def live_node_types() -> tuple[list[NodeType], int | None]:
 
 def stage_demands(cfg: PipelineConfig) -> dict[str, list[Demand]]:
     """What each stage asks of the cluster at once (stages run one after another)."""
-    s, q, t, v, e = cfg.synthesis, cfg.synthesis.quality, cfg.train, cfg.serve, cfg.evaluate
+    from mgh_ray.adapt import needed
+
+    s, q, t, v, e, a = cfg.synthesis, cfg.synthesis.quality, cfg.train, cfg.serve, cfg.evaluate, cfg.adapt
 
     def res(cpu: float, gpu: float = 0.0, **extra: float) -> dict[str, float]:
         return {"CPU": cpu, **({"GPU": gpu} if gpu else {}), **extra}
@@ -329,6 +331,9 @@ def stage_demands(cfg: PipelineConfig) -> dict[str, list[Demand]]:
             Demand("vLLM engine actors (synthesis.num_actors x num_cpus_per_actor, num_gpus_per_actor)",
                    s.num_actors, engine),
             Demand("quality scorer (synthesis.quality.num_cpus, num_gpus)", 1, res(q.num_cpus, q.num_gpus))],
+        # the adaptation stage runs for a bidirectional encoder only (adapt.needed)
+        "adapt": [Demand("adaptation workers (adapt.num_workers x adapt.cpus_per_worker, use_gpu)", a.num_workers,
+                         res(a.cpus_per_worker, 1.0 if a.use_gpu else 0.0))] if needed(t.encoder, a) else [],
         "train": [Demand("train workers (train.num_workers x train.cpus_per_worker, use_gpu)", t.num_workers,
                          res(t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))],
         "serve": [Demand("serve replicas (serve.autoscaling.max_replicas or serve.num_replicas x serve.num_cpus, "

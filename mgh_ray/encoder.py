@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from mgh_ray import attention, devices, pooling
 from mgh_ray import config as config_io
-from mgh_ray import devices, pooling
+from mgh_ray.attention import Attention
 from mgh_ray.config import Section
 from mgh_ray.pooling import PoolingConfig
 
@@ -50,6 +51,17 @@ log = logging.getLogger(__name__)
 DTYPES = devices.DTYPES
 Truncation = Literal["truncate", "error"]
 CONFIG_FILE = "encoder.yaml"
+BASE_ADAPTER = "base_adapter"  # the folder a saved encoder keeps its adaptation (MNTP) adapter in
+ADAPTED_FILE = "adapted.yaml"  # beside an adaptation adapter: the attention it was adapted under
+
+# Input formats: (query template, document template). Every text the model reads is one of them; the
+# prefix before {text} is what `exclude_instruction` keeps out of the pool. "chatml" is the instruct
+# format of SmolLM2 (and Qwen2 and others): the text is a user turn that the tokenizer's appended EOS
+# (<|im_end|>) closes. Templates end the prefix with a newline, which BPE never merges into the text.
+FORMATS: dict[str, tuple[str, str]] = {
+    "plain": ("Instruct: {instruction}\nQuery: {text}", "{text}"),
+    "chatml": ("<|im_start|>user\n{instruction}\n{text}", "<|im_start|>user\n{text}"),
+}
 
 
 class LoraConfig(Section):
@@ -66,11 +78,21 @@ class LoraConfig(Section):
 
 class EncoderConfig(Section):
     backbone: str = "smollm2"  # asset name (assets.model_path), local folder or hub id
+    # decoder backbones: causal (as pretrained) or bidirectional (every token sees every real token,
+    # LLM2Vec); None: the backbone's own (causal decoders, bidirectional BERT-style encoders). A saved
+    # folder records the resolved value, and loading it under the other one is refused.
+    attention: Attention | None = None
+    # an adaptation adapter (the `adapt` stage's MNTP LoRA, path or URI) merged into the backbone
+    # before this encoder's own LoRA; a saved folder keeps a copy (relative "base_adapter")
+    base_adapter: str | None = None
     pooling: PoolingConfig = Field(default_factory=PoolingConfig)
     max_length: int = Field(128, ge=4, strict=True)  # tokens per text, EOS included
     lora: LoraConfig = Field(default_factory=LoraConfig)
     normalize: bool = True
-    query_template: str = "Instruct: {instruction}\nQuery: {text}"
+    # how texts are wrapped (FORMATS); auto: chatml when the tokenizer's chat template is ChatML, else plain
+    prompt_format: Literal["auto", "chatml", "plain"] = "auto"
+    query_template: str | None = None  # overrides the format's; must contain {instruction}, end with {text}
+    document_template: str | None = None  # overrides the format's; must end with {text}
     dtype: devices.DTypeName = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (devices.pick_dtype)
     padding_side: Literal["right", "left"] = "right"
     append_eos: bool = True  # decoders: end every text with EOS (last-token pooling's summary token, T9)
@@ -79,11 +101,30 @@ class EncoderConfig(Section):
 
     @field_validator("query_template")
     @classmethod
-    def _template(cls, v: str) -> str:
-        if "{instruction}" not in v or not v.endswith("{text}"):
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None and ("{instruction}" not in v or not v.endswith("{text}")):
             raise ValueError("query_template must contain {instruction} and end with {text}, "
                              "e.g. 'Instruct: {instruction}\\nQuery: {text}'")
         return v
+
+    @field_validator("document_template")
+    @classmethod
+    def _doc_template(cls, v: str | None) -> str | None:
+        if v is not None and (not v.endswith("{text}") or "{instruction}" in v):
+            raise ValueError("document_template must end with {text} and hold no {instruction}, "
+                             "e.g. '{text}'")
+        return v
+
+
+def resolve_templates(cfg: EncoderConfig, tokenizer) -> tuple[str, str, str]:
+    """(format name, query template, document template) this encoder reads texts with."""
+    fmt = cfg.prompt_format
+    if fmt == "auto":
+        fmt = "chatml" if "<|im_start|>" in str(getattr(tokenizer, "chat_template", None) or "") else "plain"
+    query, document = FORMATS[fmt]
+    if cfg.query_template is not None:  # a folder saved before document templates existed: plain documents
+        query, document = cfg.query_template, cfg.document_template or "{text}"
+    return fmt, query, cfg.document_template or document
 
 
 class InputTooLong(ValueError):
@@ -96,21 +137,69 @@ class InputTooLong(ValueError):
 
 
 def _load_backbone(cfg: EncoderConfig, source: str | Path,
-                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoModel
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Attention]:
+    """The headless backbone under the attention the config asks for (and that attention, resolved).
 
-    model = AutoModel.from_pretrained(str(source), dtype=dtype, attn_implementation=cfg.attn_implementation)
+    A folder that records its attention (`is_causal` in config.json: an export of this project) loads
+    only under that attention: its weights were trained for it."""
+    from transformers import AutoConfig, AutoModel
+
+    hf_config = AutoConfig.from_pretrained(str(source))
+    recorded = attention.recorded_attention(hf_config)
+    if recorded is not None and cfg.attention is not None and cfg.attention != recorded:
+        raise ValueError(f"{source} was trained with {recorded} attention, but encoder.attention is "
+                         f"{cfg.attention}: set encoder.attention={recorded} (or null) to load it")
+    model = AutoModel.from_pretrained(str(source), config=hf_config, dtype=dtype,
+                                      attn_implementation=cfg.attn_implementation)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BERT's pooler is never used: its LoRA/params would be unused under DDP
-    return model
+    native = attention.native_attention(model)
+    if not attention.is_decoder(model):
+        if cfg.attention == "causal":
+            raise ValueError(f"{source} is a bidirectional encoder ({type(model).__name__}); "
+                             "encoder.attention=causal applies to decoder LLMs only")
+        return model, "bidirectional"
+    chosen: Attention = cfg.attention or native
+    attention.set_attention(model.config, chosen)
+    attention.mark_modules(model, chosen)
+    return model, chosen
 
 
-def _load_tokenizer(source: str | Path, causal: bool, cfg: EncoderConfig):
+def _base_adapter_dir(cfg: EncoderConfig, weights: str | Path | None) -> Path | None:
+    """Local folder of the config's adaptation adapter: relative to a saved folder's `weights`, else a
+    path or URI (copied once into this node's cache)."""
+    if cfg.base_adapter is None:
+        return None
+    from mgh_ray import storage
+
+    relative = not storage.is_uri(cfg.base_adapter) and not Path(cfg.base_adapter).is_absolute()
+    if weights is not None and relative:
+        return Path(weights) / cfg.base_adapter
+    return storage.local_dir(cfg.base_adapter)
+
+
+def _merge_base_adapter(model: torch.nn.Module, folder: Path, chosen: Attention) -> torch.nn.Module:
+    """Merge an adaptation adapter (MNTP) into the backbone's weights; refuse one adapted under the
+    other attention (the adapt stage records it beside the adapter)."""
+    import peft
+    import yaml
+
+    meta = folder / ADAPTED_FILE
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder} holds no {ADAPTED_FILE}; is it an adapter the adapt stage wrote?")
+    adapted = yaml.safe_load(meta.read_text())["attention"]
+    if adapted != chosen:
+        raise ValueError(f"the adapter in {folder} was adapted with {adapted} attention, but this encoder "
+                         f"runs {chosen} attention: set encoder.attention={adapted}")
+    return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+
+
+def load_tokenizer(source: str | Path, decoder: bool, cfg: EncoderConfig):
     from transformers import AutoTokenizer
 
-    kwargs = {"add_eos_token": True} if causal and cfg.append_eos else {}
+    kwargs = {"add_eos_token": True} if decoder and cfg.append_eos else {}
     tok = AutoTokenizer.from_pretrained(str(source), **kwargs)
-    if causal and cfg.append_eos and tok("a")["input_ids"][-1] != tok.eos_token_id:
+    if decoder and cfg.append_eos and tok("a")["input_ids"][-1] != tok.eos_token_id:
         raise ValueError(f"tokenizer of {source} does not append EOS; set encoder.append_eos=false")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -119,16 +208,22 @@ def _load_tokenizer(source: str | Path, causal: bool, cfg: EncoderConfig):
 
 
 class Encoder(torch.nn.Module):
-    """Texts -> unit vectors. `forward` is the differentiable path training wraps in DDP."""
+    """Texts -> unit vectors. `forward` is the differentiable path training wraps in DDP.
 
-    def __init__(self, cfg: EncoderConfig, backbone: torch.nn.Module, tokenizer) -> None:
+    `config` is the resolved one (attention and input templates as this backbone runs them), so the
+    folder `save` writes records them."""
+
+    def __init__(self, cfg: EncoderConfig, backbone: torch.nn.Module, tokenizer,
+                 base_adapter: Path | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.backbone = backbone  # PeftModel when LoRA is on, else the headless transformers model
         self.tokenizer = tokenizer
-        self.causal = pooling.is_causal(self.base_model)
-        self.num_layers = len(pooling.backbone_layers(self.base_model))
-        self._prefix_cache: dict[str, int] = {}
+        self.base_adapter = base_adapter  # merged into the backbone already; `save` keeps a copy
+        self.causal = cfg.attention == "causal"
+        self.num_layers = len(attention.backbone_layers(self.base_model))
+        # every text ends with the tokenizer's EOS (decoders; see `PoolingConfig.last_token`)
+        self.eos_appended = cfg.append_eos and attention.is_decoder(self.base_model)
 
     # ------------------------------------------------------------ construction
 
@@ -145,17 +240,21 @@ class Encoder(torch.nn.Module):
         dev = devices.device(None if device is None else str(device))
         dtype = devices.dtype(cfg.dtype, dev)
         full = Path(weights) / "backbone" if weights is not None else None
-        source = full if full is not None and full.is_dir() else assets.model_path(cfg.backbone)
-        model = _load_backbone(cfg, source, dtype)
+        saved_full = full is not None and full.is_dir()  # LoRA off: adaptation already in these weights
+        source = full if saved_full else assets.model_path(cfg.backbone)
+        model, chosen = _load_backbone(cfg, source, dtype)
+        decoder = attention.is_decoder(model)
+        base_adapter = None if saved_full else _base_adapter_dir(cfg, weights)
+        if base_adapter is not None:
+            model = _merge_base_adapter(model, base_adapter, chosen)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        causal = pooling.is_causal(model)
         if cfg.lora.enabled:
             import peft
 
             targets, extra = cfg.lora.target_modules, {}
             if cfg.lora.top_layers is not None:
-                blocks = pooling.backbone_layers(model)
+                blocks = attention.backbone_layers(model)
                 n = len(blocks)
                 if targets == "all-linear":  # peft wants names when layers are restricted
                     targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
@@ -167,10 +266,16 @@ class Encoder(torch.nn.Module):
             model = peft.get_peft_model(model, lcfg)
             if weights is not None:
                 _load_adapter(model, Path(weights) / "adapter")
-        enc = cls(cfg, model, _load_tokenizer(source, causal, cfg)).to(dev)
-        log.info("encoder %s: %s pooling, %d layers, dim %d, %s, on %s in %s", cfg.backbone, cfg.pooling.mode,
-                 enc.num_layers, enc.dim, "LoRA r=%d" % cfg.lora.r if cfg.lora.enabled else "full weights",
-                 dev, str(dtype).removeprefix("torch."))
+        tok = load_tokenizer(source, decoder, cfg)
+        fmt, query, document = resolve_templates(cfg, tok)
+        resolved = cfg.model_copy(update={"attention": chosen, "prompt_format": fmt, "query_template": query,
+                                          "document_template": document})
+        enc = cls(resolved, model, tok, base_adapter).to(dev)
+        log.info("encoder %s: %s attention%s, %s pooling, %s format, %d layers, dim %d, %s, on %s in %s",
+                 cfg.backbone, chosen, " + adaptation adapter" if base_adapter is not None else "",
+                 cfg.pooling.mode, fmt, enc.num_layers, enc.dim,
+                 "LoRA r=%d" % cfg.lora.r if cfg.lora.enabled else "full weights", dev,
+                 str(dtype).removeprefix("torch."))
         return enc
 
     def load_adapter(self, folder: str | Path) -> None:
@@ -178,26 +283,41 @@ class Encoder(torch.nn.Module):
         _load_adapter(self.backbone, Path(folder) / "adapter")
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device | None = None) -> Encoder:
+    def load(cls, folder: str | Path, device: str | torch.device | None = None,
+             attention: Attention | None = None) -> Encoder:
         """The encoder a `save(folder)` wrote (config, adapter/weights); eval mode, on `device`
         (default: the one this process's Ray resources grant, see `devices`). `folder` may be a URI:
-        it is then copied once into this node's cache (storage.local_dir)."""
+        it is then copied once into this node's cache (storage.local_dir). `attention`: the attention
+        the caller expects; a folder trained with the other one is refused, naming both."""
         from mgh_ray import storage
 
         folder = storage.local_dir(str(folder))
         cfg = config_io.load(EncoderConfig, folder / CONFIG_FILE)
+        if attention is not None and cfg.attention is not None and cfg.attention != attention:
+            raise ValueError(f"{folder} holds an encoder trained with {cfg.attention} attention; it cannot "
+                             f"be loaded with {attention} attention (its weights were trained for the other "
+                             "mask)")
         return cls.from_config(cfg, weights=folder, device=device).eval()
 
     def save(self, folder: str | Path) -> Path:
-        """Self-describing folder: encoder.yaml + adapter/ (LoRA) or backbone/ (full weights)."""
+        """Self-describing folder: encoder.yaml (the resolved config) + adapter/ (LoRA, and a copy of
+        the adaptation adapter in base_adapter/ when there is one) or backbone/ (full weights)."""
+        import shutil
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
         if self.config.lora.enabled:
             self.backbone.save_pretrained(folder / "adapter")
-        else:
+            if self.base_adapter is not None:
+                if self.base_adapter.resolve() != (folder / BASE_ADAPTER).resolve():
+                    shutil.copytree(self.base_adapter, folder / BASE_ADAPTER, dirs_exist_ok=True)
+                cfg = cfg.model_copy(update={"base_adapter": BASE_ADAPTER})
+        else:  # the adaptation is merged into these weights
             self.backbone.save_pretrained(folder / "backbone")
             self.tokenizer.save_pretrained(folder / "backbone")
-        config_io.save(self.config, folder / CONFIG_FILE)  # last: its presence marks a complete folder
+            cfg = cfg.model_copy(update={"base_adapter": None})
+        config_io.save(cfg, folder / CONFIG_FILE)  # last: its presence marks a complete folder
         return folder
 
     def export(self, folder: str | Path, prompts: Mapping[str, str] | None = None,
@@ -207,29 +327,34 @@ class Encoder(torch.nn.Module):
         `prompts`: prompt name -> the instruction the model was trained with (`query_prompts` builds
         it from the records' instructions). Each is written as the sentence-transformers prompt
         `query_template` makes of it, so `SentenceTransformer(merged).encode(q, prompt_name="query")`
-        (or `.encode_query(q)`) gives `encode(q, instruction=...)`; "document" is the empty prompt.
-        `default_prompt_name` stays None unless every text should get that prompt (a symmetric-only
-        model): a default would also prefix documents, which trained without one.
-        `max_seq_length` (= config.max_length) is stated in sentence_bert_config.json too.
+        (or `.encode_query(q)`) gives `encode(q, instruction=...)`; "document" is the document
+        template's prefix (empty for the plain format). When that prefix is not empty it is the
+        default prompt, so a plain `encode(docs)` reads documents as the model was trained to; else
+        `default_prompt_name` stays None unless every text should get one prompt (a symmetric-only
+        model). `max_seq_length` (= config.max_length) is stated in sentence_bert_config.json too,
+        and a bidirectional encoder's config.json says `is_causal: false`, which transformers (and
+        vLLM) read, so the folder loads with the attention it was trained with.
         """
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.base.modules import Normalize, Transformer
 
         folder = Path(folder)
         merged_dir = folder / "merged"
-        st_prompts = {"document": ""}
+        st_prompts = {"document": self.prefix(None)}
         for name, instruction in (prompts or {}).items():
             if not name or name == "document" or not str(instruction).strip():
                 raise ValueError(f"export prompt {name!r}: {instruction!r} needs a name other than "
                                  "'document' and a non-empty instruction")
-            st_prompts[name] = self.config.query_template.format(instruction=instruction, text="")
+            st_prompts[name] = self.prefix(instruction)
         if default_prompt_name is not None and default_prompt_name not in st_prompts:
             raise ValueError(f"default_prompt_name {default_prompt_name!r} is none of the prompts "
                              f"{sorted(st_prompts)}")
+        if default_prompt_name is None and st_prompts["document"]:
+            default_prompt_name = "document"
         if "query" not in st_prompts:
             log.warning("export of %s without a query prompt: a sentence-transformers user will encode "
                         "queries without the instruction the model was trained with", merged_dir)
-            st_prompts["query"] = ""
+            st_prompts["query"] = st_prompts["document"]
         if self.config.lora.enabled:
             self.backbone.save_pretrained(folder / "adapter")
             merged = copy.deepcopy(self.backbone).merge_and_unload()
@@ -237,6 +362,8 @@ class Encoder(torch.nn.Module):
             merged = copy.deepcopy(self.base_model)
         ata = self.config.pooling.mode == "ata"
         merged.config.output_hidden_states = ata  # AnchorPooling reads the probe layer's input
+        if attention.is_decoder(merged):
+            attention.set_attention(merged.config, self.config.attention)
         merged.save_pretrained(merged_dir)
         tok = copy.deepcopy(self.tokenizer)
         tok.padding_side = "right"  # sentence-transformers passes no position ids: keep real tokens first
@@ -246,7 +373,7 @@ class Encoder(torch.nn.Module):
         modules = [Transformer(str(merged_dir), max_seq_length=self.config.max_length,
                                config_kwargs={"output_hidden_states": ata}, modality_config=text_only,
                                module_output_name="token_embeddings"),
-                   _st_pooling(self.config.pooling, merged)]
+                   _st_pooling(self.config.pooling, merged, self.eos_appended)]
         if self.config.normalize:
             modules.append(Normalize())
         SentenceTransformer(modules=modules, device="cpu", prompts=st_prompts,
@@ -308,38 +435,38 @@ class Encoder(torch.nn.Module):
 
     # ------------------------------------------------------------ text -> tensors
 
-    def format(self, texts: list[str], instruction: str | list[str] | None) -> list[str]:
+    def prefix(self, instruction: str | None) -> str:
+        """What the input template puts before a text: a query's instruction and the format's markers
+        (documents: the document template's prefix, often empty)."""
         if instruction is None:
-            return list(texts)
-        inst = [instruction] * len(texts) if isinstance(instruction, str) else instruction
-        template = self.config.query_template
-        return [template.format(instruction=i, text=t) for i, t in zip(inst, texts, strict=True)]
+            return self.config.document_template.format(text="")
+        return self.config.query_template.format(instruction=instruction, text="")
 
-    def instruction_length(self, instruction: str) -> int:
-        """Tokens of the instruction prefix, counted as sentence-transformers counts a prompt
-        (prefix tokenised alone, trailing special token dropped), so export and encode agree."""
-        prefix = self.config.query_template.format(instruction=instruction, text="")
-        if prefix not in self._prefix_cache:
-            ids = self.tokenizer(prefix)["input_ids"]
-            trailing_special = bool(ids) and ids[-1] in self.tokenizer.all_special_ids
-            self._prefix_cache[prefix] = len(ids) - int(trailing_special)
-        return self._prefix_cache[prefix]
+    def format(self, texts: list[str], instruction: str | list[str] | None) -> list[str]:
+        """The texts as the model reads them (every template ends with {text})."""
+        return [self.prefix(i) + t for i, t in zip(_per_text(instruction, len(texts)), texts, strict=True)]
 
     def tokenize(self, texts: list[str],
                  instruction: str | list[str] | None = None) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask (batch, seq) and pool_mask (tokens pooled; no instruction if excluded).
+        """input_ids, attention_mask (batch, seq) and, under `exclude_instruction`, pool_mask: the tokens
+        pooled, without what the template put before each text.
 
         `instruction`: one for all texts, one per text, or None (documents)."""
-        batch = self.tokenizer(self.format(texts, instruction), truncation=True,
-                               max_length=self.max_tokens, padding=True, return_tensors="pt")
+        prefixes = [self.prefix(i) for i in _per_text(instruction, len(texts))]
+        pcfg = self.config.pooling
+        exclude = pcfg.exclude_instruction and any(prefixes)
+        batch = self.tokenizer([p + t for p, t in zip(prefixes, texts, strict=True)], truncation=True,
+                               max_length=self.max_tokens, padding=True, return_tensors="pt",
+                               return_offsets_mapping=exclude)
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if instruction is not None and self.config.pooling.exclude_instruction:
-            inst = [instruction] * len(texts) if isinstance(instruction, str) else instruction
-            n = torch.tensor([self.instruction_length(i) for i in inst])
+        if exclude:
+            n = prefix_tokens(batch["offset_mapping"], out["attention_mask"], [len(p) for p in prefixes])
             keep = pooling.prefix_mask(out["attention_mask"], n)
             # a text cut away by truncation would pool nothing: fall back to the whole sequence
             empty = ~keep.any(-1, keepdim=True)
             out["pool_mask"] = torch.where(empty, out["attention_mask"].bool(), keep)
+        if pcfg.mode == "last" and pcfg.last_token == "text" and self.eos_appended:
+            out["pool_mask"] = pooling.without_final(out.get("pool_mask", out["attention_mask"]))
         return out
 
     # ------------------------------------------------------------ tensors -> vectors
@@ -348,7 +475,7 @@ class Encoder(torch.nn.Module):
                 pool_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, dim) embeddings (unit length when config.normalize)."""
         cfg = self.config.pooling
-        positions = pooling.positions_from_mask(attention_mask)  # (batch, seq): padding-side independent
+        positions = attention.positions_from_mask(attention_mask)  # (batch, seq): padding-side independent
         ata = cfg.mode == "ata"
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             output_hidden_states=ata, return_dict=True)
@@ -357,7 +484,7 @@ class Encoder(torch.nn.Module):
         if ata:
             index = cfg.layer % self.num_layers
             x = out.hidden_states[index]  # (batch, seq, dim): input of the probe layer
-            probe = pooling.probe_for(self.base_model, index)
+            probe = attention.probe_for(self.base_model, index, self.causal)
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_weights):
                 # (batch, seq), never the whole (batch, heads, seq, seq) at once beyond ata_chunk_mb
                 r = probe.received(x, attention_mask, positions, cfg.causal_norm, cfg.ata_chunk_mb)
@@ -365,6 +492,40 @@ class Encoder(torch.nn.Module):
                            received=r)  # (batch, dim)
         emb = emb.float()
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
+
+    @torch.no_grad()
+    def anchor_shares(self, texts: list[str], instruction: str | None = None,
+                      batch_size: int = 32) -> dict[str, float]:
+        """Where ATA's weights go when nothing is excluded: the mean share of position 0, of the rest of
+        what the template puts before the text (the instruction and format markers) and of the text
+        itself (its EOS included), over `texts` read with `instruction`. A diagnostic of the probe layer's
+        attention (the pooled set leaves the prefix out under `exclude_instruction`); any pooling mode."""
+        cfg = self.config.pooling
+        index = cfg.layer % self.num_layers
+        probe = attention.probe_for(self.base_model, index, self.causal)
+        total = {"position_0": 0.0, "instruction": 0.0, "text": 0.0}
+        for start in range(0, len(texts), batch_size):
+            part = texts[start:start + batch_size]
+            prefixes = [self.prefix(i) for i in _per_text(instruction, len(part))]
+            batch = self.tokenizer([p + t for p, t in zip(prefixes, part, strict=True)], truncation=True,
+                                   max_length=self.max_tokens, padding=True, return_tensors="pt",
+                                   return_offsets_mapping=True)
+            mask = batch["attention_mask"]  # (batch, seq)
+            n = prefix_tokens(batch["offset_mapping"], mask, [len(p) for p in prefixes])  # (batch,)
+            positions = attention.positions_from_mask(mask)
+            dev = self.device
+            out = self.backbone(input_ids=batch["input_ids"].to(dev), attention_mask=mask.to(dev),
+                                position_ids=positions.to(dev), output_hidden_states=True, return_dict=True)
+            r = probe.received(out.hidden_states[index], mask.to(dev), positions.to(dev), cfg.causal_norm,
+                               cfg.ata_chunk_mb)  # (batch, seq)
+            w = pooling.anchor_weights(r.float().cpu(), mask, cfg)  # (batch, seq): over every real token
+            rank = mask.long().cumsum(-1)  # (batch, seq): 1-based rank among real tokens
+            first = mask.bool() & (rank == 1)
+            prefix = mask.bool() & (rank <= n[:, None]) & ~first
+            text = mask.bool() & ~prefix & ~first
+            for key, where in (("position_0", first), ("instruction", prefix), ("text", text)):
+                total[key] += float((w * where).sum())
+        return {k: v / max(1, len(texts)) for k, v in total.items()}
 
     @torch.no_grad()
     def encode(self, texts: list[str], *, instruction: str | list[str] | None = None,
@@ -399,17 +560,42 @@ class Encoder(torch.nn.Module):
         return out
 
 
-def _st_pooling(cfg: pooling.PoolingConfig, merged: torch.nn.Module) -> torch.nn.Module:
+def _per_text(instruction: str | list[str] | None, n: int) -> list[str | None]:
+    return [instruction] * n if instruction is None or isinstance(instruction, str) else list(instruction)
+
+
+def prefix_tokens(offsets: torch.Tensor, attention_mask: torch.Tensor,
+                  prefix_chars: list[int]) -> torch.Tensor:
+    """(batch,) real tokens before each text: those before the first token that covers a character of
+    the text (a BOS the tokenizer adds counts with the prefix). Counted on the tokenised input itself,
+    so a token that BPE merged across the boundary belongs to the text: "Query: " + "who" gives
+    "Query", ":", " who", and " who" is pooled, where the prefix tokenised alone ends in its own " ".
+    An empty prefix excludes nothing.
+
+    offsets: (batch, seq, 2) character spans (the tokenizer's offset_mapping; (0, 0) for added tokens
+    and padding); attention_mask: (batch, seq)."""
+    end = offsets[..., 1]  # (batch, seq)
+    plen = torch.tensor(prefix_chars, dtype=end.dtype)[:, None]  # (batch, 1)
+    text = attention_mask.bool() & (end > plen)  # (batch, seq): tokens holding text characters
+    before = attention_mask.bool() & (text.long().cumsum(-1) == 0)  # (batch, seq)
+    n = before.sum(-1)  # (batch,)
+    return torch.where(text.any(-1) & (plen[:, 0] > 0), n, torch.zeros_like(n))
+
+
+def _st_pooling(cfg: pooling.PoolingConfig, merged: torch.nn.Module, eos_appended: bool) -> torch.nn.Module:
     """sentence-transformers' own Pooling where it computes the same thing (the folder then loads with a
-    plain `SentenceTransformer(path)`); `AnchorPooling` for ATA (load with `trust_remote_code=True`,
-    sentence-transformers >= 6 asks that for any module class outside its namespace)."""
+    plain `SentenceTransformer(path)`); `AnchorPooling` for ATA and for last-token pooling of the text's
+    own last token before an appended EOS (load with `trust_remote_code=True`; sentence-transformers >= 6
+    asks that for any module class outside its namespace)."""
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     builtin = {"mean": "mean", "last": "lasttoken", "cls": "cls", "weighted_mean": "weightedmean"}
+    if cfg.mode == "last" and cfg.last_token == "text" and eos_appended:
+        builtin.pop("last")
     if cfg.mode in builtin:
         return Pooling(merged.config.hidden_size, pooling_mode=builtin[cfg.mode],
                        include_prompt=not cfg.exclude_instruction)
-    return pooling.AnchorPooling.from_backbone(cfg, merged)
+    return pooling.AnchorPooling.from_backbone(cfg, merged, eos_appended)
 
 
 def query_prompts(instructions: Iterable[str] | Mapping[str, int], max_prompts: int = 8) -> dict[str, str]:

@@ -9,6 +9,13 @@ For every named model (an encoder folder, or the URL of a running endpoint), `ev
    the replicas (a `DeploymentHandle` inside the cluster, HTTP outside);
 4. saves each result as it lands, removes the app, and finally writes `report.md` and `scores.png`.
 
+Intervals: each task also saves mteb's predictions, from which `intervals.replicates` draws
+`bootstrap` resamples of the task's rows (queries, pairs, test items, documents) and recomputes the main
+score on each; the replicates are kept in `bootstrap/<model>/<revision>/<task>.json`, and report.md gives
+the 95% interval of every task and of every mean (a mean's replicate is the mean of its tasks'
+replicates). The intervals measure how much a score would move on other rows like these; the spread over
+training seeds (the ablation's) is another question.
+
 Instructions follow `tasks.instruction` for served and in-process encoders alike. `score_in_process`
 runs the same tasks on an in-process encoder, for parity checks and baselines.
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import json
 import logging
 import re
 import time
@@ -34,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mgh_ray.config import Section
 from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
@@ -51,6 +59,9 @@ class EvalConfig(Section):
 
     tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
     max_rows: int | None = Field(40, ge=1, strict=True)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
+    # per-task exceptions to max_rows, e.g. {LeeSTS: null}: every row of a small table
+    max_rows_per_task: dict[str, int | None] = Field(default_factory=dict)
+    bootstrap: int = Field(1000, ge=0, strict=True)  # resamples behind each 95% interval (0: no intervals)
     seed: int = Field(0, strict=True)
     batch_size: int = Field(32, ge=1, strict=True)  # texts per request to the deployment
     concurrency: int = Field(4, ge=1, strict=True)  # requests in flight per task
@@ -62,6 +73,18 @@ class EvalConfig(Section):
     overwrite: bool = False  # True: rerun tasks that already have results
     # texts longer than the model's token limit: cut there, or fail the task naming the text
     truncation: Literal["truncate", "error"] = "truncate"
+
+    @field_validator("max_rows_per_task")
+    @classmethod
+    def _rows(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        bad = {k: n for k, n in v.items() if n is not None and n < 1}
+        if bad:
+            raise ValueError(f"max_rows_per_task needs row counts >= 1 (or null for all), got {bad}")
+        return v
+
+    def rows(self, task: str) -> int | None:
+        """The row cap of one task's tables."""
+        return self.max_rows_per_task.get(task, self.max_rows)
 
 
 class MtebAdapter(abc.ABC):
@@ -82,7 +105,11 @@ class MtebAdapter(abc.ABC):
         from mgh_ray.tasks import instruction
 
         texts = [t for batch in inputs for t in batch["text"]]
-        return self.embed(texts, instruction(task_metadata, prompt_type))
+        # each distinct text once: STS and pair tasks repeat their texts (Lee STS: 2,450 sides of 1,225
+        # pairs over 50 documents; SDG: one goal name per pair)
+        unique, where = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        vectors = self.embed(list(unique), instruction(task_metadata, prompt_type))  # (distinct, dim)
+        return vectors[where.reshape(-1)] if len(texts) else vectors
 
     def similarity(self, a: Any, b: Any) -> Any:
         from mteb.similarity_functions import cos_sim
@@ -164,25 +191,56 @@ def model_meta(name: str, revision: str, dim: int) -> Any:
         "use_instructions": True, "modalities": ["text"], "framework": ["PyTorch"]})
 
 
-def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig) -> tuple[Any, dict[str, int]]:
-    """One task through mteb's own evaluator; returns its TaskResult and the replicas that answered."""
+def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
+             ) -> tuple[Any, dict[str, int], dict[str, Any] | None]:
+    """One task through mteb's own evaluator; returns its TaskResult, the replicas that answered and,
+    when `cfg.bootstrap`, the bootstrap replicates of its main score (`intervals.Bootstrap` as JSON)."""
+    import tempfile
+
     import mteb
 
-    from mgh_ray import tasks
+    from mgh_ray import intervals, tasks
 
-    task = tasks.build(task_name, max_rows=cfg.max_rows, seed=cfg.seed)
+    task = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
     start = time.perf_counter()
-    res = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", co2_tracker=False,
-                        show_progress_bar=False, encode_kwargs={"batch_size": cfg.batch_size})
+    with tempfile.TemporaryDirectory() as tmp:
+        res = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", co2_tracker=False,
+                            show_progress_bar=False, encode_kwargs={"batch_size": cfg.batch_size},
+                            prediction_folder=tmp if cfg.bootstrap else None)
+        boot = None
+        if cfg.bootstrap:
+            # a task object mteb has evaluated cannot replay its clustering draws: build it afresh
+            fresh = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
+            boot = intervals.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
+                                        cfg.seed).to_json()
     log.info("%s on %s: %.4f in %.1f s (replicas %s)", encoder.mteb_model_meta.name, task_name,
              res.task_results[0].get_score(), time.perf_counter() - start, dict(encoder.replicas))
-    return res.task_results[0], dict(encoder.replicas)
+    return res.task_results[0], dict(encoder.replicas), boot
 
 
 def score_in_process(cfg: EvalConfig, encoder: Any, name: str = "local") -> dict[str, float]:
     """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions."""
     adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size, truncation=cfg.truncation)
     return {t: float(run_task(adapter, t, cfg)[0].get_score()) for t in cfg.tasks}
+
+
+def bootstrap_file(out_dir: Path, name: str, revision: str, task: str) -> Path:
+    """Where the bootstrap replicates of one model's task live (beside mteb's `results/`)."""
+    return Path(out_dir) / "bootstrap" / name / revision / f"{task}.json"
+
+
+def bootstraps(out_dir: Path, name: str, revision: str, task_names: list[str]) -> dict[str, Any]:
+    """{task: intervals.Bootstrap} of one evaluated model (the tasks that have replicates)."""
+    import json
+
+    from mgh_ray.intervals import Bootstrap
+
+    out = {}
+    for t in task_names:
+        path = bootstrap_file(out_dir, name, revision, t)
+        if path.is_file():
+            out[t] = Bootstrap.from_json(json.loads(path.read_text()))
+    return out
 
 
 def finished(cache: Any, task: Any, meta: Any) -> Any:
@@ -212,9 +270,10 @@ def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
 
 def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
                    serve_cfg: ServeConfig | None = None, app: str | None = None
-                   ) -> tuple[dict[str, Any], dict[str, int]]:
+                   ) -> tuple[dict[str, Any], dict[str, int], str]:
     """Evaluate one model: an encoder folder (deployed here for the run, unless `app` names a Serve app
-    already serving it) or an endpoint URL. Returns {task: TaskResult} and requests per replica."""
+    already serving it) or an endpoint URL. Returns {task: TaskResult}, requests per replica, and the
+    model's revision (the key of its results and replicates)."""
     import ray
     from mteb.cache import ResultCache
 
@@ -234,8 +293,10 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     cache = ResultCache(out_dir)
     results, todo = {}, []
     for t in cfg.tasks:
-        task = tasks.build(t, max_rows=cfg.max_rows, seed=cfg.seed)
+        task = tasks.build(t, max_rows=cfg.rows(t), seed=cfg.seed)
         old = None if cfg.overwrite else finished(cache, task, model_meta(name, revision, 0))
+        if old is not None and cfg.bootstrap and not bootstrap_file(out_dir, name, revision, t).is_file():
+            old = None  # finished before intervals were kept: run it again for its replicates
         if old is not None:
             results[t] = old
         else:
@@ -243,7 +304,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     if results:
         log.info("%s: %d task(s) already finished, skipped: %s", name, len(results), ", ".join(results))
     if not todo:
-        return results, {}
+        return results, {}, revision
     if not ray.is_initialized():
         ray.init()
     own_app = url is None and app is None
@@ -270,14 +331,18 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
         while pending:  # save each result as it lands, so an interrupted run keeps what it finished
             done, _ = ray.wait(list(pending), num_returns=1)
             task_name = pending.pop(done[0])
-            result, seen = ray.get(done[0])
+            result, seen, boot = ray.get(done[0])
+            if boot is not None:  # first, so that a saved result always has its replicates
+                path = bootstrap_file(out_dir, name, revision, task_name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(boot))
             cache.save_to_cache(result, encoder.mteb_model_meta, encode_kwargs={"batch_size": cfg.batch_size})
             results[task_name] = result
             replicas.update(seen)
     finally:
         if own_app and app is not None:
             serving.undeploy(app)
-    return results, dict(replicas)
+    return results, dict(replicas), revision
 
 
 def scores_table(results: dict[str, dict[str, Any]], task_names: list[str],
@@ -287,38 +352,67 @@ def scores_table(results: dict[str, dict[str, Any]], task_names: list[str],
     group too (does the gain carry over to data unlike the seeds?)."""
     table = pd.DataFrame({m: {t: float(r[t].get_score()) for t in task_names if t in r}
                           for m, r in results.items()}).reindex(task_names)
-    like = [t for t in task_names if t in like_seeds]
-    unlike = [t for t in task_names if t not in like_seeds]
-    table.loc["mean"] = table.mean(axis=0)
-    if like and unlike:
-        table.loc[MEAN_LIKE] = table.loc[like].mean(axis=0)
-        table.loc[MEAN_UNLIKE] = table.loc[unlike].mean(axis=0)
+    for name, group in mean_groups(task_names, like_seeds).items():
+        table.loc[name] = table.loc[group].mean(axis=0)
     table.index.name = "task"
     return table
 
 
+def mean_groups(task_names: list[str], like_seeds: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """The means a table reports and their tasks: "mean" over all, and when some tasks are shaped like
+    the training seeds and some are not, the mean of each group."""
+    like = [t for t in task_names if t in like_seeds]
+    unlike = [t for t in task_names if t not in like_seeds]
+    return {"mean": list(task_names), **({MEAN_LIKE: like, MEAN_UNLIKE: unlike} if like and unlike else {})}
+
+
+def interval_table(boots: dict[str, dict[str, Any]], task_names: list[str],
+                   like_seeds: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """95% bootstrap intervals, long: one row per (model, task or mean) with point, low, high.
+
+    boots: {model: {task: intervals.Bootstrap}}; a mean's interval needs every one of its tasks."""
+    from mgh_ray import intervals
+
+    rows = []
+    for model, per_task in boots.items():
+        for t in task_names:
+            if t in per_task:
+                iv = per_task[t].interval()
+                rows.append({"model": model, "row": t, "point": iv.point, "low": iv.low, "high": iv.high})
+        for name, group in mean_groups(task_names, like_seeds).items():
+            if group and all(t in per_task for t in group):
+                iv = intervals.mean_interval([per_task[t].values for t in group], [per_task[t].point for t in group])
+                rows.append({"model": model, "row": name, "point": iv.point, "low": iv.low, "high": iv.high})
+    return pd.DataFrame(rows, columns=["model", "row", "point", "low", "high"])
+
+
 def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
              serve_cfg: ServeConfig | None = None, like_seeds: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
-    """Evaluate every named model on `cfg.tasks` through Serve; write results, report.md and scores.png.
-    `like_seeds`: the tasks shaped like the training seeds (the table gets a mean for each group)."""
+    """Evaluate every named model on `cfg.tasks` through Serve; write results, report.md (with the 95%
+    bootstrap intervals), intervals.csv and scores.png. `like_seeds`: the tasks shaped like the training
+    seeds (the table gets a mean for each group)."""
     from mgh_ray import report, tasks
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {}
+    results, boots = {}, {}
     for name, model in models.items():
-        results[name], seen = evaluate_model(cfg, name, model, out_dir, serve_cfg)
+        results[name], seen, revision = evaluate_model(cfg, name, model, out_dir, serve_cfg)
+        boots[name] = bootstraps(out_dir, name, revision, cfg.tasks)
         if seen:
             log.info("%s: encode requests per replica %s", name, seen)
     table = scores_table(results, cfg.tasks, like_seeds)
+    ivs = interval_table(boots, cfg.tasks, like_seeds)
+    ivs.to_csv(out_dir / "intervals.csv", index=False)
     metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
-    note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}, seed={cfg.seed}, "
-            f"truncation={cfg.truncation} (texts longer than the model's token limit are "
+    sizes = ", ".join(f"{t} {cfg.rows(t) or 'all'}" for t in cfg.tasks if cfg.rows(t) != cfg.max_rows)
+    note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}{f' ({sizes})' if sizes else ''}, "
+            f"seed={cfg.seed}, truncation={cfg.truncation} (texts longer than the model's token limit are "
             f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); {time.perf_counter() - start:.0f} s.")
     if MEAN_LIKE in table.index:
         like = ", ".join(t for t in cfg.tasks if t in like_seeds)
         note += f" Shaped like the training seeds (held out of the same corpora): {like}; the rest are unlike them."
-    report.write(table, out_dir, metrics=metrics, note=note)
+    report.write(table, out_dir, metrics=metrics, note=note, intervals=ivs, n_boot=cfg.bootstrap)
     log.info("main scores (%s):\n%s", out_dir, report.markdown_table(table))
     return table

@@ -3,6 +3,7 @@
     run = RunLayout("s3://bucket/run")          # or RunLayout("runs/tiny")
     run.synthesize        -> s3://bucket/run/synthesize      (records/, failures/, report.*, config.yaml)
     run.records(run.synthesize)                 (and run.failures(...))
+    run.adapt, run.adapter -> .../adapt, .../adapt/adapter (MNTP, for a bidirectional encoder)
     run.train             -> .../train          (Ray Train storage, metrics.jsonl, config.yaml)
     run.model, run.export -> .../train/model, .../train/export
     run.base              -> .../base           (the untrained backbone, same pooling)
@@ -50,6 +51,15 @@ class RunLayout:
     @property
     def mine(self) -> str:
         return self.path("mine")
+
+    @property
+    def adapt(self) -> str:
+        return self.path("adapt")
+
+    @property
+    def adapter(self) -> str:
+        """The adaptation (MNTP) adapter that a bidirectional encoder's training starts from."""
+        return self.path("adapt", "adapter")
 
     @property
     def train(self) -> str:

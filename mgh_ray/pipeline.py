@@ -1,4 +1,4 @@
-"""The whole pipeline as one resumable job: fetch -> synthesize -> train -> serve -> evaluate -> report.
+"""The whole pipeline as one resumable job: fetch -> synthesize -> adapt -> train -> serve -> evaluate.
 
 One config (`PipelineConfig`, composed of every stage's own section) drives all stages. `run_dir` is a
 local path or a URI (s3://, gs://, file://); `layout.RunLayout` says where each stage's folder is.
@@ -21,11 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from pydantic import Field
 
 from mgh_ray import storage
+from mgh_ray.adapt import AdaptConfig
 from mgh_ray.config import Section
 from mgh_ray.evaluation import EvalConfig
 from mgh_ray.layout import RunLayout, save_config
@@ -62,6 +64,9 @@ class AblationConfig(Section):
     schedules: list[str] = ["curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse",
                             "cumulative", "in_batch", "mined", "reference_levels"]
     poolings: list[str] = ["ata", "mean", "last", "weighted_mean"]
+    # attentions crossed with the poolings (arms "<attention>-<pooling>" when there are several); the
+    # schedule study trains with the run's own train.encoder attention and pooling
+    attentions: list[Literal["causal", "bidirectional"]] = ["causal"]
     seeds: list[int] = [0]
     steps: int | None = Field(None, ge=1, strict=True)  # None: train.steps
     tasks: list[str] | None = None  # None: evaluate.tasks
@@ -72,6 +77,7 @@ class PipelineConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)  # runs only for a bidirectional encoder
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
@@ -196,18 +202,67 @@ def _save_base(encoder_cfg: dict, folder: str) -> str:
         return storage.upload_dir(Path(tmp) / "base", folder)
 
 
+def adapted(cfg: PipelineConfig) -> bool:
+    """Whether the run has an adaptation (MNTP) stage: a bidirectional encoder with adapt.steps > 0."""
+    from mgh_ray import adapt
+
+    return adapt.needed(cfg.train.encoder, cfg.adapt)
+
+
+def train_config(cfg: PipelineConfig) -> TrainConfig:
+    """The training config of the run: the encoder starts from the adaptation stage's adapter when the
+    run has one (`adapted`)."""
+    if not adapted(cfg):
+        return cfg.train
+    encoder = cfg.train.encoder.model_copy(update={"base_adapter": RunLayout(cfg.run_dir).adapter})
+    return cfg.train.model_copy(update={"encoder": encoder})
+
+
+def train_fingerprint(cfg: PipelineConfig) -> str:
+    """What a trained model depends on: the records' synthesis, the training config and, for an adapted
+    encoder, the adaptation (a run without one keeps the fingerprint it always had)."""
+    sections = [cfg.synthesis, train_config(cfg)] + ([cfg.adapt] if adapted(cfg) else [])
+    return fingerprint(*sections)
+
+
+def adapt(cfg: PipelineConfig) -> str:
+    """The adaptation stage: MNTP on the run's seed texts (the published seed file, else the config's)."""
+    from mgh_ray import adapt as adapting
+
+    seeds = published_seeds(cfg) or cfg.synthesis.seeds
+    if seeds is None:
+        raise FileNotFoundError("the adaptation stage reads the run's seed texts: run `mgh-ray fetch` first "
+                                "(or set synthesis.seeds)")
+    return adapting.adapt(cfg.adapt, cfg.train.encoder, seeds, RunLayout(cfg.run_dir).adapt)
+
+
 def base_model(cfg: PipelineConfig, folder: str | None = None) -> str:
-    """The untrained backbone with the same pooling, saved for comparison under `folder` (default
-    run_dir/base)."""
+    """The untrained model the run's training starts from, with the same pooling (the backbone, with
+    the adaptation merged in when the run has one), saved for comparison under `folder` (default
+    run_dir/base). A folder saved from another encoder config is saved again."""
     import ray
 
     folder = folder or RunLayout(cfg.run_dir).base
-    if not storage.is_file(RunLayout.success(folder)):
+    encoder = train_config(cfg).encoder
+    mark = fingerprint(encoder)
+    if not storage.is_file(RunLayout.success(folder)) or storage.read_text(RunLayout.success(folder)) != mark:
+        if adapted(cfg):
+            run_stage(RunLayout(cfg.run_dir).adapt, "adapt", adapt_fingerprint(cfg), lambda: adapt(cfg),
+                      cfg.ray.node_loss_retries)
         remote = ray.remote(_save_base).options(num_cpus=cfg.train.cpus_per_worker,
                                                 num_gpus=1 if cfg.train.use_gpu else 0)
-        ray.get(remote.remote(cfg.train.encoder.model_dump(mode="json"), folder))
-        storage.write_text(RunLayout.success(folder), "base")
+        ray.get(remote.remote(encoder.model_dump(mode="json"), folder))
+        storage.write_text(RunLayout.success(folder), mark)
     return folder
+
+
+def adapt_fingerprint(cfg: PipelineConfig) -> str:
+    """What the adapter depends on: the adaptation config and how the encoder reads text."""
+    enc = cfg.train.encoder
+    reads = {k: getattr(enc, k) for k in ("backbone", "attention", "prompt_format", "document_template",
+                                          "append_eos", "attn_implementation")}
+    blob = json.dumps([cfg.adapt.model_dump(mode="json"), reads, cfg.synthesis.seed_sources], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def fetch(cfg: PipelineConfig) -> dict[str, str]:
@@ -261,7 +316,7 @@ def train(cfg: PipelineConfig, records_dir: str | None = None) -> str:
     if not records.shard_files(records_dir):
         raise FileNotFoundError(f"no synthesized records in {records_dir}: run `mgh-ray synthesize` first "
                                 f"(or pass the folder of an earlier run)")
-    return training.train(cfg.train, records_dir, RunLayout(cfg.run_dir).train)
+    return training.train(train_config(cfg), records_dir, RunLayout(cfg.run_dir).train)
 
 
 def trained_model(cfg: PipelineConfig) -> str:
@@ -349,11 +404,12 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     sources = cfg.synthesis.seed_sources
     f_fetch = "fetch" if sources == ["bbc"] else "fetch:" + "+".join(sources)
     f_syn = fingerprint(cfg.synthesis)
-    f_train = fingerprint(cfg.synthesis, cfg.train)
-    f_eval = fingerprint(cfg.synthesis, cfg.train, cfg.evaluate, cfg.serve)
+    f_train = train_fingerprint(cfg)
+    f_eval = fingerprint(cfg.synthesis, train_config(cfg), cfg.evaluate, cfg.serve)
     plan: list[tuple[str, str, str, Callable[[], object]]] = [
         ("fetch", run.fetch, f_fetch, lambda: fetch(cfg)),
         ("synthesize", run.synthesize, f_syn, lambda: synthesize(cfg)),
+        *([("adapt", run.adapt, adapt_fingerprint(cfg), lambda: adapt(cfg))] if adapted(cfg) else []),
         ("train", run.train, f_train, lambda: train(cfg)),
         ("serve", run.serve, f_eval, lambda: serve(cfg)),
         ("evaluate", run.evaluate, f_eval, lambda: evaluate(cfg)),

@@ -147,20 +147,26 @@ def gate(df: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
     """`df` plus flags, `passed`, and the training negatives neg_1..neg_4 chosen by `cfg.policy`.
 
     `levels_from` says which written level each neg_k came from ("1,2,3,4" unless relabelled, e.g.
-    "2,1,3,4"). Only `relabel` moves a negative off the level the LLM wrote it for.
+    "2,1,3,4"). Only `relabel` moves a negative off the level the LLM wrote it for. `levels_in_order`
+    counts the adjacent levels (neg_k, neg_k+1) that the reference embedder orders as training reads
+    them (sim(q, neg_k) < sim(q, neg_k+1)): 0 to 3, and 3 for every relabelled record.
     """
     if df.empty:
         return df.assign(**{c: pd.Series(dtype=object) for c in NEG_COLS},
-                         passed=pd.Series(dtype=bool), levels_from=pd.Series(dtype=object))
+                         passed=pd.Series(dtype=bool), levels_from=pd.Series(dtype=object),
+                         levels_in_order=pd.Series(dtype=int))
     f = flags(df, cfg)
     out = pd.concat([df, f], axis=1)
     gens = df[list(GEN_COLS)].to_numpy(dtype=object)  # (n, 4)
+    sims = df[[f"sim_{k}" for k in LEVELS]].to_numpy(dtype=float)  # (n, 4)
     if cfg.policy == "relabel":
-        order = np.argsort(df[[f"sim_{k}" for k in LEVELS]].to_numpy(), axis=1, kind="stable")  # (n, 4)
+        order = np.argsort(sims, axis=1, kind="stable")  # (n, 4)
         gens = np.take_along_axis(gens, order, axis=1)
+        sims = np.take_along_axis(sims, order, axis=1)
         out["levels_from"] = [",".join(str(i + 1) for i in row) for row in order]
     else:
         out["levels_from"] = "1,2,3,4"
+    out["levels_in_order"] = (sims[:, :-1] < sims[:, 1:]).sum(axis=1)  # (n,)
     for i, col in enumerate(NEG_COLS):
         out[col] = gens[:, i]
     if cfg.policy == "keep":

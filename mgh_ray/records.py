@@ -222,8 +222,8 @@ def gate_batch(batch: pd.DataFrame, qcfg: dict[str, Any]) -> pd.DataFrame:
     gated = gated[gated["passed"]]
     if "kind" not in gated.columns:
         gated = gated.assign(kind="short-long")
-    extra = [c for c in ("seed_id", "mode", "levels_from", "n_false_negatives", "ordered", "prompt_version",
-                         "model") if c in gated.columns]
+    extra = [c for c in ("seed_id", "mode", "levels_from", "levels_in_order", "n_false_negatives", "ordered",
+                         "prompt_version", "model") if c in gated.columns]
     out = gated[TRAIN_COLS + extra].reset_index(drop=True)
     out[TRAIN_COLS] = out[TRAIN_COLS].fillna("").astype(str)
     return out

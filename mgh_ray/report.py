@@ -75,13 +75,30 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str = "MTEB main score per
     return path
 
 
+def interval_markdown(intervals: pd.DataFrame, rows: list[str], floatfmt: str = ".4f") -> str:
+    """GitHub markdown of 95% intervals (long table: model, row, point, low, high): one column per model,
+    cells "point [low, high]", rows in `rows` order."""
+    if intervals.empty:
+        return ""
+    cell = intervals.assign(text=[f"{p:{floatfmt}} [{lo:{floatfmt}}, {hi:{floatfmt}}]" for p, lo, hi in
+                                  zip(intervals.point, intervals.low, intervals.high)])
+    wide = cell.pivot(index="row", columns="model", values="text")
+    wide = wide.reindex([r for r in rows if r in wide.index])[list(dict.fromkeys(intervals.model))]
+    wide.index.name = "task"
+    return wide.fillna("-").to_markdown()
+
+
 def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = None,
-          note: str = "") -> tuple[Path, Path]:
-    """Write `out_dir/report.md` and `out_dir/scores.png`; returns both paths."""
+          note: str = "", intervals: pd.DataFrame | None = None, n_boot: int = 0) -> tuple[Path, Path]:
+    """Write `out_dir/report.md` and `out_dir/scores.png`; returns both paths. `intervals`: the 95%
+    bootstrap intervals (`evaluation.interval_table`), shown as a second table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = bar_chart(table, out_dir / "scores.png")
+    ivs = "" if intervals is None else interval_markdown(intervals, [str(r) for r in table.index])
     text = ["# Evaluation", "", note, "", markdown_table(table, metrics), "",
+            *([f"95% bootstrap intervals ({n_boot} resamples of each task's rows; a mean's replicate is the "
+               "mean of its tasks' replicates):", "", ivs, ""] if ivs else []),
             "Scores are mteb main scores on our offline tasks (see mgh_ray/tasks.py); they compare our own "
             "runs, not the public MTEB leaderboard. Per-task details: `results/`.", "",
             "![scores](scores.png)", ""]

@@ -98,7 +98,11 @@ class TrainConfig(Section):
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup: int = Field(4, ge=0, strict=True)  # steps of linear warmup
-    schedule: Literal["constant", "linear", "cosine"] = "linear"  # after warmup, toward 0 at `steps`
+    # after warmup: constant (LLM2Vec's supervised stage), or linear/cosine decay toward 0 at `steps`.
+    # Constant is the default: a decay starves the curriculum's last, hardest stage (linear leaves it
+    # 28% of the peak rate or less) while `reverse` sees the hardest negatives at full rate, which
+    # would confound the schedule ablation with the learning rate
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip: float | None = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, strict=True)
     keep_checkpoints: int = Field(2, ge=1, strict=True)
@@ -184,10 +188,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _maybe_fail(cfg: TrainConfig, step: int, rank: int, out_dir: str) -> None:
-    at = os.environ.get(FAIL_ENV) or cfg.fail_at_step
+def maybe_fail(fail_at_step: int | None, fail_rank: int, step: int, rank: int, out_dir: str) -> None:
+    """Failure injection for tests (training and adaptation): worker `fail_rank` exits hard at
+    `fail_at_step` (or env MGH_RAY_FAIL_AT_STEP), once per out_dir."""
+    at = os.environ.get(FAIL_ENV) or fail_at_step
     marker = storage.join(out_dir, "_failure_injected")
-    if at is None or int(at) != step or rank != cfg.fail_rank or storage.exists(marker):
+    if at is None or int(at) != step or rank != fail_rank or storage.exists(marker):
         return
     storage.write_text(marker, f"step {step} rank {rank}\n")
     # Ray's controller collects reports every health-check interval; a death right after a report
@@ -260,7 +266,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     b = cfg.batch_size
     device = ray.train.torch.get_device()
     for step in range(start, cfg.steps):
-        _maybe_fail(cfg, step, rank, out_dir)
+        maybe_fail(cfg.fail_at_step, cfg.fail_rank, step, rank, out_dir)
         t0 = time.perf_counter()
         stage = curriculum.stage
         levels = curriculum.levels(world * b)[rank * b:(rank + 1) * b]  # (b,): this worker's slice

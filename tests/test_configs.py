@@ -34,9 +34,13 @@ def test_small_mixes_seed_sources_with_generated_tasks_and_ablates_over_three_se
     assert cfg.synthesis.seed_sources == ["bbc", "moviedialog"] and cfg.synthesis.generate_examples > 0
     assert "sts" in cfg.synthesis.kinds and cfg.synthesis.quality.policy == "filter"
     assert cfg.ablation.seeds == [0, 1, 2] and cfg.ablation.poolings == ["ata", "mean", "last"]
-    assert {"curriculum", "level_4", "random", "reverse", "in_batch", "mined", "reference_levels"} == set(
+    assert cfg.ablation.attentions == ["causal", "bidirectional"] and cfg.adapt.steps > 0
+    assert {"curriculum", "level_4", "random", "reverse", "in_batch", "reference_levels"} == set(
         cfg.ablation.schedules)
     assert pipeline.like_seeds(cfg) == ["BBCHeadlineRetrieval", "MovieDialogReranking"]
+    # tables with power: 500 rows, every Lee STS pair, a 95% interval from 1,000 resamples
+    assert cfg.evaluate.max_rows == 500 and cfg.evaluate.rows("LeeSTS") is None and cfg.evaluate.bootstrap == 1000
+    assert cfg.train.schedule == "constant"  # the curriculum's hardest stage is not starved
 
 
 def test_gpu_uses_gpu_actors_and_workers():

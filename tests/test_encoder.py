@@ -38,7 +38,10 @@ def test_encode_contract(smollm2_encoder):
     queries = enc.encode(TEXTS, instruction=INSTRUCTION)
     assert docs.shape == (3, enc.dim) == (3, 576) and docs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-5)
-    assert enc.format(["x"], INSTRUCTION) == [f"Instruct: {INSTRUCTION}\nQuery: x"]
+    # SmolLM2's instruct format (ChatML): a user turn, closed by the EOS the tokenizer appends
+    assert enc.config.prompt_format == "chatml"
+    assert enc.format(["x"], INSTRUCTION) == [f"<|im_start|>user\n{INSTRUCTION}\nx"]
+    assert enc.format(["x"], None) == ["<|im_start|>user\nx"]
     assert not np.allclose(docs, queries, atol=1e-3)  # the instruction is applied to queries only
     assert enc.tokenize(["hi"])["input_ids"][0, -1].item() == enc.tokenizer.eos_token_id
 
@@ -75,14 +78,38 @@ def test_encoder_backbone_minilm(minilm_path, mode):
     np.testing.assert_allclose(np.concatenate([enc.encode([t]) for t in TEXTS]), batched, atol=2e-5)
 
 
-def test_instruction_tokens_can_be_excluded(smollm2_path):
-    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=64,
-                                            lora={"enabled": False},
-                                            pooling={"exclude_instruction": True, "mode": "mean"}))
+def _pooled_text(enc: Encoder, texts: list[str], instruction: str | None) -> list[str]:
+    batch = enc.tokenize(texts, instruction=instruction)
+    return [enc.tokenizer.decode(ids[keep]) for ids, keep in zip(batch["input_ids"], batch["pool_mask"])]
+
+
+def test_the_pooled_set_is_the_text_and_its_eos(smollm2_path):
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=64, lora={"enabled": False},
+                                            pooling={"mode": "mean"}))
+    assert enc.config.pooling.exclude_instruction  # the default, as in the paper
+    eos = enc.tokenizer.eos_token
+    assert _pooled_text(enc, TEXTS, INSTRUCTION) == [t + eos for t in TEXTS]
+    assert _pooled_text(enc, TEXTS, None) == [t + eos for t in TEXTS]  # the format's markers stay out too
+    # sentence-transformers counts a prompt by tokenising it alone: for the shipped format that is exact
     batch = enc.tokenize(TEXTS, instruction=INSTRUCTION)
-    n = enc.instruction_length(INSTRUCTION)
-    assert n > 5
-    assert (batch["attention_mask"].sum(-1) - batch["pool_mask"].sum(-1) == n).all()
+    alone = len(enc.tokenizer(enc.prefix(INSTRUCTION), add_special_tokens=False)["input_ids"])
+    assert (batch["attention_mask"].sum(-1) - batch["pool_mask"].sum(-1) == alone).all()
+
+
+def test_an_instruction_ending_on_a_bpe_boundary_is_counted_exactly(smollm2_path):
+    # "Query: " ends in a space that BPE merges into the text's first word ("Query", ":", " who"):
+    # tokenised alone the prefix ends in its own " " token, one more than it holds in the input
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=64, lora={"enabled": False},
+                                            query_template="Instruct: {instruction}\nQuery: {text}",
+                                            pooling={"mode": "mean"}))
+    eos = enc.tokenizer.eos_token
+    texts = ["who won the marathon?", "Kenya", "3 goals in 10 minutes"]
+    alone = len(enc.tokenizer(enc.prefix(INSTRUCTION), add_special_tokens=False)["input_ids"])
+    batch = enc.tokenize(texts, instruction=INSTRUCTION)
+    excluded = (batch["attention_mask"].sum(-1) - batch["pool_mask"].sum(-1)).tolist()
+    # words take the space into their first token; SmolLM2 splits digits, so " 3" stays " ", "3"
+    assert excluded == [alone - 1, alone - 1, alone]
+    assert _pooled_text(enc, texts, INSTRUCTION) == [" " + texts[0] + eos, " " + texts[1] + eos, texts[2] + eos]
 
 
 def test_save_load_round_trip(smollm2_encoder, tmp_path):
@@ -105,32 +132,31 @@ def test_load_refuses_an_adapter_of_another_shape(smollm2_encoder, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("pool", [{"mode": "ata", "exclude_instruction": True, "top_k": 4, "mean_mix": 0.2},
                                   {"mode": "weighted_mean", "exclude_instruction": True}])
-def test_export_sentence_transformers_gives_the_same_vectors(smollm2_encoder, tmp_path, pool):
+def test_export_sentence_transformers_gives_the_same_vectors(smollm2_path, tmp_path, pool, attention):
     import peft
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    enc = smollm2_encoder
-    enc.config.pooling = PoolingConfig(**pool)
-    try:
-        enc.export(tmp_path / "export")
-        merged = tmp_path / "export" / "merged"
-        # ATA's pooling module lives in mgh_ray: sentence-transformers >= 6 imports it only when trusted
-        st = SentenceTransformer(str(merged), device="cpu", trust_remote_code=pool["mode"] == "ata")
-        np.testing.assert_allclose(st.encode(TEXTS), enc.encode(TEXTS), atol=1e-4)
-        prompt = enc.config.query_template.format(instruction=INSTRUCTION, text="")
-        np.testing.assert_allclose(st.encode(TEXTS, prompt=prompt),
-                                   enc.encode(TEXTS, instruction=INSTRUCTION), atol=1e-4)
-        # the adapter alone on the base model equals the merged weights
-        base = AutoModel.from_pretrained(str(enc.config.backbone))
-        adapter = str(tmp_path / "export" / "adapter")
-        with_adapter = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        plain = AutoModel.from_pretrained(str(merged))
-        name = "layers.29.self_attn.q_proj.weight"
-        torch.testing.assert_close(with_adapter.state_dict()[name], plain.state_dict()[name])
-        assert not torch.allclose(AutoModel.from_pretrained(enc.config.backbone).state_dict()[name],
-                                  plain.state_dict()[name])
-    finally:
-        enc.config.pooling = PoolingConfig()
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=32, attention=attention,
+                                            pooling=pool))
+    _perturb_lora(enc)
+    enc.export(tmp_path / "export")
+    merged = tmp_path / "export" / "merged"
+    # ATA's pooling module lives in mgh_ray: sentence-transformers >= 6 imports it only when trusted
+    st = SentenceTransformer(str(merged), device="cpu", trust_remote_code=pool["mode"] == "ata")
+    assert st.default_prompt_name == "document"  # the format's document prefix, as the model read them
+    np.testing.assert_allclose(st.encode(TEXTS), enc.encode(TEXTS), atol=1e-4)
+    np.testing.assert_allclose(st.encode(TEXTS, prompt=enc.prefix(INSTRUCTION)),
+                               enc.encode(TEXTS, instruction=INSTRUCTION), atol=1e-4)
+    # the adapter alone on the base model equals the merged weights
+    base = AutoModel.from_pretrained(str(enc.config.backbone))
+    adapter = str(tmp_path / "export" / "adapter")
+    with_adapter = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    plain = AutoModel.from_pretrained(str(merged))
+    name = "layers.29.self_attn.q_proj.weight"
+    torch.testing.assert_close(with_adapter.state_dict()[name], plain.state_dict()[name])
+    assert not torch.allclose(AutoModel.from_pretrained(enc.config.backbone).state_dict()[name],
+                              plain.state_dict()[name])

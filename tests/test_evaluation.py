@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mgh_ray import evaluation, report, serving
@@ -69,6 +70,14 @@ def test_endpoint_urls_are_told_from_folders(tmp_path):
     assert evaluation.endpoint_url(tmp_path) is None and evaluation.endpoint_url("runs/http/model") is None
 
 
+def test_row_caps_per_task():
+    cfg = evaluation.EvalConfig(max_rows=500, max_rows_per_task={"LeeSTS": None, "SDGPairClassification": 100})
+    assert (cfg.rows("LeeSTS"), cfg.rows("SDGPairClassification"), cfg.rows("BBCHeadlineRetrieval")) == \
+        (None, 100, 500)
+    with pytest.raises(ValueError, match="row counts >= 1"):
+        evaluation.EvalConfig(max_rows_per_task={"LeeSTS": 0})
+
+
 def test_unknown_task_fails_before_deploying(tmp_path):
     cfg = evaluation.EvalConfig(tasks=["LeeSTS", "NoSuchTask"])
     with pytest.raises(KeyError, match="NoSuchTask"):
@@ -85,7 +94,7 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     out = tmp_path / "eval"
     local = evaluation.score_in_process(cfg, minilm_encoder)
 
-    results, replicas = evaluation.evaluate_model(cfg, "minilm", minilm_dir, out, serve_cfg)
+    results, replicas, _ = evaluation.evaluate_model(cfg, "minilm", minilm_dir, out, serve_cfg)
     assert len(replicas) == 2  # encode requests of the fanned-out tasks reached both replicas
     assert "eval-minilm" not in serve.status().applications  # the evaluation app is removed afterwards
     for task in TASKS:
@@ -107,6 +116,13 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     assert stored.get_score() == pytest.approx(local["LeeSTS"], abs=1e-4)
     stamps = {t: p.stat().st_mtime_ns for t, p in files.items()}
     assert "minilm" in (out / "report.md").read_text() and (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    # each task's and each mean's 95% bootstrap interval holds its score (from mteb's own predictions)
+    ivs = pd.read_csv(out / "intervals.csv").set_index("row")
+    assert list(ivs.index) == [*TASKS, "mean"]
+    for row in ivs.index:
+        assert ivs.loc[row, "point"] == pytest.approx(table.loc[row, "minilm"], abs=1e-4), row
+        assert ivs.loc[row, "low"] <= ivs.loc[row, "point"] <= ivs.loc[row, "high"], row
+    assert "95% bootstrap intervals" in (out / "report.md").read_text()
 
     # finished tasks are skipped (files untouched); another size or seed is another dataset: not finished
     evaluation.evaluate(cfg, {"minilm": minilm_dir}, out, serve_cfg)

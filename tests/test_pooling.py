@@ -1,12 +1,12 @@
-"""Pooling: every mode against a naive loop reference; the recomputed probe attention against the eager
-attention of the same layer (SmolLM2 with rotary, MiniLM bidirectional); padding never pooled."""
+"""Pooling: every mode against a naive loop reference; padding never pooled; instruction tokens kept out
+of the pool when asked (the probe's attention itself: tests/test_attention.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mgh_ray import pooling
+from mgh_ray import attention, pooling
 from mgh_ray.pooling import PoolingConfig
 
 torch.manual_seed(0)
@@ -33,7 +33,7 @@ def _ref(cfg: PoolingConfig, hidden, mask, probs, pool_mask, causal):
         real = [j for j in range(hidden.shape[1]) if mask[b, j]]
         pool_set = [j for j in real if pool_mask is None or pool_mask[b, j]]
         if cfg.mode == "last":
-            out.append(hidden[b, real[-1]])
+            out.append(hidden[b, pool_set[-1]])  # the last pooled token (the last real one by default)
             continue
         if cfg.mode == "cls":
             out.append(hidden[b, real[0]])
@@ -80,7 +80,7 @@ def test_each_mode_matches_the_loop_reference(cfg, left):
     torch.testing.assert_close(got, _ref(cfg, hidden, mask, probs, None, causal=True))
 
 
-@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "ata"])
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "ata", "last"])
 def test_excluded_instruction_tokens_are_not_pooled(mode):
     hidden, mask, probs = _batch(left=True)
     probs = probs * mask[:, None, None, :]
@@ -93,8 +93,8 @@ def test_excluded_instruction_tokens_are_not_pooled(mode):
 
 def test_padding_gets_zero_weight_and_never_changes_the_vector():
     hidden, mask, probs = _batch(left=False)
-    probs = pooling.attention_probs(torch.randn(3, 2, 6, 8), torch.randn(3, 1, 6, 8), mask, causal=True)
-    r = pooling.received_attention(probs, mask, causal=True, causal_norm=True)
+    probs = attention.attention_probs(torch.randn(3, 2, 6, 8), torch.randn(3, 1, 6, 8), mask, causal=True)
+    r = attention.received_attention(probs, mask, causal=True, causal_norm=True)
     w = pooling.anchor_weights(r, mask, PoolingConfig())
     assert (w[mask == 0] == 0).all()
     torch.testing.assert_close(w.sum(-1), torch.ones(3))
@@ -103,16 +103,6 @@ def test_padding_gets_zero_weight_and_never_changes_the_vector():
     for cfg in CONFIGS:
         torch.testing.assert_close(pooling.pool(cfg, garbage, mask, None, probs.double()),
                                    pooling.pool(cfg, hidden, mask, None, probs.double()))
-
-
-def test_attention_probs_respect_causal_and_padding_masks():
-    mask = torch.tensor([[0, 0, 1, 1, 1]])
-    probs = pooling.attention_probs(torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4), mask, causal=True)
-    assert torch.isfinite(probs).all()
-    assert (probs[0, :, :2] == 0).all()  # padding queries
-    assert (probs[0, :, :, :2] == 0).all()  # padding keys
-    assert (probs[0].triu(1) == 0).all()  # no future keys
-    torch.testing.assert_close(probs[0, :, 2:].sum(-1), torch.ones(3, 3))
 
 
 def test_gradient_flows_through_weights_only_when_asked():
@@ -126,117 +116,8 @@ def test_gradient_flows_through_weights_only_when_asked():
         logits.grad = None
 
 
-def _eager(path):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
-
-
-@pytest.fixture(scope="module")
-def smollm2_eager(smollm2_path):
-    return _eager(smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def minilm_eager(minilm_path):
-    return _eager(minilm_path)
-
-
-def _ids(model, left: bool):
-    torch.manual_seed(1)
-    ids = torch.randint(5, 1000, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    if left:
-        mask[1, :3] = 0
-    else:
-        mask[1, 4:] = 0
-    return ids, mask
-
-
-@pytest.mark.parametrize("left", [False, True])
-@pytest.mark.parametrize("layer", [-1, 3])
-@pytest.mark.parametrize("which", ["smollm2", "minilm"])
-def test_recomputed_attention_equals_eager_attention(which, layer, left, request):
-    model = request.getfixturevalue(f"{which}_eager")
-    ids, mask = _ids(model, left)
-    pos = pooling.positions_from_mask(mask)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True,
-                    output_hidden_states=True)
-        n = len(pooling.backbone_layers(model))
-        probe = pooling.probe_for(model, layer % n)
-        got = probe(out.hidden_states[layer % n], mask, pos)
-    want = out.attentions[layer % n]  # (batch, heads, seq, seq)
-    real = mask.bool()
-    assert probe.causal == (which == "smollm2")
-    for b in range(2):
-        rows = real[b]
-        torch.testing.assert_close(got[b][:, rows][:, :, rows], want[b][:, rows][:, :, rows],
-                                   atol=1e-5, rtol=1e-4)
-        assert (got[b][:, :, ~rows] == 0).all()
-
-
-# ---------------------------------------------------------------- chunked received attention
-
-
-def _qk(b, h, kv, s, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, s, d, generator=g, dtype=dtype)
-    k = torch.randn(b, kv, s, d, generator=g, dtype=dtype)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, :s // 3] = 0  # left padding
-    mask[2, s - s // 2:] = 0  # right padding
-    return q, k, mask
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("budget,plan", [(0.01, (1, 1, 16)), (0.1, (1, 4, 40)), (0.4, (2, 6, 40))])
-def test_chunked_received_attention_equals_unchunked(causal, budget, plan):
-    q, k, mask = _qk(4, 6, 2, 40, 8)  # grouped-query: 3 query heads per key head
-    # budgets (MiB) that cut query rows, heads, and batch in turn
-    assert pooling.chunk_plan(4, 6, 40, budget) == plan
-    want = pooling.received_attention(pooling.attention_probs(q, k, mask, causal), mask, causal, True)
-    got = pooling.received_from_qk(q, k, mask, causal, True, chunk_mb=budget)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert (got[mask == 0] == 0).all()
-
-
-def test_chunk_plan_bounds_the_chunk_and_covers_the_shape():
-    # gpu.yaml's training batch: 64 x 3 texts, 512 tokens, 32 heads, in a 1 GiB budget
-    b, h, q = pooling.chunk_plan(192, 32, 512, 1024)
-    assert pooling._COPIES * 4 * b * h * q * 512 <= 1024 * 2**20
-    assert q == 512 and h == 32 and b >= 1  # whole query rows and heads first
-    assert pooling.chunk_plan(2, 2, 8, 256) == (2, 2, 8)  # fits: one chunk, the unchunked path
-    assert pooling.chunk_plan(1, 1, 10**6, 1)[2] >= 1  # a sequence longer than the budget still runs
-
-
-def test_whole_batch_within_budget_is_bitwise_the_unchunked_path():
-    q, k, mask = _qk(3, 4, 4, 16, 8)
-    want = pooling.received_attention(pooling.attention_probs(q, k, mask, True), mask, True, True)
-    assert torch.equal(pooling.received_from_qk(q, k, mask, True, True, chunk_mb=256), want)
-
-
-def test_chunked_pooling_keeps_gradients_through_weights():
-    q, k, mask = _qk(3, 4, 2, 24, 8, dtype=torch.float64)
-    grads = []
-    for budget in (None, 0.001):
-        qq = q.clone().requires_grad_(True)
-        r = pooling.received_from_qk(qq, k, mask, True, True, chunk_mb=budget)
-        (r * torch.arange(24.0, dtype=r.dtype)).sum().backward()
-        grads.append(qq.grad)
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-8)
-
-
-def test_encoder_vectors_do_not_change_with_the_chunk_budget(smollm2_path):
-    from mgh_ray.encoder import Encoder, EncoderConfig
-
-    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=128))
-    texts = ["Kenya's runner wins the London marathon in a record time, ahead of the champion. " * 8,
-             "Minister resigns", "Shares in the mobile phone maker fell sharply after a profit warning."]
-    whole = enc.encode(texts)
-    enc.config.pooling = PoolingConfig(ata_chunk_mb=1.0)
-    seq = enc.tokenize(texts)["input_ids"].shape[1]
-    assert pooling.chunk_plan(3, 9, seq, 1.0) < (3, 9, seq)  # really chunked at this budget
-    chunked = enc.encode(texts)
-    assert (whole * chunked).sum(-1).min() > 1 - 1e-6
-    assert abs(whole - chunked).max() < 1e-6
+def test_without_final_drops_each_rows_last_real_token_unless_it_is_the_only_one():
+    _, mask, _ = _batch(left=True)  # lengths 5, 3, 1, left padded
+    out = pooling.without_final(mask)
+    assert out.sum(-1).tolist() == [4, 2, 1]
+    assert not out[0, -1] and not out[1, -1] and out[2, -1]  # the one-token text keeps its token

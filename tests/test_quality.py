@@ -56,10 +56,12 @@ def test_relabel_sorts_negatives_by_measured_similarity():
     out = quality.gate(_rows([SWAPPED]), QualityConfig(policy="relabel")).iloc[0]
     assert [out[c] for c in quality.NEG_COLS] == ["n3 of 0", "n2 of 0", "n1 of 0", "n4 of 0"]
     assert out["levels_from"] == "3,2,1,4"
+    assert out["levels_in_order"] == 3  # relabelled: ordered by construction
     for policy in ("keep", "filter", "drop"):
         kept = quality.gate(_rows([SWAPPED]), QualityConfig(policy=policy)).iloc[0]
         assert [kept[c] for c in quality.NEG_COLS] == [f"n{k} of 0" for k in quality.LEVELS]
         assert kept["levels_from"] == "1,2,3,4"
+        assert kept["levels_in_order"] == 1  # L1 > L2 > L3 < L4 as written: one adjacent pair in order
 
 
 def test_default_gate_keeps_the_llm_levels_and_drops_only_flagged_records():

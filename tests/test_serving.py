@@ -274,14 +274,15 @@ def test_api_key_and_truncation_policy(served, minilm_dir, monkeypatch):
         serving.undeploy("test-guarded")
 
 
-def _perturbed_smollm2(folder, mode: str):
+def _perturbed_smollm2(folder, mode: str, attention: str = "causal"):
     """A SmolLM2 encoder whose LoRA B matrices are not zero, so the adapter changes every vector."""
     import torch
 
     from mgh_ray.encoder import Encoder, EncoderConfig
     from mgh_ray.pooling import PoolingConfig
 
-    enc = Encoder.from_config(EncoderConfig(backbone="smollm2", max_length=32, pooling=PoolingConfig(mode=mode)))
+    enc = Encoder.from_config(EncoderConfig(backbone="smollm2", max_length=32, pooling=PoolingConfig(mode=mode),
+                                            attention=attention))
     plain = enc.encode(["Kenya wins the marathon"])
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -293,11 +294,12 @@ def _perturbed_smollm2(folder, mode: str):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("mode", ["ata"])  # the project's own pooling; mean pooling is MiniLM's, served above
-def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smollm2_path, mode):
+def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smollm2_path, mode, attention):
     from mgh_ray.encoder import Encoder
 
-    folder = _perturbed_smollm2(tmp_path_factory.mktemp("serve") / f"smollm2-{mode}", mode)
+    folder = _perturbed_smollm2(tmp_path_factory.mktemp("serve") / f"smollm2-{mode}", mode, attention)
     cfg = served[0].model_copy(update={"app_name": f"test-{mode}", "route_prefix": f"/{mode}",
                                        "model_name": None, "truncation": "truncate", "max_chars": None,
                                        "max_inputs": 8})
@@ -307,6 +309,7 @@ def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smoll
         assert resp.headers["x-pooling"] == mode and resp.json()["model"] == f"smollm2-{mode}"
         card = httpx.get(f"{url}/v1/models", timeout=60, trust_env=False).json()["data"][0]
         assert (card["pooling"], card["dtype"], card["device"], card["max_length"]) == (mode, "float32", "cpu", 32)
+        assert card["attention"] == attention
         long = "The central bank raised interest rates again on Thursday, citing inflation. " * 6
         texts = ["Kenya wins the marathon", "Oil prices fall sharply in Asian trading", "Short", long]
         assert serving.check_parity(cfg, folder, texts) >= 0.9999

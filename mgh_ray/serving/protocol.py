@@ -144,6 +144,7 @@ class ModelCard(BaseModel):
     revision: str
     dim: int
     pooling: str
+    attention: str  # causal, or bidirectional (an LLM2Vec-style encoder)
     device: str
     dtype: str
     torch_threads: int

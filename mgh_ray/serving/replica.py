@@ -304,7 +304,8 @@ class Embedder:
         import torch
 
         return {"model": self.name, "revision": self.revision, "dim": self.encoder.dim,
-                "pooling": self.pooling, "device": self.device, "dtype": self.dtype,
+                "pooling": self.pooling, "attention": self.encoder.config.attention,
+                "device": self.device, "dtype": self.dtype,
                 "max_length": self.max_length, "replica": self.replica,
                 "torch_threads": torch.get_num_threads(), "batches": self.batches,
                 "recent_batches": list(self.recent_batches)}
