@@ -75,14 +75,16 @@ def schedule_overrides(arm: str) -> list[str]:
 
 
 def pooling_arms(cfg) -> dict[str, list[str]]:
-    """{arm name: overrides} of the pooling study: every pooling under every attention."""
+    """{arm name: overrides} of the pooling study: every pooling under every attention. The run's own
+    attention is no override, so its arms train what the schedule study trains (and are reused)."""
     ab = cfg.ablation
+    own = cfg.train.encoder.attention or "causal"
     arms = {}
     for attention in ab.attentions:
         for p in ab.poolings:
             name = p if len(ab.attentions) == 1 else f"{attention}-{p}"
             arms[name] = ["train.curriculum.mode=curriculum", f"train.encoder.pooling.mode={p}",
-                          f"train.encoder.attention={attention}"]
+                          *([] if attention == own else [f"train.encoder.attention={attention}"])]
     return arms
 
 

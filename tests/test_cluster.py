@@ -360,19 +360,38 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     status, logs = finish(submit("jobs.pipeline", "train.steps=5"))
     assert status == "FAILED" and "StaleStageError" in logs and "stage 'train'" in logs, logs[-4000:]
 
-    # 3. the ablation runner, CI size, on the pipeline's records: reference_levels reads them through
-    # another gate policy (relabel, i.e. the reference embedder's levels); pooling "ata" is schedule
-    # "curriculum", so both studies share that model and its untrained row, trained and scored once.
-    # Which arm maps to which training settings is checked without Ray in test_pipeline.py
+    # 3. the ablation runner, CI size, on the pipeline's records: the pooling study crosses the causal
+    # backbone with the bidirectional one (after its MNTP adaptation stage); reference_levels reads the
+    # records through another gate policy (relabel, i.e. the reference embedder's levels); the pooling
+    # arm "causal-ata" is the schedule study's "curriculum" (the run's own attention and pooling), so
+    # both studies share that model and its untrained row, trained and scored once. Which arm maps to
+    # which training settings is checked without Ray in test_pipeline.py
     status, logs = finish(submit("jobs.ablate", "ablation.schedules=[reference_levels,curriculum]",
-                                 "ablation.poolings=[ata]", "ablation.steps=4", "ablation.tasks=[LeeSTS]"))
+                                 "ablation.poolings=[ata]", "ablation.attentions=[causal,bidirectional]",
+                                 "adapt.steps=4", "adapt.checkpoint_every=2", "ablation.steps=4",
+                                 "ablation.tasks=[LeeSTS]", "evaluate.bootstrap=200"))
     assert status == "SUCCEEDED" and "stage synthesize: done earlier" in logs, logs[-4000:]
-    assert "pooling:ata-s0 trains exactly like" in logs and "stage pooling:" not in logs, logs[-4000:]
-    assert "pooling:ata-s0 is" in logs and "pooling:untrained-ata is" in logs, logs[-4000:]
+    assert "stage adapt: running" in logs and "stage pooling:bidirectional-ata-s0: running" in logs, logs[-4000:]
+    assert "schedule:curriculum-s0 trains exactly like" in logs and "stage schedule:curriculum" not in logs, \
+        logs[-4000:]
+    adapted = yaml.safe_load(storage.read_text(storage.join(run.adapter, "adapted.yaml")))
+    assert adapted["attention"] == "bidirectional" and storage.is_file(storage.join(run.adapt, "report.md"))
+    bidir = yaml.safe_load(storage.read_text(storage.join(run.arm("pooling", "bidirectional-ata-s0"), "model",
+                                                          "encoder.yaml")))
+    assert bidir["attention"] == "bidirectional" and bidir["base_adapter"] == "base_adapter"
     tables = {s: pd.read_csv(io.StringIO(storage.read_text(storage.join(run.ablation, f"{s}.csv"))), index_col=0)
               for s in ("schedule", "pooling")}
-    assert tables["pooling"].loc["ata", "LeeSTS"] == tables["schedule"].loc["curriculum", "LeeSTS"]
-    assert tables["pooling"].loc["untrained-ata", "LeeSTS"] == tables["schedule"].loc["untrained", "LeeSTS"]
+    assert tables["pooling"].loc["causal-ata", "LeeSTS"] == tables["schedule"].loc["curriculum", "LeeSTS"]
+    assert tables["pooling"].loc["untrained-causal-ata", "LeeSTS"] == tables["schedule"].loc["untrained", "LeeSTS"]
+    assert tables["pooling"].loc["untrained-bidirectional-ata", "LeeSTS"] != \
+        tables["pooling"].loc["untrained-causal-ata", "LeeSTS"]
+    # where ATA's weight goes, per arm; how well the levels order, per schedule arm (relabel: by construction)
+    assert tables["pooling"][["ata weight: position_0", "ata weight: instruction", "ata weight: text"]].sum(
+        axis=1).round(6).eq(1.0).all()
+    assert tables["schedule"].loc["reference_levels", "level order"] == 1.0
+    assert 0 <= tables["schedule"].loc["curriculum", "level order"] <= 1
+    ivs = pd.read_csv(io.StringIO(storage.read_text(storage.join(run.ablation, "pooling_intervals.csv"))))
+    assert ((ivs.low <= ivs.point) & (ivs.point <= ivs.high)).all() and set(ivs.row) == {"LeeSTS", "mean"}
     arm = run.arm("schedule", "reference_levels-s0")
     assert storage.is_file(RunLayout.success(arm)) and storage.list_files(storage.join(arm, "model"))
     assert not storage.exists(storage.join(arm, "export"))  # arms are only evaluated

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mgh_ray import pooling
+from mgh_ray import attention
 from mgh_ray.benchmarks import save
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _run(shape: Shape, budget: float | None, device: str, repeats: int) -> tuple
                 _reset_peak()
                 base = _rss()[0]
             t0 = time.perf_counter()
-            r = pooling.received_from_qk(q, k, mask, True, True, chunk_mb=budget)  # (batch, seq)
+            r = attention.received_from_qk(q, k, mask, True, True, chunk_mb=budget)  # (batch, seq)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -111,7 +112,14 @@ def measure(shape: Shape, budget: float | None, device: str = "cpu",
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = old
     try:
-        peak, secs, r = queue.get(timeout=1800)
+        while True:  # a child that dies (an error, the OOM killer) puts nothing: say so, never hang
+            try:
+                peak, secs, r = queue.get(timeout=5)
+                break
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the measuring process died (exit code {proc.exitcode}); "
+                                       "its error is above") from None
     finally:
         proc.join()
     return peak, secs, torch.from_numpy(r)
@@ -123,7 +131,7 @@ def compare(shape: Shape, budgets: list[float], device: str = "cpu", repeats: in
     for budget in [None, *budgets]:
         peak, secs, r = measure(shape, budget, device, repeats)
         base_r = r if base_r is None else base_r
-        plan = pooling.chunk_plan(shape.batch, shape.heads, shape.seq, budget) if budget else None
+        plan = attention.chunk_plan(shape.batch, shape.heads, shape.seq, budget) if budget else None
         rows.append({"variant": "unchunked" if budget is None else f"chunked {budget:g} MiB",
                      "chunk (batch, heads, rows)": str(plan or (shape.batch, shape.heads, shape.seq)),
                      "peak_mb": peak / 2**20, "seconds": secs,
