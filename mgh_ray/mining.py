@@ -8,7 +8,7 @@ scoring >= fn_ratio * sim(query, own positive), or one this close to the own pos
 band ... L4 (fine) from the top, just below the positive. Output has the layout of synthesis, so
 
     report = mining.mine(MiningConfig(), "runs/tiny/mine")      # or an s3:// URI
-    ds = records.gated("runs/tiny/mine")                        # the same gated view as synthesis
+    ds = quality.gated("runs/tiny/mine")                        # the same gated view as synthesis
 
     python -m mgh_ray.mining [config.yaml] OUT_DIR [key=value ...]
 
@@ -211,7 +211,7 @@ def mine(cfg: MiningConfig, out_dir: str) -> dict[str, Any]:
 
 def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
     """Training-ready mined rows of a small folder as pandas: the same gated view as synthesis."""
-    return records.to_pandas(out_dir, policy=policy, gate=True)
+    return quality.gated_frame(out_dir, policy)
 
 
 def main(argv: list[str]) -> None:

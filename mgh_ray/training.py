@@ -2,7 +2,7 @@
 
 `train(cfg, records, out_dir)` runs a `TorchTrainer` (N workers; gloo on CPU, nccl on GPU) on the
 Ray cluster already up (or a local one). `records` is a records folder (path or URI: its gated view,
-`records.gated`) or a ray.data.Dataset of training rows; it reaches the workers as Ray Data
+`quality.gated`) or a ray.data.Dataset of training rows; it reaches the workers as Ray Data
 streaming-split shards, read batch by batch (`iter_batches`), never materialised whole. Each step:
 queries (with their E5 instruction), positives and the hard negative(s) of the level(s) the
 curriculum picks are embedded in one forward (one DDP forward per backward), then InfoNCE over
@@ -56,8 +56,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import records as records_io
-from mgh_ray import storage
+from mgh_ray import quality, storage
 from mgh_ray.batch_loss import contrastive_loss
 from mgh_ray.config import Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
@@ -352,7 +351,7 @@ def training_dataset(records: Any) -> Any:
     if isinstance(records, pd.DataFrame):
         return ray.data.from_pandas(records)
     if isinstance(records, (str, Path)):
-        return records_io.gated(str(records))
+        return quality.gated(str(records))
     return records
 
 

@@ -84,22 +84,24 @@ GPU = ROOT / "jobs" / "configs" / "gpu.yaml"
 def test_shipped_configs_fit_their_clusters():
     from mgh_ray import cluster, config, pipeline
 
-    assert cluster.check_files(ROOT / "cluster.yaml", GPU) == []
-    assert cluster.check_files(ROOT / "cluster.yaml", TINY) == []
+    assert cluster.check_file(config.load(pipeline.PipelineConfig, GPU), ROOT / "cluster.yaml") == []
+    assert cluster.check_file(config.load(pipeline.PipelineConfig, TINY), ROOT / "cluster.yaml") == []
     types, max_workers = cluster.node_types(cluster.provider_config(cluster.LocalClusterConfig()))
     tiny = config.load(pipeline.PipelineConfig, TINY, [])
     assert cluster.check_placement(tiny, types, max_workers) == []
 
 
 def test_too_many_gpus_is_refused_naming_the_stage():
-    from mgh_ray import cluster
+    from mgh_ray import cluster, config, pipeline
 
-    problems = cluster.check_files(ROOT / "cluster.yaml", GPU, ["train.num_workers=9"])
+    def check(*overrides: str) -> list:
+        return cluster.check_file(config.load(pipeline.PipelineConfig, GPU, list(overrides)), ROOT / "cluster.yaml")
+
+    problems = check("train.num_workers=9")
     assert [p.stage for p in problems] == ["train"]
     text = str(problems[0])
     assert "9 x {CPU: 4, GPU: 1}" in text and "8 of the 9 train workers" in text and "gpu_worker 8 x" in text
-    problems = cluster.check_files(ROOT / "cluster.yaml", GPU, ["synthesis.num_gpus_per_actor=2",
-                                                               "evaluate.num_replicas=12"])
+    problems = check("synthesis.num_gpus_per_actor=2", "evaluate.num_replicas=12")
     assert [p.stage for p in problems] == ["synthesize", "evaluate"]
     assert "0 of the 8 vLLM engine actors" in str(problems[0])
 

@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from mgh_ray import records
+from mgh_ray import quality, records
 from mgh_ray.layout import RunLayout
 from mgh_ray.records import GEN_COLS, LEVELS, RECORD_COLS, SIM_COLS
 
@@ -59,9 +59,9 @@ def test_gated_view_is_a_dataset_of_training_columns(tmp_path, ray_cluster):
     records.write_shard(_records(4), RunLayout.records(folder))
     bad = _records(1, start=4).assign(sim_4=0.95)  # its finest negative scores above the positive
     records.write_shard(bad, RunLayout.records(folder))
-    ds = records.gated(folder, policy="drop")
+    ds = quality.gated(folder, policy="drop")
     df = ds.to_pandas()
     assert sorted(df["id"]) == ["r0", "r1", "r2", "r3"]
     assert df.columns.tolist()[: len(records.TRAIN_COLS)] == records.TRAIN_COLS
     assert (df["neg_1"] == df["id"].str.replace("r", "negative 1 of ", regex=False)).all()
-    assert len(records.to_pandas(folder, gate=True, policy="keep")) == 5
+    assert len(quality.gated_frame(folder, policy="keep")) == 5

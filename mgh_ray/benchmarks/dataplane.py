@@ -5,7 +5,7 @@ under new ids, written by a Ray task, so the driver never holds it), then times 
 
 - mining: `mining.mine` over all rows (Ray Data reader -> MiniLM `Embedder` actors -> `Miner` ->
   `records.ShardSink`), the real scoring path of the ablation's mined baseline;
-- training reader: the gated view of those records (`records.gated`), split across two consumers
+- training reader: the gated view of those records (`quality.gated`), split across two consumers
   with `streaming_split(equal=True)` and read with training's `batch_stream`, one full pass, as Ray
   Train workers read it.
 
@@ -98,7 +98,7 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
     """Time both paths at every size; log and save the table (benchmark_dataplane.{md,json})."""
     import ray
 
-    from mgh_ray import mining, records
+    from mgh_ray import mining, quality
     from mgh_ray.mining import MiningConfig
 
     out_dir = Path(out_dir)
@@ -120,7 +120,7 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
         rows.append({"path": "mining (MiniLM, Ray Data)", "size": n, **_timed(mine)})
 
         def read() -> int:
-            shards = records.gated(mined, policy="keep").streaming_split(2, equal=True)
+            shards = quality.gated(mined, policy="keep").streaming_split(2, equal=True)
             consume = ray.remote(num_cpus=0.5)(_consume)
             return sum(ray.get([consume.remote(s, batch_size) for s in shards]))
 

@@ -33,13 +33,28 @@ loaded the model, so keep `num_replicas` >= 2 where the CPUs allow. A dead HTTP 
 by Serve's controller; clients should retry refused connections.
 """
 
-from mgh_ray.serving.app import ServeArgs, application, base_url, build_app, deploy, start_app, undeploy, \
-    wait_running
+from mgh_ray.serving.app import ServeArgs, application, build_app, deploy, start_app, undeploy, wait_running
 from mgh_ray.serving.client import PARITY_INSTRUCTION, EmbeddingClient, check_parity, min_cosine
-from mgh_ray.serving.config import AutoscalingSection, ServeConfig, api_key, check_public, is_loopback
+from mgh_ray.serving.config import (
+           AutoscalingSection,
+           ServeConfig,
+           api_key,
+           base_url,
+           check_public,
+           is_loopback,
+)
 from mgh_ray.serving.lifecycle import main, serving_until_signal
-from mgh_ray.serving.protocol import EmbeddingRequest, EmbeddingResponse, RequestError, decode_b64, \
-    encode_b64, model_revision, parse_request, served_name, shorten
+from mgh_ray.serving.protocol import (
+           EmbeddingRequest,
+           EmbeddingResponse,
+           RequestError,
+           decode_b64,
+           encode_b64,
+           model_revision,
+           parse_request,
+           served_name,
+           shorten,
+)
 
 __all__ = ["PARITY_INSTRUCTION", "AutoscalingSection", "EmbeddingClient", "EmbeddingRequest",
            "EmbeddingResponse", "RequestError", "ServeArgs", "ServeConfig", "api_key", "application",

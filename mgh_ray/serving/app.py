@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mgh_ray.config import ConfigError, format_validation_error
-from mgh_ray.serving.config import ServeConfig, api_key, check_public, hash_key
+from mgh_ray.serving.config import ServeConfig, api_key, base_url, check_public, hash_key
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,8 @@ def application(cfg: ServeConfig, model_dir: str | Path, key: str | None = None)
     """The bound Serve application for `model_dir` (what `build_app` and `deploy` run)."""
     from ray import serve
 
-    from mgh_ray.serving.replica import Embedder
-
     from mgh_ray import storage
+    from mgh_ray.serving.replica import Embedder
 
     model_dir = storage.normalize(str(model_dir))  # a path or a URI: replicas load it where they land
     if not storage.is_dir(model_dir):
@@ -73,21 +72,6 @@ def build_app(args: ServeArgs) -> Any:
     cfg = ServeConfig.model_validate(args.model_dump(exclude={"model_dir"}))
     check_public(cfg, cfg.host, api_key(cfg))
     return application(cfg, args.model_dir)
-
-
-def base_url(cfg: ServeConfig) -> str:
-    """Where the app answers over HTTP, as a client on this machine reaches it."""
-    host = cfg.host
-    try:  # a Serve already running on this cluster keeps its own HTTP options
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client().http_config
-        host, port = http.host or host, http.port
-    except Exception:  # Serve not started from here: trust the config
-        port = cfg.port
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
 
 
 def wait_running(name: str, timeout_s: float) -> None:

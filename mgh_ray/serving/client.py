@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mgh_ray.serving.config import ServeConfig, api_key
+from mgh_ray.serving.config import ServeConfig, api_key, base_url
 from mgh_ray.serving.protocol import decode_b64
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def check_parity(cfg: ServeConfig, model_dir: Path, texts: list[str], url: str | None = None) -> float:
     """Min cosine between served and in-process vectors of `texts`, as documents and as queries."""
     from mgh_ray.encoder import Encoder
-    from mgh_ray.serving.app import base_url
 
     encoder = Encoder.load(model_dir)
     worst = 1.0

@@ -109,3 +109,18 @@ def check_public(cfg: ServeConfig, host: str, key: str | None) -> None:
     if key is None and not is_loopback(host) and not cfg.allow_public_without_key:
         raise PermissionError(f"refusing to serve on {host} without an API key: set the env var "
                               f"{cfg.api_key_env}, use host=127.0.0.1, or set allow_public_without_key=true")
+
+
+def base_url(cfg: ServeConfig) -> str:
+    """Where the app answers over HTTP, as a client on this machine reaches it."""
+    host = cfg.host
+    try:  # a Serve already running on this cluster keeps its own HTTP options
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        host, port = http.host or host, http.port
+    except Exception:  # Serve not started from here: trust the config
+        port = cfg.port
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"

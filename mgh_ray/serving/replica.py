@@ -29,9 +29,18 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
 from mgh_ray.serving.config import ServeConfig, check_public, hash_key, is_loopback
-from mgh_ray.serving.protocol import (EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList,
-                                      RequestError, encode_b64, model_revision, parse_request,
-                                      served_name, shorten)
+from mgh_ray.serving.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    RequestError,
+    encode_b64,
+    model_revision,
+    parse_request,
+    served_name,
+    shorten,
+)
 
 log = logging.getLogger(__name__)
 
