@@ -40,7 +40,7 @@ import torch
 from pydantic import Field
 
 from mgh_ray import storage
-from mgh_ray.config import Section
+from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.encoder import ADAPTED_FILE, EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class AdaptConfig(Section):
     lora_r: int = Field(16, ge=1, strict=True)
     lora_alpha: int = Field(32, ge=1, strict=True)
     grad_clip: float | None = Field(1.0, gt=0)
-    num_workers: int = Field(2, ge=1, strict=True)
+    num_workers: int = Field(2, ge=1, le=MAX_COUNT, strict=True)
     use_gpu: bool = Field(False, strict=True)
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1, strict=True)

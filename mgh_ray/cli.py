@@ -44,10 +44,18 @@ def _setup(config_path: Path, overrides: list[str] | None):
     return cfg
 
 
-def _ray(cfg) -> None:
+def _ray(cfg, stages: list[str] | None = None) -> None:
+    """Connect to (or start) the cluster, then refuse at once what the command's `stages` can never be
+    placed on there, naming what they ask and what the cluster has."""
     from mgh_ray import pipeline
 
     pipeline.init_ray(cfg.ray)
+    if stages:
+        try:
+            pipeline.check_cluster(cfg, stages)
+        except pipeline.PlacementError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _table(df) -> str:
@@ -76,7 +84,7 @@ def synthesize(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> 
     from mgh_ray import pipeline
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
+    _ray(cfg, ["synthesize"])
     report = pipeline.synthesize(cfg)
     typer.echo(json.dumps(report, indent=1, default=str))
 
@@ -101,7 +109,7 @@ def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
     from mgh_ray import pipeline
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
+    _ray(cfg, ["adapt", "train"])
     typer.echo(str(pipeline.train(cfg, records)))
 
 
@@ -116,7 +124,7 @@ def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
     cfg = _setup(config_path, overrides)
     # Ctrl-C or SIGTERM at any point: delete what this command started, within seconds
     with lifecycle.serving_until_signal(cfg.serve.app_name):
-        _ray(cfg)
+        _ray(cfg, ["serve"])
         info = pipeline.serve(cfg, model, keep=block)
         typer.echo(json.dumps(info, indent=1))
         if block:
@@ -132,7 +140,7 @@ def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
     from mgh_ray import pipeline
 
     cfg = _setup(config_path, overrides)
-    _ray(cfg)
+    _ray(cfg, ["evaluate"])
     models = None
     if model:
         bad = [m for m in model if "=" not in m]
@@ -169,7 +177,7 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
     cfg = _setup(config_path, overrides)
     driver.forbid_model_loads()
-    _ray(cfg)
+    _ray(cfg, ["synthesize", "adapt", "train", "evaluate"])
     for name, table in ablation.run_ablation(cfg).items():
         typer.echo(f"\n## {name}\n{_table(table)}")
 

@@ -21,6 +21,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 log = logging.getLogger(__name__)
 
 
+# the most workers, actors or replicas a config may ask for: beyond any cluster a launcher file here
+# describes (cluster.yaml's max_workers); within it, the placement check names what does not fit
+MAX_COUNT = 1024
+
+
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
 

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from mgh_ray.config import Section
+from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
 from mgh_ray.serving import ServeConfig
 
@@ -65,7 +65,7 @@ class EvalConfig(Section):
     seed: int = Field(0, strict=True)
     batch_size: int = Field(32, ge=1, strict=True)  # texts per request to the deployment
     concurrency: int = Field(4, ge=1, strict=True)  # requests in flight per task
-    num_replicas: int = Field(2, ge=1, strict=True)  # replicas of the evaluation deployment
+    num_replicas: int = Field(2, ge=1, le=MAX_COUNT, strict=True)  # replicas of the evaluation deployment
     # logical CPUs per evaluation replica (torch still gets one thread at least); None: the serve
     # config's num_cpus. Half a CPU lets 2 replicas fit beside a running serve app on a 2-CPU machine.
     replica_num_cpus: float | None = Field(0.5, ge=0)

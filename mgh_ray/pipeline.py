@@ -73,7 +73,7 @@ class AblationConfig(Section):
 
 
 class PipelineConfig(Section):
-    run_dir: str = "runs/tiny"
+    run_dir: str = Field("runs/tiny", min_length=1)  # a local path or a URI; empty is refused
     ray: RayConfig = Field(default_factory=RayConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
@@ -127,14 +127,14 @@ class PlacementError(RuntimeError):
     """A stage asks for more than the cluster's node types can ever give; the message names it."""
 
 
-def check_cluster(cfg: PipelineConfig) -> None:
-    """Refuse, before any stage starts, a config whose stages cannot be placed on the connected
-    cluster (its autoscaler's node types at max_workers when known, else its live nodes), instead
-    of waiting forever for resources that never come."""
+def check_cluster(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
+    """Refuse, before any stage starts, a config whose stages (all, or `stages`) cannot be placed on the
+    connected cluster (its autoscaler's node types at max_workers when known, else its live nodes),
+    instead of waiting forever for resources that never come."""
     from mgh_ray import cluster
 
     types, max_workers = cluster.live_node_types()
-    problems = cluster.check_placement(cfg, types, max_workers)
+    problems = [p for p in cluster.check_placement(cfg, types, max_workers) if stages is None or p.stage in stages]
     if problems:
         raise PlacementError("this config does not fit the cluster:\n  - " + "\n  - ".join(map(str, problems))
                              + "\nlower the stage's counts/resources, or give the cluster bigger node types")

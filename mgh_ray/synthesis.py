@@ -84,7 +84,7 @@ class SynthesisConfig(EngineConfig):
     instruction: str = DEFAULT_INSTRUCTION  # E5 query instruction of augment mode (a seed column overrides)
     # environment of the engine actors, e.g. {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     env_vars: dict[str, str] = Field(default_factory=dict)
-    num_actors: int = Field(1, ge=1, strict=True)
+    num_actors: int = Field(1, ge=1, le=config.MAX_COUNT, strict=True)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)  # GPU cluster: 1 (or tensor_parallel_size)
     accelerator_type: str | None = None  # e.g. "H100"

@@ -58,7 +58,7 @@ from pydantic import Field
 
 from mgh_ray import quality, storage
 from mgh_ray.batch_loss import contrastive_loss
-from mgh_ray.config import Section
+from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
 from mgh_ray.layout import check_same_settings, save_config
@@ -87,7 +87,7 @@ class TrainConfig(Section):
     encoder: EncoderConfig = Field(default_factory=_tiny_encoder)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    num_workers: int = Field(2, ge=1, strict=True)
+    num_workers: int = Field(2, ge=1, le=MAX_COUNT, strict=True)
     use_gpu: bool = Field(False, strict=True)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -512,3 +512,17 @@ def test_placement_check_against_the_live_cluster(ray_cluster):
     assert cluster.check_placement(config.load(pipeline.PipelineConfig, TINY, []), types, max_workers) == []
     cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=8"])
     assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]
+
+
+@pytest.mark.integration
+def test_a_stage_command_refuses_what_the_cluster_can_never_place(tmp_path):
+    """`mgh-ray train ... train.num_workers=8` on a new 4-CPU local cluster used to retry the worker
+    group every 60 s forever; now the command's own stage is checked before anything starts."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cli = str(Path(sys.executable).parent / "mgh-ray")
+    proc = subprocess.run([cli, "train", str(TINY), "train.num_workers=8", f"run_dir={tmp_path / 'run'}",
+                           "ray.address=local", "ray.include_dashboard=false"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "does not fit the cluster" in proc.stderr and "8 x {CPU: 1} for train workers" in proc.stderr
+    assert not (tmp_path / "run" / "train").exists()  # refused before the stage started

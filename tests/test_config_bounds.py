@@ -28,7 +28,8 @@ BAD = [
     "serve.max_batch_size=0", "serve.torch_threads=0", "evaluate.num_replicas=0", "evaluate.max_rows=0",
     "evaluate.concurrency=0", "mining.num_seeds=-1", "mining.chunk_size=0", "ablation.steps=0",
     "synthesis.generate_examples=-1", "synthesis.example_max_tokens=0", "synthesis.seed_sources=[]", "synthesis.seed_sources=[wiki]",
-    "synthesis.seed_sources=[bbc,bbc]",
+    "synthesis.seed_sources=[bbc,bbc]", "train.num_workers=9999", "synthesis.num_actors=5000",
+    "evaluate.num_replicas=2000", "serve.num_replicas=1025", "adapt.num_workers=4096", "run_dir=",
 ]
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mgh_ray.config import Section
+from mgh_ray.config import MAX_COUNT, Section
 
 # A token of the tiny models' BPE/WordPiece vocabularies spans at most a few dozen characters; cutting
 # at this many characters per allowed token never removes a token the model would have read.
@@ -43,7 +43,7 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     model_name: str | None = None  # id in /v1/models and the `model` field; None: the folder's name
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, le=MAX_COUNT)
     autoscaling: AutoscalingSection | None = None
     # Serve's HTTP proxies: one per node (Ray's default; a load balancer in front spreads clients), or
     # on the head only, for nodes that share one host (the local autoscaling cluster: each proxy there
