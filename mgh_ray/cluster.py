@@ -152,6 +152,11 @@ def up(lc: LocalClusterConfig | None = None) -> LocalCluster:
     config_path.write_text(yaml.safe_dump(provider_config(lc), sort_keys=False))
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE=lc.auth)
     env[CONFIG_ENV] = str(config_path)
+    # job drivers, workers and the worker nodes the autoscaler starts inherit this environment: `python`
+    # in a `ray job submit` entrypoint is this interpreter (the venv's), however the CLI was called
+    venv = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv, *(p for p in env.get("PATH", "").split(os.pathsep) if p != venv)])
+    env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
     if lc.token_path:
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(lc.token_path).expanduser())
     env.pop("RAY_ADDRESS", None)

@@ -296,7 +296,8 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
 
     def submit(module: str, *overrides: str) -> str:
         return client.submit_job(
-            entrypoint=" ".join([sys.executable, "-m", module, "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
+            # the README's command as written: `python`, which the cluster resolves to the venv's interpreter
+            entrypoint=" ".join(["python", "-m", module, "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
                                  *PIPELINE_JOB, *overrides]),
             runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                          "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
@@ -447,7 +448,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
                      "serve.autoscaling={min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1, "
                      "upscale_delay_s: 0, downscale_delay_s: 2, look_back_period_s: 5}"]
         job = client.submit_job(
-            entrypoint=" ".join([sys.executable, "-m", "jobs.serve", "jobs/configs/tiny.yaml", "--model", str(model),
+            entrypoint=" ".join(["python", "-m", "jobs.serve", "jobs/configs/tiny.yaml", "--model", str(model),
                                  *(f"'{o}'" for o in overrides)]),
             runtime_env={"working_dir": cluster.local_working_dir(ROOT),
                          "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
