@@ -65,7 +65,7 @@ class PoolingConfig(Section):
     # the appended EOS (E5-mistral's choice). SmolLM2's EOS closes a chat turn (<|im_end|>): its state
     # predicts the template's next token whatever the text (untrained, unrelated texts sit at cosine
     # 0.88, as close as a query and its positive), and contrastive training collapses it instead of
-    # teaching it to summarise (README, method notes; tests/test_training.py)
+    # teaching it to summarise (docs/method.md; tests/test_training.py)
     last_token: Literal["text", "eos"] = "text"
     grad_through_weights: bool = False  # backprop through the ATA weights (costs the layer's n^2 graph)
     # peak extra memory (MiB) of the ATA weights: received attention is summed over chunks of

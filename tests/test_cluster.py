@@ -280,7 +280,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
                                                       headers={"Content-Type": "application/json"}), timeout=30)
     assert refused.value.code == 401
     assert [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]] == []  # 0 workers
-    # the README's way: `ray job submit` with RAY_AUTH_MODE=token and the token file; its driver's
+    # the documented way (docs/cluster.md): `ray job submit` with RAY_AUTH_MODE=token and the token file; its driver's
     # ray.init (RAY_ADDRESS from Ray) connects with the token the cluster's processes have
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ADDRESS=url,
                RAY_AUTH_TOKEN_PATH=str(tmp_path / "auth_token"))
@@ -296,7 +296,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
 
     def submit(module: str, *overrides: str) -> str:
         return client.submit_job(
-            # the README's command as written: `python`, which the cluster resolves to the venv's interpreter
+            # docs/cluster.md's command as written: `python`, which the cluster resolves to the venv's interpreter
             entrypoint=" ".join(["python", "-m", module, "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
                                  *PIPELINE_JOB, *overrides]),
             runtime_env={"working_dir": cluster.local_working_dir(ROOT),
