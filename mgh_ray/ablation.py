@@ -268,8 +268,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
             for arm, over in arms.items():
                 arm_cfg = config.override(cfg, [*base_over, *over, f"train.seed={seed}"])
                 if pipeline.adapted(arm_cfg):  # a bidirectional arm starts from the run's MNTP adapter
-                    pipeline.run_stage(run.adapt, "adapt", pipeline.adapt_fingerprint(arm_cfg),
-                                       lambda c=arm_cfg: pipeline.adapt(c), cfg.ray.node_loss_retries)
+                    pipeline.adapt_stage(arm_cfg)
                 key = arm_key(cfg, arm_cfg, arm)
                 source = sources[arm] = key[0]
                 if source not in records:  # the synthesized records through another gate policy

@@ -103,6 +103,20 @@ def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
 
 @app.command()
+def adapt(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
+    """MNTP adaptation of a bidirectional encoder (LLM2Vec), the base `train` starts from; resumes."""
+    from mgh_ray import pipeline
+
+    cfg = _setup(config_path, overrides)
+    if not pipeline.adapted(cfg):
+        typer.echo("error: adaptation is for a bidirectional encoder: set train.encoder.attention=bidirectional "
+                   "(and adapt.steps > 0)", err=True)
+        raise typer.Exit(2)
+    _ray(cfg, ["adapt"])
+    typer.echo(pipeline.adapt_stage(cfg))
+
+
+@app.command()
 def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
           records: str = typer.Option(None, help="folder of records, path or URI (default: RUN_DIR/synthesize)")) -> None:
     """Train the embedder with Ray Train (DDP, LoRA, ATA pooling, curriculum); resumes."""

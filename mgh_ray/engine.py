@@ -15,10 +15,10 @@ import asyncio
 import hashlib
 import json
 import time
+import weakref
 from typing import Any
 
 import pandas as pd
-
 from pydantic import Field
 
 from mgh_ray import prompts
@@ -93,6 +93,7 @@ class Generator:
                 backend=c.structured_outputs_backend, disable_any_whitespace=True)
         kwargs.update(c.engine_kwargs)
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+        weakref.finalize(self, _shutdown, self.engine)  # on collection, or at exit before teardown
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model_name = c.model
         self.sampling = sampling_json(c)
@@ -174,7 +175,13 @@ class Generator:
         rows = await asyncio.gather(*(self._row(r) for r in batch.to_dict("records")))
         return pd.DataFrame(rows)
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()  # stops the engine's child processes with the actor
+
+def _shutdown(engine: Any) -> None:
+    """Stop an engine and its child processes (EngineCore, workers) while the interpreter still runs.
+
+    Called when the Generator is collected (Ray Data's graceful actor exit drops it) or, at the latest,
+    by `weakref.finalize`'s exit hook, before module teardown: a `__del__` that runs during teardown
+    finds vLLM's globals gone and prints tracebacks, and child processes killed with the actor leave
+    the engine's output handler and multiprocessing's resource tracker to print their own."""
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()

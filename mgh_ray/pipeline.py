@@ -236,6 +236,14 @@ def adapt(cfg: PipelineConfig) -> str:
     return adapting.adapt(cfg.adapt, cfg.train.encoder, seeds, RunLayout(cfg.run_dir).adapt)
 
 
+def adapt_stage(cfg: PipelineConfig) -> str:
+    """The adaptation stage as the pipeline runs it (skipped when done with these settings); the
+    adapter's location."""
+    run = RunLayout(cfg.run_dir)
+    run_stage(run.adapt, "adapt", adapt_fingerprint(cfg), lambda: adapt(cfg), cfg.ray.node_loss_retries)
+    return run.adapter
+
+
 def base_model(cfg: PipelineConfig, folder: str | None = None) -> str:
     """The untrained model the run's training starts from, with the same pooling (the backbone, with
     the adaptation merged in when the run has one), saved for comparison under `folder` (default
@@ -247,8 +255,7 @@ def base_model(cfg: PipelineConfig, folder: str | None = None) -> str:
     mark = fingerprint(encoder)
     if not storage.is_file(RunLayout.success(folder)) or storage.read_text(RunLayout.success(folder)) != mark:
         if adapted(cfg):
-            run_stage(RunLayout(cfg.run_dir).adapt, "adapt", adapt_fingerprint(cfg), lambda: adapt(cfg),
-                      cfg.ray.node_loss_retries)
+            adapt_stage(cfg)
         remote = ray.remote(_save_base).options(num_cpus=cfg.train.cpus_per_worker,
                                                 num_gpus=1 if cfg.train.use_gpu else 0)
         ray.get(remote.remote(encoder.model_dump(mode="json"), folder))
@@ -316,6 +323,8 @@ def train(cfg: PipelineConfig, records_dir: str | None = None) -> str:
     if not records.shard_files(records_dir):
         raise FileNotFoundError(f"no synthesized records in {records_dir}: run `mgh-ray synthesize` first "
                                 f"(or pass the folder of an earlier run)")
+    if adapted(cfg):  # a bidirectional encoder starts from the adaptation stage's adapter
+        adapt_stage(cfg)
     return training.train(train_config(cfg), records_dir, RunLayout(cfg.run_dir).train)
 
 
