@@ -142,6 +142,23 @@ def test_encoding_format_must_be_named(http, fmt):
     assert resp.status_code == 400 and "encoding_format" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("depth", [2_000, 20_000])  # 20,000 deep: 40 kB, within the body limit
+def test_deeply_nested_json_is_a_400_not_a_500(http, depth):
+    resp = _post_raw(http, b"[" * depth + b"]" * depth)
+    assert resp.status_code == 400 and "nests too deeply" in resp.json()["error"]["message"]
+    nested = b'{"input": ' + b"[" * depth + b'"x"' + b"]" * depth + b"}"
+    assert _post_raw(http, nested).status_code == 400
+    assert http.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
+
+
+def test_the_route_answers_with_or_without_a_trailing_slash(http):
+    plain = http.post("/v1/embeddings", json={"input": "x"})
+    slashed = http.post("/v1/embeddings/", json={"input": "x"})  # used to be a 307 redirect
+    assert plain.status_code == slashed.status_code == 200
+    assert slashed.json()["data"][0]["embedding"] == plain.json()["data"][0]["embedding"]
+    assert http.get("/health/").status_code == 404  # other paths match whole, without redirects
+
+
 def test_routes_match_whole_paths(http):
     assert http.post("/anything/v1/embeddings", json={"input": "x"}).status_code == 404
     assert http.get("/x/health").status_code == 404

@@ -175,6 +175,8 @@ def parse_request(body: Any, cfg: ServeConfig, model: str, dim: int) -> Embeddin
         raise RequestError(400, "'input' is required: a string or a list of strings", "input")
     try:
         req = EmbeddingRequest.model_validate(body, context={"cfg": cfg})
+    except RecursionError:  # a value nested thousands deep inside an object
+        raise RequestError(400, "the request body nests too deeply to be a request") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else None

@@ -44,7 +44,7 @@ from mgh_ray.serving.protocol import (
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(title="mgh_ray embeddings", version="1",
+api = FastAPI(title="mgh_ray embeddings", version="1", redirect_slashes=False,
               description="OpenAI-compatible embeddings of one encoder folder (ATA pooling included).")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
@@ -262,6 +262,8 @@ class Embedder:
         card = {"id": self.name, "object": "model", "owned_by": "mgh_ray", "created": 0, **self.info()}
         return JSONResponse({"object": "list", "data": [card]}, headers=self._headers())
 
+    # with or without the trailing slash: a redirect (307) would make clients send the body twice
+    @api.post("/v1/embeddings/", include_in_schema=False)
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, openapi_extra=_BODY_SCHEMA)
     async def embeddings(self, request: Request) -> Response:
         """Embed `input` (OpenAI's embeddings API, plus `instruction` for queries)."""
@@ -289,6 +291,8 @@ class Embedder:
             body = await asyncio.to_thread(json.loads, raw) if len(raw) > _LARGE_BODY else json.loads(raw)
         except ValueError:  # JSON syntax or undecodable bytes: the client's
             raise RequestError(400, "the request body is not valid JSON") from None
+        except RecursionError:  # [[[[...]]]] thousands deep: the decoder's stack, not the server's fault
+            raise RequestError(400, "the request body nests too deeply to be a request") from None
         req = parse_request(body, self.cfg, self.name, self.encoder.dim)
         texts, tokens, cut = await asyncio.to_thread(self._prepare, req)
         vectors = shorten(await self._encode(texts, req.instruction, tokens), req.dimensions)
