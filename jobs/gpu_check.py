@@ -5,11 +5,10 @@
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from mgh_ray import gpu_check
+from mgh_ray import gpu_check, logs
 
 
 def main() -> int:
@@ -20,7 +19,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes: a minute on a CPU")
     p.add_argument("--prepare", type=Path, help="copy SmolLM2's config and tokenizer here and stop")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup()
     if args.prepare:
         from mgh_ray import assets
 

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import storage
+from mgh_ray import logs, storage
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.encoder import ADAPTED_FILE, EncoderConfig
 
@@ -152,6 +152,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
     out_dir = loop_config["out_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logs.setup(rank=rank)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
 

@@ -15,12 +15,11 @@ The same commands run on a cluster through `ray job submit ... -- python -m jobs
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import typer
 
-from mgh_ray import config, driver, storage
+from mgh_ray import config, driver, logs, storage
 from mgh_ray.config import ConfigError
 from mgh_ray.layout import RunLayout
 
@@ -34,8 +33,7 @@ OVERRIDES = typer.Argument(None, help="dotlist overrides, e.g. train.steps=20 ru
 def _setup(config_path: Path, overrides: list[str] | None):
     from mgh_ray import pipeline
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logs.setup()
     try:
         cfg = config.load(pipeline.PipelineConfig, config_path, overrides or [])
     except ConfigError as exc:
@@ -263,8 +261,7 @@ def cluster_up(local: bool = typer.Option(False, "--local", help="on this machin
         typer.echo("error: only `mgh-ray cluster up --local` is built in; for AWS use `ray up cluster.yaml`",
                    err=True)
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logs.setup()
     try:
         lc = config.override(cluster.LocalClusterConfig(), overrides or [])
     except ConfigError as exc:

@@ -130,7 +130,9 @@ def module_args(cls: type[T], argv: list[str], module: str) -> tuple[T, str]:
     """`python -m <module> [config.yaml] OUT_DIR [key=value ...]` -> (config, OUT_DIR); logs to stderr.
 
     OUT_DIR stays a string: it may be a URI (`Path("s3://b/x")` would make it the local `s3:/b/x`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from mgh_ray import logs
+
+    logs.setup()
     path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     rest = argv[1:] if path else argv
     if not rest:

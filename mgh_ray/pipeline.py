@@ -106,6 +106,9 @@ def init_ray(cfg: RayConfig) -> None:
     to an existing cluster, num_cpus and num_gpus must not be provided" otherwise."""
     import ray
 
+    from mgh_ray import logs
+
+    logs.data_progress()
     if ray.is_initialized():
         return
     address = existing_cluster(cfg)

@@ -118,6 +118,12 @@ def _sink_class() -> type:
                 write_shard(bad.reindex(columns=FAILURE_COLS), RunLayout.failures(self.folder))
             if len(ok):
                 write_shard(ok.reindex(columns=self.record_cols), RunLayout.records(self.folder))
+            # the stage's progress line in a job log (no bars there): one per shard, from the worker
+            from mgh_ray import logs
+
+            logs.setup()
+            logging.getLogger("mgh_ray.records").info("%s: %d rows written (%d records, %d failures)",
+                                                      self.folder, len(df), len(ok), len(bad))
             return {"written": len(ok), "failed": len(bad),
                     "gen_tokens": int(df.get("gen_tokens", pd.Series(dtype=float)).fillna(0).sum()),
                     "retries": int(df.get("retries", pd.Series(dtype=float)).fillna(0).sum()),

@@ -109,7 +109,9 @@ def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mgh_ray import logs
+
+    logs.setup()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m mgh_ray.report SCORES_CSV")

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
-from mgh_ray import assets, config, prompts, quality, records, seeds, storage
+from mgh_ray import assets, config, logs, prompts, quality, records, seeds, storage
 from mgh_ray.engine import EngineConfig, sampling_json
 from mgh_ray.layout import check_same_settings, save_config
 from mgh_ray.quality import QualityConfig
@@ -269,8 +269,7 @@ def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
         seeds.validate(seed_location(cfg))  # seed file problems surface here, before any engine starts
     if not ray.is_initialized():
         ray.init()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True  # one bar per operator: rows through engine, scorer and sink
+    logs.data_progress()  # a bar per operator in a terminal; in a log, a line per shard written
     rows = work_rows(cfg, ps)
     save_config(cfg, out_dir)
     ledger = ray.remote(num_cpus=0)(IdLedger).remote(out_dir)

@@ -264,7 +264,9 @@ def instruction(metadata: TaskMetadata, prompt_type: PromptType | str | None) ->
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mgh_ray import logs
+
+    logs.setup()
     for name in NAMES:
         task = build(name, max_rows=200)
         task.load_data()

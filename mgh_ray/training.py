@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import quality, storage
+from mgh_ray import logs, quality, storage
 from mgh_ray.batch_loss import contrastive_loss
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
@@ -224,7 +224,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     out_dir = loop_config["out_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO)
+    logs.setup(rank=rank)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)

@@ -138,7 +138,9 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from mgh_ray import logs
+
+    logs.setup()
     sizes = tuple(int(a) for a in argv[1:]) or SIZES
     run(Path(argv[0]) if argv else Path("runs/benchmarks"), sizes)
 

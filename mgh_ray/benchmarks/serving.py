@@ -177,7 +177,9 @@ def main() -> None:
 
     import ray
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mgh_ray import logs
+
+    logs.setup()
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m mgh_ray.benchmarks.serving MODEL_DIR OUT_DIR")
     ray.init()

@@ -56,9 +56,9 @@ def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dic
     process on the same batch, alternating the two so that load from other processes hits both alike."""
     import torch
 
+    from mgh_ray.batch_loss import contrastive_loss
     from mgh_ray.encoder import Encoder
     from mgh_ray.losses import InfoNCE
-    from mgh_ray.batch_loss import contrastive_loss
 
     torch.set_num_threads(cfg.threads)
     enc = Encoder.from_config(cfg.encoder).train()

@@ -69,12 +69,12 @@ def block() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m mgh_ray.serving MODEL_DIR [KEY=VALUE ...]: deploy, check parity, stay up until Ctrl-C."""
-    from mgh_ray import config, corpora
+    from mgh_ray import config, corpora, logs
     from mgh_ray.serving.app import deploy
     from mgh_ray.serving.client import check_parity
     from mgh_ray.serving.config import ServeConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit("usage: python -m mgh_ray.serving MODEL_DIR [KEY=VALUE ...]")
