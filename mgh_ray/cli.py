@@ -283,6 +283,22 @@ def cluster_down(temp_dir: str = typer.Option("/tmp/mgh-ray", help="the temp_dir
     typer.echo(f"stopped {n} processes" if n else f"no local cluster runs in {temp_dir}")
 
 
+@app.command()
+def report(scores_csv: Path = typer.Argument(..., help="an evaluation's scores.csv")) -> None:
+    """Write report.md and scores.png again beside an evaluation's scores.csv."""
+    import pandas as pd
+
+    from mgh_ray import report as report_io
+
+    logs.setup()
+    if not scores_csv.is_file():
+        typer.echo(f"error: {scores_csv} does not exist (an evaluation writes RUN_DIR/evaluate/scores.csv)",
+                   err=True)
+        raise typer.Exit(2)
+    md, png = report_io.write(pd.read_csv(scores_csv, index_col=0), scores_csv.parent)
+    typer.echo(f"report: {md}\nplot:   {png}")
+
+
 @app.command("check-cluster")
 def check_cluster(cluster_file: Path = typer.Argument(..., help="cluster launcher file, e.g. cluster.yaml"),
                   config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:

@@ -124,17 +124,3 @@ def save(cfg: BaseModel, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
     return path
-
-
-def module_args(cls: type[T], argv: list[str], module: str) -> tuple[T, str]:
-    """`python -m <module> [config.yaml] OUT_DIR [key=value ...]` -> (config, OUT_DIR); logs to stderr.
-
-    OUT_DIR stays a string: it may be a URI (`Path("s3://b/x")` would make it the local `s3:/b/x`)."""
-    from mgh_ray import logs
-
-    logs.setup()
-    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
-    rest = argv[1:] if path else argv
-    if not rest:
-        raise SystemExit(f"usage: python -m {module} [config.yaml] OUT_DIR [key=value ...]")
-    return load(cls, path, rest[1:]), rest[0]

@@ -10,7 +10,7 @@ band ... L4 (fine) from the top, just below the positive. Output has the layout 
     report = mining.mine(MiningConfig(), "runs/tiny/mine")      # or an s3:// URI
     ds = quality.gated("runs/tiny/mine")                        # the same gated view as synthesis
 
-    python -m mgh_ray.mining [config.yaml] OUT_DIR [key=value ...]
+    mgh-ray mine jobs/configs/tiny.yaml [key=value ...]       # into RUN_DIR/mine
 
 Runs as Ray Data stages: seeds are read by Ray Data, positives embedded by `Embedder` actors and
 materialized in the object store as the corpus; queries stream through `Embedder` and `Miner` (which
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any, Literal
 
@@ -212,12 +211,3 @@ def mine(cfg: MiningConfig, out_dir: str) -> dict[str, Any]:
 def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
     """Training-ready mined rows of a small folder as pandas: the same gated view as synthesis."""
     return quality.gated_frame(out_dir, policy)
-
-
-def main(argv: list[str]) -> None:
-    cfg, out_dir = config.module_args(MiningConfig, argv, "mgh_ray.mining")
-    mine(cfg, out_dir)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -4,14 +4,13 @@ Input is the scores table of `evaluation.evaluate` (rows: tasks plus "mean", and
 like and unlike the training seeds when there are both; columns: models, e.g.
 base vs trained or pooling variants). The best score of each row is in bold.
 
-    python -m mgh_ray.report runs/tiny/evaluate/scores.csv    # rewrites report.md / scores.png beside it
+    mgh-ray report runs/tiny/evaluate/scores.csv    # rewrites report.md / scores.png beside it
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -106,18 +105,3 @@ def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = N
     md.write_text("\n".join(line for line in text if line is not None))
     log.info("report written: %s, %s", md, png)
     return md, png
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mgh_ray import logs
-
-    logs.setup()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m mgh_ray.report SCORES_CSV")
-    path = Path(argv[0])
-    write(pd.read_csv(path, index_col=0), path.parent)
-
-
-if __name__ == "__main__":
-    main()

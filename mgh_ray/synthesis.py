@@ -1,6 +1,6 @@
 """MGH synthesis as a Ray Data job: seeds stream through vLLM engine actors into record shards.
 
-    python -m mgh_ray.synthesis [config.yaml] OUT_DIR [key=value ...]     # or synthesize(cfg, out_dir)
+    mgh-ray synthesize jobs/configs/tiny.yaml [key=value ...]     # or synthesize(cfg, out_dir)
 
 Flow (every arrow runs on workers; the driver holds the config, counts and locations):
 seeds (parquet/jsonl, path or URI, read by Ray Data readers; or, in generate mode, (task family,
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any, Literal
 
@@ -400,12 +399,3 @@ def read_records(out_dir: str, policy: str | None = None) -> pd.DataFrame:
     """The gated view of a small records folder as pandas (tests and tiny runs; training streams
     `quality.gated` instead)."""
     return quality.gated_frame(out_dir, policy)
-
-
-def main(argv: list[str]) -> None:
-    cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.synthesis")
-    synthesize(cfg, str(out_dir))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

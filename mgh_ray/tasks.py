@@ -20,7 +20,7 @@ reranking) carry `{"query": ...}`: queries get the instruction, documents none. 
 one string and every text gets it, on both sides of a pair. `instruction(metadata, prompt_type)` is
 the one place that decides, for the served and the in-process encoder alike.
 
-    python -m mgh_ray.tasks        # logs each task's size after loading it
+    tasks.build("LeeSTS", max_rows=100).load_data()
 """
 
 from __future__ import annotations
@@ -261,18 +261,3 @@ def instruction(metadata: TaskMetadata, prompt_type: PromptType | str | None) ->
         kind = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
         return prompt.get(kind) if kind else None
     return prompt or None  # symmetric: the same instruction on every text
-
-
-def main() -> None:
-    from mgh_ray import logs
-
-    logs.setup()
-    for name in NAMES:
-        task = build(name, max_rows=200)
-        task.load_data()
-        log.info("%s (%s): revision %s, main score %s", name, task.metadata.type, task.metadata.revision,
-                 task.metadata.main_score)
-
-
-if __name__ == "__main__":
-    main()

@@ -47,5 +47,10 @@ def test_write_puts_report_and_chart_next_to_results(table, tmp_path):
 
 def test_cli_rewrites_the_report_from_a_csv(table, tmp_path):
     table.to_csv(tmp_path / "scores.csv")
-    report.main([str(tmp_path / "scores.csv")])
+    from typer.testing import CliRunner
+
+    from mgh_ray.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "scores.csv")])
+    assert result.exit_code == 0, result.output
     assert "| **mean** |" in (tmp_path / "report.md").read_text() and (tmp_path / "scores.png").is_file()

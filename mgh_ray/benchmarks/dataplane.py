@@ -13,13 +13,12 @@ A thread samples the driver's resident memory (RSS) every 50 ms; the table gives
 seconds, rows/s and the driver's peak RSS, with ratios against the smallest size of the same run.
 Repeated texts are embedded once per actor, so the mining rows measure the plumbing, not MiniLM.
 
-    mgh-ray benchmark jobs/configs/tiny.yaml --stage dataplane     # or: python -m mgh_ray.benchmarks.dataplane
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage dataplane
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -135,15 +134,3 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
     save(out_dir, "dataplane", "# Data plane benchmark\n\n" + table.to_markdown(index=False) + "\n",
          table.to_dict("records"))
     return table
-
-
-def main(argv: list[str]) -> None:
-    from mgh_ray import logs
-
-    logs.setup()
-    sizes = tuple(int(a) for a in argv[1:]) or SIZES
-    run(Path(argv[0]) if argv else Path("runs/benchmarks"), sizes)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

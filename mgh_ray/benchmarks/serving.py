@@ -169,22 +169,3 @@ def _save(table: pd.DataFrame, out_dir: Path, meta: dict) -> None:
     md = table.to_markdown(floatfmt=".3f", colalign=("left", "right", "left"))
     save(out_dir, "serving", "# Serving benchmark\n\n" + md + "\n",
          {"table": table.reset_index().to_dict(orient="records"), **meta})
-
-
-def main() -> None:
-    """python -m mgh_ray.benchmarks.serving MODEL_DIR OUT_DIR: the tiny defaults on a local cluster."""
-    import sys
-
-    import ray
-
-    from mgh_ray import logs
-
-    logs.setup()
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m mgh_ray.benchmarks.serving MODEL_DIR OUT_DIR")
-    ray.init()
-    run(ServeConfig(), EvalConfig(), Path(sys.argv[1]), Path(sys.argv[2]))
-
-
-if __name__ == "__main__":
-    main()

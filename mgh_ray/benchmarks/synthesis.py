@@ -5,7 +5,7 @@ actors, guided JSON, retries, quality scoring) and (b) a sequential `model.gener
 at a time, on the same model, in one run. Both count generated tokens; the table gives tokens/s for
 each and their ratio, plus the engine settings, and is saved as benchmark_synthesis.{md,json}.
 
-    python -m mgh_ray.benchmarks.synthesis [config.yaml] OUT_DIR [key=value ...]
+    mgh-ray benchmark jobs/configs/tiny.yaml --stage synthesis [key=value ...]
 
 (a) is reported twice: end to end (engine start included) and over its generation window (first
 request to last answer). (b) runs `baseline_rows` prompts only (default 8), as it is ~10x slower;
@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from mgh_ray import assets, config, prompts, synthesis
+from mgh_ray import assets, prompts, synthesis
 from mgh_ray.benchmarks import save
 from mgh_ray.seeds import read_seeds
 from mgh_ray.synthesis import SynthesisConfig
@@ -94,12 +93,3 @@ def run(cfg: SynthesisConfig, out_dir: Path, baseline_rows: int = 8) -> pd.DataF
     save(out_dir, "synthesis", md, {"table": rows, "ratio_vs_transformers": table["ratio_vs_transformers"].tolist(),
                                     "settings": settings, "synthesis_report": report})
     return table
-
-
-def main(argv: list[str]) -> None:
-    cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.benchmarks.synthesis")
-    run(cfg, out_dir)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

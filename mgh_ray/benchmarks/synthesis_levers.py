@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -74,12 +73,3 @@ def run(cfg: SynthesisConfig, out_dir: Path, levers: dict[str, list[str]] | None
           f"Settings of `today`: `{json.dumps(synthesis.engine_settings(cfg), default=str)}`\n")
     save(out_dir, "synthesis_levers", md, table.to_dict("records"))
     return table
-
-
-def main(argv: list[str]) -> None:
-    cfg, out_dir = config.module_args(SynthesisConfig, argv, "mgh_ray.benchmarks.synthesis_levers")
-    run(cfg, out_dir)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

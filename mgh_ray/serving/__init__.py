@@ -17,7 +17,7 @@ under "error". When the env var named by `api_key_env` holds a key, `/v1/*` need
 `Authorization: Bearer KEY`; without a key only loopback hosts and clients are served.
 
     serve run mgh_ray.serving:build_app model_dir=runs/tiny/train/model num_replicas=2
-    python -m mgh_ray.serving runs/tiny/train/model      # deploy, check parity, stay up
+    mgh-ray serve jobs/configs/tiny.yaml --model runs/tiny/train/model   # deploy, check parity, stay up
 
 In a Serve config file (`serve deploy serve.yaml`), `args` takes the same keys:
 
@@ -43,7 +43,7 @@ from mgh_ray.serving.config import (
            check_public,
            is_loopback,
 )
-from mgh_ray.serving.lifecycle import main, serving_until_signal
+from mgh_ray.serving.lifecycle import serving_until_signal
 from mgh_ray.serving.protocol import (
            EmbeddingRequest,
            EmbeddingResponse,
@@ -59,5 +59,5 @@ from mgh_ray.serving.protocol import (
 __all__ = ["PARITY_INSTRUCTION", "AutoscalingSection", "EmbeddingClient", "EmbeddingRequest",
            "EmbeddingResponse", "RequestError", "ServeArgs", "ServeConfig", "api_key", "application",
            "base_url", "build_app", "check_parity", "check_public", "decode_b64", "deploy", "encode_b64",
-           "is_loopback", "main", "min_cosine", "model_revision", "parse_request", "served_name",
+           "is_loopback", "min_cosine", "model_revision", "parse_request", "served_name",
            "serving_until_signal", "shorten", "start_app", "undeploy", "wait_running"]

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +63,3 @@ def block() -> None:
     """Sleep until interrupted (the signal handler raises KeyboardInterrupt in this thread)."""
     while True:
         time.sleep(1.0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m mgh_ray.serving MODEL_DIR [KEY=VALUE ...]: deploy, check parity, stay up until Ctrl-C."""
-    from mgh_ray import config, corpora, logs
-    from mgh_ray.serving.app import deploy
-    from mgh_ray.serving.client import check_parity
-    from mgh_ray.serving.config import ServeConfig
-
-    logs.setup()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m mgh_ray.serving MODEL_DIR [KEY=VALUE ...]")
-    cfg = config.override(ServeConfig(), argv[1:])
-    with serving_until_signal(cfg.app_name):
-        url = deploy(cfg, Path(argv[0]))
-        cos = check_parity(cfg, Path(argv[0]), corpora.table("bbc_eval").title.head(16).tolist())
-        log.info("ready at %s/v1/embeddings (parity min cosine %.6f); Ctrl-C to stop", url, cos)
-        block()
