@@ -1,11 +1,15 @@
 """Encoder: backbone + LoRA (peft) + pooling + L2 norm; the one object that trains, encodes and serves.
 
-Queries get an E5-style instruction (`query_template`), documents none. A folder written by `save`
-holds the resolved `EncoderConfig` (encoder.yaml) and the adapter (or full weights when LoRA is
-off); the backbone is named in the config (a pinned asset name such as "smollm2", a local folder or a
-hub id), so `Encoder.load(folder)` needs nothing else. `export` writes `merged/` (LoRA merged into the
-backbone; also a sentence-transformers folder, pooled by `pooling.AnchorPooling` for ATA, which
-sentence-transformers >= 6 loads only with `trust_remote_code=True`) and `adapter/` (peft only).
+Texts are read in the backbone's input format (`FORMATS`: SmolLM2's ChatML user turn, closed by the
+EOS the tokenizer appends): queries with their instruction, documents without (symmetric tasks give
+both sides one). What the template puts before the text stays out of the pool (`exclude_instruction`),
+counted on the tokenised input itself. The backbone attends causally or bidirectionally
+(`attention`); a bidirectional one starts from its MNTP adaptation adapter (`base_adapter`, merged
+at load). A folder written by `save` holds the resolved `EncoderConfig` (encoder.yaml: attention and
+templates as run) and the adapter (or full weights when LoRA is off), with a copy of the adaptation
+adapter; the backbone is named in the config (a pinned asset name such as "smollm2", a local folder
+or a hub id), so `Encoder.load(folder)` needs nothing else. `export` (export.py) writes the merged
+and sentence-transformers folders.
 
 Device and dtype: `from_config`/`load` put the model on `devices.device()` unless told otherwise
 (cuda in a Ray worker granted a GPU, or outside Ray when torch sees one; cpu otherwise), in
@@ -27,11 +31,8 @@ model would read); `truncation="error"` raises `InputTooLong` instead, naming th
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -322,71 +323,10 @@ class Encoder(torch.nn.Module):
 
     def export(self, folder: str | Path, prompts: Mapping[str, str] | None = None,
                default_prompt_name: str | None = None) -> Path:
-        """`merged/` (HF + sentence-transformers folder, LoRA merged) and `adapter/` (peft only).
+        """`merged/` (HF + sentence-transformers folder, LoRA merged) and `adapter/`: see `export.write`."""
+        from mgh_ray import export
 
-        `prompts`: prompt name -> the instruction the model was trained with (`query_prompts` builds
-        it from the records' instructions). Each is written as the sentence-transformers prompt
-        `query_template` makes of it, so `SentenceTransformer(merged).encode(q, prompt_name="query")`
-        (or `.encode_query(q)`) gives `encode(q, instruction=...)`; "document" is the document
-        template's prefix (empty for the plain format). When that prefix is not empty it is the
-        default prompt, so a plain `encode(docs)` reads documents as the model was trained to; else
-        `default_prompt_name` stays None unless every text should get one prompt (a symmetric-only
-        model). `max_seq_length` (= config.max_length) is stated in sentence_bert_config.json too,
-        and a bidirectional encoder's config.json says `is_causal: false`, which transformers (and
-        vLLM) read, so the folder loads with the attention it was trained with.
-        """
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.base.modules import Normalize, Transformer
-
-        folder = Path(folder)
-        merged_dir = folder / "merged"
-        st_prompts = {"document": self.prefix(None)}
-        for name, instruction in (prompts or {}).items():
-            if not name or name == "document" or not str(instruction).strip():
-                raise ValueError(f"export prompt {name!r}: {instruction!r} needs a name other than "
-                                 "'document' and a non-empty instruction")
-            st_prompts[name] = self.prefix(instruction)
-        if default_prompt_name is not None and default_prompt_name not in st_prompts:
-            raise ValueError(f"default_prompt_name {default_prompt_name!r} is none of the prompts "
-                             f"{sorted(st_prompts)}")
-        if default_prompt_name is None and st_prompts["document"]:
-            default_prompt_name = "document"
-        if "query" not in st_prompts:
-            log.warning("export of %s without a query prompt: a sentence-transformers user will encode "
-                        "queries without the instruction the model was trained with", merged_dir)
-            st_prompts["query"] = st_prompts["document"]
-        if self.config.lora.enabled:
-            self.backbone.save_pretrained(folder / "adapter")
-            merged = copy.deepcopy(self.backbone).merge_and_unload()
-        else:
-            merged = copy.deepcopy(self.base_model)
-        ata = self.config.pooling.mode == "ata"
-        merged.config.output_hidden_states = ata  # AnchorPooling reads the probe layer's input
-        if attention.is_decoder(merged):
-            attention.set_attention(merged.config, self.config.attention)
-        merged.save_pretrained(merged_dir)
-        tok = copy.deepcopy(self.tokenizer)
-        tok.padding_side = "right"  # sentence-transformers passes no position ids: keep real tokens first
-        tok.save_pretrained(merged_dir)
-        # text modality only: the backbone's chat template must not wrap texts into chat messages
-        text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
-        modules = [Transformer(str(merged_dir), max_seq_length=self.config.max_length,
-                               config_kwargs={"output_hidden_states": ata}, modality_config=text_only,
-                               module_output_name="token_embeddings"),
-                   _st_pooling(self.config.pooling, merged, self.eos_appended)]
-        if self.config.normalize:
-            modules.append(Normalize())
-        SentenceTransformer(modules=modules, device="cpu", prompts=st_prompts,
-                            default_prompt_name=default_prompt_name).save(str(merged_dir))
-        # sentence-transformers 6 keeps the limit in the tokenizer config only (model_max_length); state
-        # it where every version (and a reader) looks for it. Transformer() accepts it when loading.
-        st_cfg = merged_dir / "sentence_bert_config.json"
-        st_json = {**json.loads(st_cfg.read_text()), "max_seq_length": self.config.max_length}
-        st_cfg.write_text(json.dumps(st_json, indent=2))
-        config_io.save(self.config, merged_dir / "mgh_ray_encoder.yaml")
-        log.info("exported %s (merged + sentence-transformers, prompts %s) and adapter", merged_dir,
-                 sorted(st_prompts))
-        return folder
+        return export.write(self, folder, prompts, default_prompt_name)
 
     # ------------------------------------------------------------ properties
 
@@ -580,34 +520,6 @@ def prefix_tokens(offsets: torch.Tensor, attention_mask: torch.Tensor,
     before = attention_mask.bool() & (text.long().cumsum(-1) == 0)  # (batch, seq)
     n = before.sum(-1)  # (batch,)
     return torch.where(text.any(-1) & (plen[:, 0] > 0), n, torch.zeros_like(n))
-
-
-def _st_pooling(cfg: pooling.PoolingConfig, merged: torch.nn.Module, eos_appended: bool) -> torch.nn.Module:
-    """sentence-transformers' own Pooling where it computes the same thing (the folder then loads with a
-    plain `SentenceTransformer(path)`); `AnchorPooling` for ATA and for last-token pooling of the text's
-    own last token before an appended EOS (load with `trust_remote_code=True`; sentence-transformers >= 6
-    asks that for any module class outside its namespace)."""
-    from sentence_transformers.sentence_transformer.modules import Pooling
-
-    builtin = {"mean": "mean", "last": "lasttoken", "cls": "cls", "weighted_mean": "weightedmean"}
-    if cfg.mode == "last" and cfg.last_token == "text" and eos_appended:
-        builtin.pop("last")
-    if cfg.mode in builtin:
-        return Pooling(merged.config.hidden_size, pooling_mode=builtin[cfg.mode],
-                       include_prompt=not cfg.exclude_instruction)
-    return pooling.AnchorPooling.from_backbone(cfg, merged, eos_appended)
-
-
-def query_prompts(instructions: Iterable[str] | Mapping[str, int], max_prompts: int = 8) -> dict[str, str]:
-    """Export prompts from the instructions a model trained with (texts, or {text: count}): the most
-    frequent is "query", the next ones "query_2" .. (at most `max_prompts`; generate mode writes one
-    instruction per task)."""
-    if isinstance(instructions, Mapping):
-        counts = Counter({str(i): int(n) for i, n in instructions.items() if str(i).strip()})
-    else:
-        counts = Counter(str(i) for i in instructions if str(i).strip())
-    ranked = sorted(counts, key=lambda i: (-counts[i], i))[:max_prompts]
-    return {("query" if n == 0 else f"query_{n + 1}"): inst for n, inst in enumerate(ranked)}
 
 
 def _load_adapter(model: torch.nn.Module, folder: Path) -> None:

@@ -403,7 +403,7 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     with result.checkpoint.as_directory() as d:  # adapter-sized files; no model is loaded here
         storage.upload_dir(Path(d) / "model", model_loc)
     if cfg.export:
-        from mgh_ray.encoder import query_prompts
+        from mgh_ray.export import query_prompts
 
         prompts = query_prompts(instruction_counts(ds))
         remote = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(_export)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgh_ray.encoder import Encoder, EncoderConfig, query_prompts
+from mgh_ray.encoder import Encoder, EncoderConfig
+from mgh_ray.export import query_prompts
 
 QUERIES = ["Kenya's runner wins the London marathon", "Shares in the phone maker fell"]
 DOCS = ["The Kenyan athlete crossed the line first in London on Sunday, in a course record."]
@@ -48,7 +49,9 @@ def test_exported_prompts_give_the_in_process_query_vectors(exported):
     assert st.max_seq_length == 40
     assert json.loads((merged / "sentence_bert_config.json").read_text())["max_seq_length"] == 40
     assert st.prompts["query"] == enc.config.query_template.format(instruction=INSTRUCTION, text="")
-    assert st.prompts["document"] == "" and st.default_prompt_name is None
+    # documents are read in the format's user turn too: that prefix is the default prompt
+    assert st.prompts["document"] == enc.prefix(None) == "<|im_start|>user\n"
+    assert st.default_prompt_name == "document"
 
     want = enc.encode(QUERIES, instruction=INSTRUCTION)  # what Serve returns for this instruction
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), want, atol=1e-4)
@@ -56,7 +59,7 @@ def test_exported_prompts_give_the_in_process_query_vectors(exported):
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query_2"),
                                enc.encode(QUERIES, instruction=OTHER), atol=1e-4)
     np.testing.assert_allclose(st.encode_document(DOCS), enc.encode(DOCS), atol=1e-4)
-    # the prompt is not a no-op: without it a user would get other vectors
+    # the query prompt is not a no-op: as documents the same texts get other vectors
     plain = st.encode(QUERIES)
     assert np.max(np.abs(plain - want)) > 1e-2
 
