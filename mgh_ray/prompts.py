@@ -38,10 +38,11 @@ from typing import Any
 
 import yaml
 
+from mgh_ray.records import LEVELS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "mgh_v2"
-LEVELS = (1, 2, 3, 4)  # 1 = coarsest (least similar to the query) ... 4 = finest
 LEVEL_KEYS = tuple(f"L{k}" for k in LEVELS)
 
 # Parse failure reasons (the failures table and the report group by these).

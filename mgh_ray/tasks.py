@@ -39,10 +39,11 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
 
 from mgh_ray import corpora
+from mgh_ray.records import DEFAULT_INSTRUCTION
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "mgh2"  # bump when a task's construction changes, so old results are not reused
+DATA_VERSION = "mgh3"  # bump when a task's construction changes, so old results are not reused
 
 _COMMON: dict[str, Any] = {
     "category": "t2t",
@@ -100,7 +101,7 @@ class BBCHeadlineRetrieval(_Sized, AbsTaskRetrieval):
                     "out from the training seeds, deduplicated.",
         reference="http://mlg.ucd.ie/datasets/bbc.html", date=("2004-01-01", "2005-12-31"),
         domains=["News", "Written"], annotations_creators="derived",
-        prompt={"query": "Given a news headline, retrieve the news article it belongs to"},
+        prompt={"query": DEFAULT_INSTRUCTION},  # the instruction of its training seeds
     )
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:

@@ -27,11 +27,12 @@ import pandas as pd
 
 from mgh_ray import config as config_io
 from mgh_ray.benchmarks import save
+from mgh_ray.records import DEFAULT_INSTRUCTION
 from mgh_ray.training import TrainConfig, read_metrics, train
 
 log = logging.getLogger(__name__)
 
-INSTRUCTION = "Given a news headline, retrieve the news article it belongs to"
+INSTRUCTION = DEFAULT_INSTRUCTION
 
 
 def seed_records(n: int, seed: int = 0, levels: int = 4) -> pd.DataFrame:

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from mgh_ray.records import DEFAULT_INSTRUCTION
 from mgh_ray.serving.config import ServeConfig, api_key, base_url
 from mgh_ray.serving.protocol import decode_b64
 
 log = logging.getLogger(__name__)
 
-PARITY_INSTRUCTION = "Given a news headline, retrieve the news article it belongs to"
+PARITY_INSTRUCTION = DEFAULT_INSTRUCTION  # the training seeds' instruction: checks the query path too
 
 
 class EmbeddingClient:
