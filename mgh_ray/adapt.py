@@ -144,7 +144,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     from mgh_ray import assets, attention
-    from mgh_ray.encoder import load_tokenizer, resolve_templates
+    from mgh_ray.inputs import load_tokenizer, resolve_templates
     from mgh_ray.training import maybe_fail
 
     cfg = AdaptConfig.model_validate(loop_config["cfg"])

@@ -8,8 +8,8 @@ counted on the tokenised input itself. The backbone attends causally or bidirect
 at load). A folder written by `save` holds the resolved `EncoderConfig` (encoder.yaml: attention and
 templates as run) and the adapter (or full weights when LoRA is off), with a copy of the adaptation
 adapter; the backbone is named in the config (a pinned asset name such as "smollm2", a local folder
-or a hub id), so `Encoder.load(folder)` needs nothing else. `export` (export.py) writes the merged
-and sentence-transformers folders.
+or a hub id), so `Encoder.load(folder)` needs nothing else. `export.write` makes the merged and
+sentence-transformers folders of one.
 
 Device and dtype: `from_config`/`load` put the model on `devices.device()` unless told otherwise
 (cuda in a Ray worker granted a GPU, or outside Ray when torch sees one; cpu otherwise), in
@@ -25,14 +25,11 @@ model would read); `truncation="error"` raises `InputTooLong` instead, naming th
     docs = enc.encode(["Kenya wins the marathon"])                            # (1, 576) float32
     qs = enc.encode(["who won?"], instruction="Retrieve the news article")    # formatted as a query
     enc.save("runs/x/model"); Encoder.load("runs/x/model")          # on cuda when Ray granted a GPU
-    enc.export("runs/x/export", prompts={"query": "Retrieve the news article"})
-    SentenceTransformer("runs/x/export/merged", trust_remote_code=True).encode_query(["who won?"])
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +42,15 @@ from mgh_ray import attention, devices, pooling
 from mgh_ray import config as config_io
 from mgh_ray.attention import Attention
 from mgh_ray.config import Section
+from mgh_ray.inputs import (  # noqa: F401  (InputTooLong, FORMATS: part of the encoder's interface)
+    FORMATS,
+    Inputs,
+    InputTooLong,
+    _per_text,
+    load_tokenizer,
+    prefix_tokens,
+    resolve_templates,
+)
 from mgh_ray.pooling import PoolingConfig
 
 log = logging.getLogger(__name__)
@@ -54,16 +60,6 @@ Truncation = Literal["truncate", "error"]
 CONFIG_FILE = "encoder.yaml"
 BASE_ADAPTER = "base_adapter"  # the folder a saved encoder keeps its adaptation (MNTP) adapter in
 ADAPTED_FILE = "adapted.yaml"  # beside an adaptation adapter: the attention it was adapted under
-
-# Input formats: (query template, document template). Every text the model reads is one of them; the
-# prefix before {text} is what `exclude_instruction` keeps out of the pool. "chatml" is the instruct
-# format of SmolLM2 (and Qwen2 and others): the text is a user turn that the tokenizer's appended EOS
-# (<|im_end|>) closes. Templates end the prefix with a newline, which BPE never merges into the text.
-FORMATS: dict[str, tuple[str, str]] = {
-    "plain": ("Instruct: {instruction}\nQuery: {text}", "{text}"),
-    "chatml": ("<|im_start|>user\n{instruction}\n{text}", "<|im_start|>user\n{text}"),
-}
-
 
 class LoraConfig(Section):
     enabled: bool = True
@@ -115,26 +111,6 @@ class EncoderConfig(Section):
             raise ValueError("document_template must end with {text} and hold no {instruction}, "
                              "e.g. '{text}'")
         return v
-
-
-def resolve_templates(cfg: EncoderConfig, tokenizer) -> tuple[str, str, str]:
-    """(format name, query template, document template) this encoder reads texts with."""
-    fmt = cfg.prompt_format
-    if fmt == "auto":
-        fmt = "chatml" if "<|im_start|>" in str(getattr(tokenizer, "chat_template", None) or "") else "plain"
-    query, document = FORMATS[fmt]
-    if cfg.query_template is not None:  # a folder saved before document templates existed: plain documents
-        query, document = cfg.query_template, cfg.document_template or "{text}"
-    return fmt, query, cfg.document_template or document
-
-
-class InputTooLong(ValueError):
-    """A text longer than the model reads, under truncation="error" (Serve answers it with 413)."""
-
-    def __init__(self, index: int, tokens: int, limit: int) -> None:
-        self.index, self.tokens, self.limit = index, tokens, limit
-        super().__init__(f"input {index} has {tokens} tokens, more than the model's limit of {limit} "
-                         "(truncation policy 'error': shorten it, or use truncation='truncate')")
 
 
 def _load_backbone(cfg: EncoderConfig, source: str | Path,
@@ -195,19 +171,6 @@ def _merge_base_adapter(model: torch.nn.Module, folder: Path, chosen: Attention)
     return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 
 
-def load_tokenizer(source: str | Path, decoder: bool, cfg: EncoderConfig):
-    from transformers import AutoTokenizer
-
-    kwargs = {"add_eos_token": True} if decoder and cfg.append_eos else {}
-    tok = AutoTokenizer.from_pretrained(str(source), **kwargs)
-    if decoder and cfg.append_eos and tok("a")["input_ids"][-1] != tok.eos_token_id:
-        raise ValueError(f"tokenizer of {source} does not append EOS; set encoder.append_eos=false")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = cfg.padding_side
-    return tok
-
-
 class Encoder(torch.nn.Module):
     """Texts -> unit vectors. `forward` is the differentiable path training wraps in DDP.
 
@@ -225,6 +188,7 @@ class Encoder(torch.nn.Module):
         self.num_layers = len(attention.backbone_layers(self.base_model))
         # every text ends with the tokenizer's EOS (decoders; see `PoolingConfig.last_token`)
         self.eos_appended = cfg.append_eos and attention.is_decoder(self.base_model)
+        self.inputs = Inputs(cfg, tokenizer, self.max_tokens, self.eos_appended)
 
     # ------------------------------------------------------------ construction
 
@@ -321,13 +285,6 @@ class Encoder(torch.nn.Module):
         config_io.save(cfg, folder / CONFIG_FILE)  # last: its presence marks a complete folder
         return folder
 
-    def export(self, folder: str | Path, prompts: Mapping[str, str] | None = None,
-               default_prompt_name: str | None = None) -> Path:
-        """`merged/` (HF + sentence-transformers folder, LoRA merged) and `adapter/`: see `export.write`."""
-        from mgh_ray import export
-
-        return export.write(self, folder, prompts, default_prompt_name)
-
     # ------------------------------------------------------------ properties
 
     @property
@@ -355,59 +312,23 @@ class Encoder(torch.nn.Module):
 
     @property
     def max_chars(self) -> int:
-        """Characters per text beyond which nothing is read: `max_tokens` x the longest text one token
-        stands for (longest vocabulary entry, or a whole unknown word for WordPiece). A token never
-        covers more characters than that, so the first `max_tokens` tokens lie within this prefix."""
-        if not hasattr(self, "_token_chars"):
-            tok = self.tokenizer
-            vocab = list(tok.get_vocab())
-            longest = max((len(tok.convert_tokens_to_string([t])) for t in vocab), default=1)
-            # WordPiece reads a word longer than this as one [UNK] token
-            word = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
-            longest = max(longest, int(getattr(word, "max_input_chars_per_word", 0) or 0))
-            self._token_chars = max(1, longest)
-        return self.max_tokens * self._token_chars
+        return self.inputs.max_chars
 
     def token_counts(self, texts: list[str], instruction: str | list[str] | None = None) -> list[int]:
-        """Tokens of each (formatted) text before truncation, special tokens included."""
-        ids = self.tokenizer(self.format(texts, instruction), truncation=False)["input_ids"]
-        return [len(i) for i in ids]
+        return self.inputs.token_counts(texts, instruction)
 
-    # ------------------------------------------------------------ text -> tensors
+    # ------------------------------------------------------------ text -> tensors (inputs.Inputs)
 
     def prefix(self, instruction: str | None) -> str:
-        """What the input template puts before a text: a query's instruction and the format's markers
-        (documents: the document template's prefix, often empty)."""
-        if instruction is None:
-            return self.config.document_template.format(text="")
-        return self.config.query_template.format(instruction=instruction, text="")
+        return self.inputs.prefix(instruction)
 
     def format(self, texts: list[str], instruction: str | list[str] | None) -> list[str]:
-        """The texts as the model reads them (every template ends with {text})."""
-        return [self.prefix(i) + t for i, t in zip(_per_text(instruction, len(texts)), texts, strict=True)]
+        return self.inputs.format(texts, instruction)
 
     def tokenize(self, texts: list[str],
                  instruction: str | list[str] | None = None) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask (batch, seq) and, under `exclude_instruction`, pool_mask: the tokens
-        pooled, without what the template put before each text.
+        return self.inputs.tokenize(texts, instruction)
 
-        `instruction`: one for all texts, one per text, or None (documents)."""
-        prefixes = [self.prefix(i) for i in _per_text(instruction, len(texts))]
-        pcfg = self.config.pooling
-        exclude = pcfg.exclude_instruction and any(prefixes)
-        batch = self.tokenizer([p + t for p, t in zip(prefixes, texts, strict=True)], truncation=True,
-                               max_length=self.max_tokens, padding=True, return_tensors="pt",
-                               return_offsets_mapping=exclude)
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if exclude:
-            n = prefix_tokens(batch["offset_mapping"], out["attention_mask"], [len(p) for p in prefixes])
-            keep = pooling.prefix_mask(out["attention_mask"], n)
-            # a text cut away by truncation would pool nothing: fall back to the whole sequence
-            empty = ~keep.any(-1, keepdim=True)
-            out["pool_mask"] = torch.where(empty, out["attention_mask"].bool(), keep)
-        if pcfg.mode == "last" and pcfg.last_token == "text" and self.eos_appended:
-            out["pool_mask"] = pooling.without_final(out.get("pool_mask", out["attention_mask"]))
-        return out
 
     # ------------------------------------------------------------ tensors -> vectors
 
@@ -473,15 +394,7 @@ class Encoder(torch.nn.Module):
         """float32 (n, dim); `instruction` (one, or one per text) makes the texts queries, None documents.
 
         Texts longer than `max_tokens` are cut there ("truncate"), or raise `InputTooLong` ("error")."""
-        if truncation == "error":
-            for i, n in enumerate(self.token_counts(texts, instruction)):
-                if n > self.max_tokens:
-                    raise InputTooLong(i, n, self.max_tokens)
-        elif truncation == "truncate":
-            limit = self.max_chars  # cheap cut first, so a huge text is never tokenised whole
-            texts = [t[:limit] for t in texts]
-        else:
-            raise ValueError(f"unknown truncation policy {truncation!r}; use 'truncate' or 'error'")
+        texts = self.inputs.cut(texts, instruction, truncation)
         was_training = self.training
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
@@ -498,28 +411,6 @@ class Encoder(torch.nn.Module):
         finally:
             self.train(was_training)
         return out
-
-
-def _per_text(instruction: str | list[str] | None, n: int) -> list[str | None]:
-    return [instruction] * n if instruction is None or isinstance(instruction, str) else list(instruction)
-
-
-def prefix_tokens(offsets: torch.Tensor, attention_mask: torch.Tensor,
-                  prefix_chars: list[int]) -> torch.Tensor:
-    """(batch,) real tokens before each text: those before the first token that covers a character of
-    the text (a BOS the tokenizer adds counts with the prefix). Counted on the tokenised input itself,
-    so a token that BPE merged across the boundary belongs to the text: "Query: " + "who" gives
-    "Query", ":", " who", and " who" is pooled, where the prefix tokenised alone ends in its own " ".
-    An empty prefix excludes nothing.
-
-    offsets: (batch, seq, 2) character spans (the tokenizer's offset_mapping; (0, 0) for added tokens
-    and padding); attention_mask: (batch, seq)."""
-    end = offsets[..., 1]  # (batch, seq)
-    plen = torch.tensor(prefix_chars, dtype=end.dtype)[:, None]  # (batch, 1)
-    text = attention_mask.bool() & (end > plen)  # (batch, seq): tokens holding text characters
-    before = attention_mask.bool() & (text.long().cumsum(-1) == 0)  # (batch, seq)
-    n = before.sum(-1)  # (batch,)
-    return torch.where(text.any(-1) & (plen[:, 0] > 0), n, torch.zeros_like(n))
 
 
 def _load_adapter(model: torch.nn.Module, folder: Path) -> None:

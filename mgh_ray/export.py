@@ -7,7 +7,7 @@ with `trust_remote_code=True`) and `adapter/` (peft only). The folder carries th
 was trained with (`query_prompts`), the document prompt of its input format, `max_seq_length`, and for a
 bidirectional encoder `is_causal: false` in config.json.
 
-    enc.export("runs/x/export", prompts={"query": "Retrieve the news article"})
+    export.write(enc, "runs/x/export", prompts={"query": "Retrieve the news article"})
     SentenceTransformer("runs/x/export/merged", trust_remote_code=True).encode_query(["who won?"])
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mgh_ray import attention, pooling
+from mgh_ray import attention, pooling, vllm_model
 from mgh_ray import config as config_io
 
 if TYPE_CHECKING:
@@ -76,6 +76,9 @@ def write(encoder: Encoder, folder: str | Path, prompts: Mapping[str, str] | Non
     merged.config.output_hidden_states = ata  # AnchorPooling reads the probe layer's input
     if attention.is_decoder(merged):
         attention.set_attention(merged.config, encoder.config.attention)
+        # vLLM serves the folder with this project's pooling model (vllm_model.py); transformers and
+        # sentence-transformers pick their class by model_type and ignore the name
+        merged.config.architectures = [vllm_model.ARCH]
     merged.save_pretrained(merged_dir)
     tok = copy.deepcopy(encoder.tokenizer)
     tok.padding_side = "right"  # sentence-transformers passes no position ids: keep real tokens first

@@ -329,7 +329,9 @@ def _export(model_loc: str, export_loc: str, prompts: dict[str, str]) -> str:
     """Merge and export a trained model folder with its query prompts (a Ray task: the model loads
     on a worker)."""
     with tempfile.TemporaryDirectory() as tmp:
-        Encoder.load(storage.local_dir(model_loc)).export(Path(tmp) / "export", prompts=prompts)
+        from mgh_ray import export
+
+        export.write(Encoder.load(storage.local_dir(model_loc)), Path(tmp) / "export", prompts=prompts)
         return storage.upload_dir(Path(tmp) / "export", export_loc)
 
 

@@ -179,7 +179,9 @@ def test_a_folder_is_loaded_only_with_the_attention_it_was_trained_with(smollm2_
     assert Encoder.load(tmp_path / "model").config.attention == "bidirectional"  # recorded in encoder.yaml
     with pytest.raises(ValueError, match="trained with bidirectional attention.*loaded with causal"):
         Encoder.load(tmp_path / "model", attention="causal")
-    enc.export(tmp_path / "export", prompts={"query": "Retrieve the article"})
+    from mgh_ray import export
+
+    export.write(enc, tmp_path / "export", prompts={"query": "Retrieve the article"})
     merged = tmp_path / "export" / "merged"
     assert '"is_causal": false' in (merged / "config.json").read_text()
     with pytest.raises(ValueError, match="trained with bidirectional attention, but encoder.attention is causal"):

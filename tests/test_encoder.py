@@ -143,7 +143,9 @@ def test_export_sentence_transformers_gives_the_same_vectors(smollm2_path, tmp_p
     enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=32, attention=attention,
                                             pooling=pool))
     _perturb_lora(enc)
-    enc.export(tmp_path / "export")
+    from mgh_ray import export
+
+    export.write(enc, tmp_path / "export")
     merged = tmp_path / "export" / "merged"
     # ATA's pooling module lives in mgh_ray: sentence-transformers >= 6 imports it only when trusted
     st = SentenceTransformer(str(merged), device="cpu", trust_remote_code=pool["mode"] == "ata")

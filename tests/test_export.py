@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mgh_ray import export
 from mgh_ray.encoder import Encoder, EncoderConfig
 from mgh_ray.export import query_prompts
 
@@ -36,7 +37,7 @@ def exported(smollm2_path, tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     out = tmp_path_factory.mktemp("export")
-    enc.export(out, prompts=query_prompts([INSTRUCTION, INSTRUCTION, OTHER]))
+    export.write(enc, out, prompts=query_prompts([INSTRUCTION, INSTRUCTION, OTHER]))
     return enc.eval(), out / "merged"
 
 
@@ -67,7 +68,7 @@ def test_exported_prompts_give_the_in_process_query_vectors(exported):
 def test_export_refuses_an_unknown_default_prompt_or_an_empty_instruction(exported, tmp_path):
     enc, _ = exported
     with pytest.raises(ValueError, match="default_prompt_name"):
-        enc.export(tmp_path / "x", prompts={"query": INSTRUCTION}, default_prompt_name="qeury")
+        export.write(enc, tmp_path / "x", prompts={"query": INSTRUCTION}, default_prompt_name="qeury")
     with pytest.raises(ValueError, match="non-empty instruction"):
-        enc.export(tmp_path / "y", prompts={"query": " "})
+        export.write(enc, tmp_path / "y", prompts={"query": " "})
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

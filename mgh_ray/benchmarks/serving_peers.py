@@ -182,7 +182,7 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
     """Every server in turn under every load point; returns (and saves) the texts/s table."""
     import torch
 
-    from mgh_ray import serving
+    from mgh_ray import export, serving
     from mgh_ray.encoder import Encoder
 
     bench = bench or PeersConfig()
@@ -213,7 +213,7 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
         t0 = time.perf_counter()
         mean_enc.encode(texts, batch_size=serve_cfg.max_batch_size)
         in_process_batched = len(texts) / (time.perf_counter() - t0)
-        merged = mean_enc.export(tmp / "export") / "merged"
+        merged = export.write(mean_enc, tmp / "export") / "merged"
         del mean_enc
         for server in bench.servers:
             log.info("serving-peers: %s", server)
