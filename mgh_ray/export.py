@@ -76,9 +76,6 @@ def write(encoder: Encoder, folder: str | Path, prompts: Mapping[str, str] | Non
     merged.config.output_hidden_states = ata  # AnchorPooling reads the probe layer's input
     if attention.is_decoder(merged):
         attention.set_attention(merged.config, encoder.config.attention)
-        # vLLM serves the folder with this project's pooling model (vllm_model.py); transformers and
-        # sentence-transformers pick their class by model_type and ignore the name
-        merged.config.architectures = [vllm_model.ARCH]
     merged.save_pretrained(merged_dir)
     tok = copy.deepcopy(encoder.tokenizer)
     tok.padding_side = "right"  # sentence-transformers passes no position ids: keep real tokens first
@@ -98,7 +95,14 @@ def write(encoder: Encoder, folder: str | Path, prompts: Mapping[str, str] | Non
     st_cfg = merged_dir / "sentence_bert_config.json"
     st_json = {**json.loads(st_cfg.read_text()), "max_seq_length": encoder.config.max_length}
     st_cfg.write_text(json.dumps(st_json, indent=2))
-    config_io.save(encoder.config, merged_dir / "mgh_ray_encoder.yaml")
+    config_io.save(encoder.config, merged_dir / vllm_model.CONFIG_FILE)
+    if attention.is_decoder(merged):
+        # vLLM serves the folder with this project's pooling model (vllm_model.py); transformers and
+        # sentence-transformers pick their class by model_type and ignore the name. Written last:
+        # save_pretrained writes the class's own name there
+        hf_cfg = merged_dir / "config.json"
+        hf_cfg.write_text(json.dumps({**json.loads(hf_cfg.read_text()), "architectures": [vllm_model.ARCH]},
+                                     indent=2))
     log.info("exported %s (merged + sentence-transformers, prompts %s) and adapter", merged_dir,
              sorted(st_prompts))
     return folder
