@@ -22,8 +22,9 @@ demo: install
 	$(VENV)/bin/mgh-ray pipeline $(CONFIG)
 
 # plain `pytest` deselects the integration tests (pyproject addopts); this runs every test
+# --timeout: a test that hangs fails after 20 minutes (the slowest passes in under 10) and the run goes on
 test: install
-	$(PY) -m pytest -q -m "integration or not integration" --durations=15
+	$(PY) -m pytest -q -m "integration or not integration" --timeout=1200 --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from mgh_ray import storage
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,7 @@ _PIP_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.1
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("MGH_RAY_CACHE", Path.home() / ".cache" / "mgh_ray")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return storage.cache_home()
 
 
 def sha256_of(path: Path) -> str:

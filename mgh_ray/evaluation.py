@@ -69,6 +69,8 @@ class EvalConfig(Section):
     # logical CPUs per evaluation replica (torch still gets one thread at least); None: the serve
     # config's num_cpus. Half a CPU lets 2 replicas fit beside a running serve app on a 2-CPU machine.
     replica_num_cpus: float | None = Field(0.5, ge=0)
+    # the replicas' inference engine (ServeConfig.engine: torch or vllm); None: the serve config's
+    engine: Literal["torch", "vllm"] | None = None
     task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
     overwrite: bool = False  # True: rerun tasks that already have results
     # texts longer than the model's token limit: cut there, or fail the task naming the text
@@ -265,6 +267,8 @@ def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
         "num_cpus": serve_cfg.num_cpus if cfg.replica_num_cpus is None else cfg.replica_num_cpus}
     if "truncation" in type(serve_cfg).model_fields:
         update["truncation"] = cfg.truncation
+    if cfg.engine is not None:
+        update["engine"] = cfg.engine
     return serve_cfg.model_copy(update=update)
 
 
@@ -291,9 +295,9 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     else:
         revision = serving.model_revision(model)
     cache = ResultCache(out_dir)
-    results, todo = {}, []
+    results, todo, built = {}, [], {}
     for t in cfg.tasks:
-        task = tasks.build(t, max_rows=cfg.rows(t), seed=cfg.seed)
+        task = built[t] = tasks.build(t, max_rows=cfg.rows(t), seed=cfg.seed)
         old = None if cfg.overwrite else finished(cache, task, model_meta(name, revision, 0))
         if old is not None and cfg.bootstrap and not bootstrap_file(out_dir, name, revision, t).is_file():
             old = None  # finished before intervals were kept: run it again for its replicates
@@ -337,7 +341,8 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(boot))
             cache.save_to_cache(result, encoder.mteb_model_meta, encode_kwargs={"batch_size": cfg.batch_size})
-            results[task_name] = result
+            # as saved (mteb keeps 6 decimals): a score is the same number now and when a later run reuses it
+            results[task_name] = finished(cache, built[task_name], model_meta(name, revision, 0)) or result
             replicas.update(seen)
     finally:
         if own_app and app is not None:

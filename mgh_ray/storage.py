@@ -265,8 +265,16 @@ def download_dir(loc: str | Path, local: str | Path) -> Path:
     return local
 
 
+def cache_home() -> Path:
+    """The project's node-local cache: `$MGH_RAY_CACHE`, default ~/.cache/mgh_ray (models and data in
+    assets, folders copied from object storage below, vLLM exports)."""
+    root = Path(os.environ.get("MGH_RAY_CACHE", Path.home() / ".cache" / "mgh_ray")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("MGH_RAY_CACHE", Path.home() / ".cache" / "mgh_ray")) / "folders"
+    return cache_home() / "folders"
 
 
 def local_dir(loc: str | Path) -> Path:

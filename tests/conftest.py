@@ -97,3 +97,25 @@ def ray_cluster():
     except Exception:  # serve was never started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def perturbed_encoder(smollm2_path):
+    """A factory of SmolLM2 encoders whose LoRA adapter has random weights (a fresh adapter is a no-op,
+    so merging it would prove nothing): `perturbed_encoder(mode, attention, max_length=512)`."""
+    import torch
+
+    from mgh_ray.encoder import Encoder, EncoderConfig
+
+    def make(mode: str, attention: str, max_length: int = 512) -> Encoder:
+        torch.manual_seed(0)
+        enc = Encoder.from_config(EncoderConfig(max_length=max_length, attention=attention,
+                                                pooling={"mode": mode}, lora={"top_layers": 8}))
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in enc.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        return enc.eval()
+
+    return make

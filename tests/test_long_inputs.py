@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pydantic
 import pytest
 
 from mgh_ray import evaluation, serving
@@ -63,7 +64,7 @@ def test_evaluation_passes_its_policy_to_the_deployment():
     for policy in ("truncate", "error"):
         cfg = evaluation.EvalConfig(truncation=policy)
         assert evaluation.eval_serve_config(cfg, serving.ServeConfig(truncation="error")).truncation == policy
-    with pytest.raises(Exception, match="truncation"):
+    with pytest.raises(pydantic.ValidationError, match="truncation"):
         evaluation.EvalConfig(truncation="drop")
 
 

@@ -8,10 +8,8 @@ import gc
 
 import numpy as np
 import pytest
-import torch
 
 from mgh_ray import export
-from mgh_ray.encoder import Encoder, EncoderConfig
 
 pytestmark = pytest.mark.integration
 
@@ -20,27 +18,15 @@ TEXTS = ["Hi", "Kenya wins the London marathon", "Oil prices fall sharply in Asi
          "The central bank raised interest rates again on Thursday, citing inflation. " * 40]  # > 512 tokens
 
 
-def _perturbed(mode: str, attention: str) -> Encoder:
-    torch.manual_seed(0)
-    enc = Encoder.from_config(EncoderConfig(max_length=512, attention=attention, pooling={"mode": mode},
-                                            lora={"top_layers": 8}))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a fresh adapter is a no-op: give it weights so that merging matters
-        for name, p in enc.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return enc.eval()
-
-
 @pytest.mark.parametrize("mode, attention", [("ata", "causal"), ("ata", "bidirectional"),
                                              ("mean", "bidirectional"), ("last", "causal")])
-def test_vllm_pooling_model_equals_the_encoder(tmp_path, monkeypatch, mode, attention):
+def test_vllm_pooling_model_equals_the_encoder(tmp_path, monkeypatch, perturbed_encoder, mode, attention):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawn
     from vllm import LLM, PoolingParams
 
     from mgh_ray import vllm_model
 
-    enc = _perturbed(mode, attention)
+    enc = perturbed_encoder(mode, attention)
     merged = export.write(enc, tmp_path / "export") / "merged"
     assert '"architectures": [\n    "MghRayEncoder"' in (merged / "config.json").read_text()
     vllm_model.register()  # what the plugin entry point does in every vLLM process

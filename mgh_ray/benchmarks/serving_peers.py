@@ -7,7 +7,8 @@ requests. Servers:
 - vLLM's OpenAI server from this venv with `--runner pooling --convert embed` and MEAN pooling on
   the merged (LoRA folded in) export of the encoder folder, float32, `threads` OMP threads;
 - `mgh-ray serve` on the same weights with mean pooling, and with the folder's ATA pooling, one
-  replica of `threads` torch threads;
+  replica of `threads` threads, on the torch engine (`mgh-mean`, `mgh-ata`) and on the vLLM engine
+  (`mgh-vllm-mean`, `mgh-vllm-ata`: serve.engine=vllm);
 - in-process `Encoder.encode` (mean, `threads` threads), one call per request's texts (what the model
   alone costs at that request size: the ratio's baseline) and in batches of `max_batch_size`.
 Vectors of each server are compared with in-process `Encoder` vectors (min cosine). The table
@@ -53,8 +54,8 @@ class PeersConfig(Section):
     vllm_port: int = Field(18811, ge=1, le=65535)
     serve_port: int = Field(18812, ge=1, le=65535)
     startup_timeout_s: float = Field(600.0, gt=0)
-    # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing), the before
-    servers: list[str] = ["vllm-mean", "mgh-mean", "mgh-ata", "mgh-mean-unpacked"]
+    # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing)
+    servers: list[str] = ["vllm-mean", "mgh-mean", "mgh-ata", "mgh-vllm-mean", "mgh-vllm-ata"]
 
 
 def sentences(model_dir: Path, cfg: PeersConfig) -> list[str]:
@@ -138,18 +139,29 @@ def with_pooling(model_dir: Path, mode: str, out: Path) -> Path:
     return out
 
 
-def start_vllm(merged: Path, cfg: PeersConfig, log_path: Path) -> subprocess.Popen:
+def start_vllm(merged: Path, cfg: PeersConfig, log_path: Path, max_model_len: int) -> subprocess.Popen:
     """vLLM's OpenAI server in pooling mode (MEAN), float32, `threads` OMP threads, on loopback."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cfg.threads - 1}"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged),
            "--served-model-name", "peer", "--runner", "pooling", "--convert", "embed",
            "--pooler-config", '{"pooling_type":"MEAN"}', "--dtype", "float32", "--host", "127.0.0.1",
-           "--port", str(cfg.vllm_port), "--max-model-len", "512"]
+           "--port", str(cfg.vllm_port), "--max-model-len", str(max_model_len)]
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _wait_up(f"http://127.0.0.1:{cfg.vllm_port}/health", proc, cfg.startup_timeout_s, log_path)
     return proc
+
+
+def _as_llama(merged: Path) -> Path:
+    """The export with vLLM's own Llama as its architecture (the export names mgh_ray's pooling model),
+    so that the peer is vLLM's pooling of a plain Llama, not this project's model class."""
+    import json
+
+    config = json.loads((merged / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (merged / "config.json").write_text(json.dumps(config, indent=2))
+    return merged
 
 
 def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
@@ -213,18 +225,20 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
         t0 = time.perf_counter()
         mean_enc.encode(texts, batch_size=serve_cfg.max_batch_size)
         in_process_batched = len(texts) / (time.perf_counter() - t0)
-        merged = export.write(mean_enc, tmp / "export") / "merged"
+        merged = _as_llama(export.write(mean_enc, tmp / "export") / "merged")
+        max_model_len = mean_enc.max_tokens  # what the export's sentence_bert_config.json allows
         del mean_enc
         for server in bench.servers:
             log.info("serving-peers: %s", server)
             proc = None
             if server == "vllm-mean":
-                proc = start_vllm(merged, bench, out_dir / "vllm_server.log")
+                proc = start_vllm(merged, bench, out_dir / "vllm_server.log", max_model_len)
                 url, model, pool = f"http://127.0.0.1:{bench.vllm_port}", "peer", "mean"
             else:
-                pool = server.removeprefix("mgh-").removesuffix("-unpacked")
+                engine = "vllm" if server.startswith("mgh-vllm-") else "torch"
+                pool = server.removeprefix("mgh-").removeprefix("vllm-").removesuffix("-unpacked")
                 packing = {"max_batch_tokens": 1 << 30} if server.endswith("-unpacked") else {}
-                cfg = serve_cfg.model_copy(update={**packing,
+                cfg = serve_cfg.model_copy(update={**packing, "engine": engine,
                     "app_name": f"peers-{server}", "route_prefix": f"/peers-{server}", "num_replicas": 1,
                     "autoscaling": None, "num_cpus": float(bench.threads),
                     "torch_threads": bench.serve_threads or bench.threads,
@@ -254,8 +268,11 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
     if "vllm-mean" in table.index:
         for server in table.index.drop("vllm-mean"):
             rows[f"{server} / vllm-mean"] = table.loc[server, cols] / table.loc["vllm-mean", cols]
-    if {"mgh-ata", "mgh-mean"} <= set(table.index):  # the goal: ATA within 10% of mean
-        rows["mgh-ata / mgh-mean"] = table.loc["mgh-ata", cols] / table.loc["mgh-mean", cols]
+    for ata, mean in (("mgh-ata", "mgh-mean"), ("mgh-vllm-ata", "mgh-vllm-mean")):
+        if {ata, mean} <= set(table.index):  # the goal: ATA within 10% of mean
+            rows[f"{ata} / {mean}"] = table.loc[ata, cols] / table.loc[mean, cols]
+    if {"mgh-vllm-mean", "mgh-mean"} <= set(table.index):
+        rows["mgh-vllm-mean / mgh-mean"] = table.loc["mgh-vllm-mean", cols] / table.loc["mgh-mean", cols]
     local = pd.Series({f"{c}x{k}": in_process[k] for c, k in points})
     for server in table.index:
         rows[f"{server} / in-process"] = table.loc[server, cols] / local

@@ -66,6 +66,10 @@ class ServeConfig(Section):
     body_timeout_s: float = Field(10.0, gt=0, le=600)  # to receive a request body
     api_key_env: str | None = "MGH_RAY_API_KEY"
     allow_public_without_key: bool = False
+    # the replica's inference engine: eager PyTorch (`Encoder.encode`) or vLLM's pooling runner on the
+    # folder's merged export (vllm_model.py; same tokens, same pooling, same vectors)
+    engine: Literal["torch", "vllm"] = "torch"
+    vllm_kv_cache_mb: int = Field(512, ge=16)  # the vLLM engine's KV cache per replica
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: num_cpus rounded, at least 1

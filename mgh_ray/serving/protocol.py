@@ -145,9 +145,10 @@ class ModelCard(BaseModel):
     dim: int
     pooling: str
     attention: str  # causal, or bidirectional (an LLM2Vec-style encoder)
+    engine: str  # torch (eager) or vllm (vLLM's pooling runner)
     device: str
     dtype: str
-    torch_threads: int
+    torch_threads: int  # the engine's threads (OMP threads of vLLM's engine)
     max_length: int
 
 

@@ -1,11 +1,13 @@
-"""The Serve replica: a FastAPI app (`@serve.ingress`) around one `Encoder`, with dynamic batching.
+"""The Serve replica: a FastAPI app (`@serve.ingress`) around one encoder folder and an inference engine.
 
-Each replica loads the folder with `Encoder.load`, so serving runs the same tokenizer, pooling (ATA
-included) and normalisation as training and in-process `encode`. A request's texts enter
-`@serve.batch` one by one, at most `max_batch_size` at a time, so a large request is cut into
-batch-sized pieces that interleave with other clients' texts instead of holding them behind it.
-Tokenising, JSON decoding of large bodies and the model all run in worker threads: the event loop
-only moves bytes. A text that fails on its own gets its own error; it never fails a batch-mate.
+Each replica loads the folder's text side (`Encoder.load`: tokenizer, templates, limits), so serving
+reads the same tokens, pools the same set (ATA included) and normalises as training and in-process
+`encode` do. The engine (`serve.engine`, engines.py) is eager PyTorch, whose texts enter `@serve.batch`
+one by one, at most `max_batch_size` at a time (a large request is cut into batch-sized pieces that
+interleave with other clients' texts instead of holding them behind it), or vLLM's pooling runner,
+which batches on its own. Tokenising, JSON decoding of large bodies and the model all run off the
+event loop: it only moves bytes. A text that fails on its own gets its own error; it never fails a
+batch-mate.
 
 Imported only inside Ray (it imports Ray Serve at the top, as `@serve.ingress` needs).
 """
@@ -18,7 +20,6 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -92,36 +93,34 @@ class Embedder:
     """One replica: HTTP routes below, and `embed`/`info` for DeploymentHandle callers."""
 
     def __init__(self, model_dir: str, settings: dict[str, Any], key_hash: str | None) -> None:
-        import torch
-
-        from mgh_ray.encoder import Encoder
+        from mgh_ray.serving import engines
 
         self.cfg = ServeConfig.model_validate(settings)
         self.key_hash = key_hash
         self._check_http_host()
-        torch.set_num_threads(self.cfg.threads)
-        self.encoder = Encoder.load(model_dir)
-        self.name = served_name(self.cfg, model_dir)
-        self.revision = model_revision(model_dir)
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.pooling = str(self.encoder.config.pooling.mode)
-        self.max_length = int(self.encoder.config.max_length)
-        self.max_chars = self.cfg.chars_limit(self.max_length)
-        param = next(self.encoder.parameters())
-        self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
-        self.batches, self.recent_batches = 0, deque(maxlen=256)  # sizes of the last forward passes
-        self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
-                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._run_batch)
         self.m_requests = Counter("mgh_embed_requests", description="embedding requests by HTTP status",
                                   tag_keys=("status",))
         self.m_texts = Counter("mgh_embed_texts", description="texts embedded")
         self.m_latency = Histogram("mgh_embed_request_latency_ms", description="request latency (ms)",
                                    boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000])
-        self.m_batch = Histogram("mgh_embed_batch_size", description="texts per forward pass",
+        self.m_batch = Histogram("mgh_embed_batch_size", description="texts per forward pass (torch engine)",
                                  boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
-        log.info("replica %s serves %s (rev %s, dim %d, pooling %s, %s %s, %d threads)", self.replica,
-                 self.name, self.revision, self.encoder.dim, self.pooling, self.device, self.dtype,
-                 self.cfg.threads)
+        self.revision = model_revision(model_dir)
+        self.engine = engines.create(model_dir, self.cfg, self.revision, self.m_batch.observe)
+        self.inputs = self.engine.inputs
+        self.name = served_name(self.cfg, model_dir)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.pooling = str(self.engine.config.pooling.mode)
+        self.max_length = int(self.engine.config.max_length)
+        self.max_chars = self.cfg.chars_limit(self.max_length)
+        log.info("replica %s serves %s (rev %s, dim %d, pooling %s, %s engine, %s %s, %d threads)",
+                 self.replica, self.name, self.revision, self.engine.dim, self.pooling, self.engine.kind,
+                 self.engine.device, self.engine.dtype, self.engine.threads())
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     def _check_http_host(self) -> None:
         """`serve run --host 0.0.0.0` or a config file's http_options bypass `deploy`: check here too."""
@@ -135,50 +134,13 @@ class Embedder:
         if self.http_host is not None:
             check_public(self.cfg, self.http_host, self.key_hash)
 
-    # ------------------------------------------------------------ batching
-
-    def _forward(self, items: list[tuple[str, str | None, int]]) -> list[np.ndarray | Exception]:
-        """Encode one batch: per instruction, texts sorted by tokens and packed into passes of at most
-        `max_batch_tokens` (padding included); a failing pass is retried text by text."""
-        out: list[np.ndarray | Exception | None] = [None] * len(items)
-        for instruction in dict.fromkeys(i for _, i, _ in items):
-            idx = sorted((k for k, it in enumerate(items) if it[1] == instruction), key=lambda k: -items[k][2])
-            start = 0
-            while start < len(idx):
-                stop = start + 1  # longest first: the pass is padded to its first text's length
-                while stop < len(idx) and (stop - start + 1) * items[idx[start]][2] <= self.cfg.max_batch_tokens:
-                    stop += 1
-                part = idx[start:stop]
-                try:
-                    vecs = self.encoder.encode([items[k][0] for k in part], instruction=instruction,
-                                               batch_size=len(part))  # (len(part), dim)
-                    for k, v in zip(part, vecs):
-                        out[k] = v
-                except Exception:  # find the text at fault; the others still get vectors
-                    log.exception("a forward pass of %d texts failed; retrying them one by one", len(part))
-                    for k in part:
-                        try:
-                            out[k] = self.encoder.encode([items[k][0]], instruction=instruction)[0]
-                        except Exception as exc:
-                            out[k] = exc
-                start = stop
-        return out  # type: ignore[return-value]
-
-    async def _run_batch(self, items: list[tuple[str, str | None, int]]) -> list[np.ndarray | Exception]:
-        self.batches += 1
-        self.recent_batches.append(len(items))
-        self.m_batch.observe(len(items))
-        return await asyncio.to_thread(self._forward, items)
+    # ------------------------------------------------------------ encoding
 
     async def _encode(self, texts: list[str], instruction: str | None, tokens: list[int]) -> np.ndarray:
-        """(n, dim) float32; submitted in batch-sized pieces so other requests interleave."""
-        rows: list[np.ndarray | Exception] = []
-        step = self.cfg.max_batch_size
-        for start in range(0, len(texts), step):
-            rows += await asyncio.gather(*(self._batched((t, instruction, n)) for t, n in
-                                           zip(texts[start:start + step], tokens[start:start + step])))
+        """(n, dim) float32, from the engine; one text's failure fails the request, naming the text."""
+        rows = await self.engine.encode([(t, instruction, n) for t, n in zip(texts, tokens)])
         for i, row in enumerate(rows):
-            if isinstance(row, Exception):
+            if isinstance(row, BaseException):
                 raise RuntimeError(f"input[{i}] could not be embedded") from row
         self.m_texts.inc(len(texts))
         return np.stack(rows).astype(np.float32)  # (n, dim)
@@ -196,8 +158,7 @@ class Embedder:
                                             f"{self.max_chars} (truncation policy 'error': shorten it)", "input")
                 texts[i] = text[: self.max_chars]
                 cut.append(i)
-        formatted = self.encoder.format(texts, req.instruction)
-        lengths = [len(ids) for ids in self.encoder.tokenizer(formatted)["input_ids"]]
+        lengths = self.inputs.token_counts(texts, req.instruction)
         for i, n in enumerate(lengths):
             if n > self.max_length:
                 if self.cfg.truncation == "error":
@@ -293,7 +254,7 @@ class Embedder:
             raise RequestError(400, "the request body is not valid JSON") from None
         except RecursionError:  # [[[[...]]]] thousands deep: the decoder's stack, not the server's fault
             raise RequestError(400, "the request body nests too deeply to be a request") from None
-        req = parse_request(body, self.cfg, self.name, self.encoder.dim)
+        req = parse_request(body, self.cfg, self.name, self.engine.dim)
         texts, tokens, cut = await asyncio.to_thread(self._prepare, req)
         vectors = shorten(await self._encode(texts, req.instruction, tokens), req.dimensions)
         headers = self._headers()
@@ -308,17 +269,14 @@ class Embedder:
     async def embed(self, texts: list[str], instruction: str | None = None) -> dict[str, Any]:
         """In-cluster entry (DeploymentHandle): same limits as HTTP, float32 vectors back."""
         req = parse_request({"input": texts, "instruction": instruction}, self.cfg, self.name,
-                            self.encoder.dim)
+                            self.engine.dim)
         texts, tokens, _ = await asyncio.to_thread(self._prepare, req)
         return {"vectors": await self._encode(texts, req.instruction, tokens), "replica": self.replica}
 
     def info(self) -> dict[str, Any]:
         """What this replica serves and how, and its batching (forward passes so far, last 256 sizes)."""
-        import torch
-
-        return {"model": self.name, "revision": self.revision, "dim": self.encoder.dim,
-                "pooling": self.pooling, "attention": self.encoder.config.attention,
-                "device": self.device, "dtype": self.dtype,
+        return {"model": self.name, "revision": self.revision, "dim": self.engine.dim,
+                "pooling": self.pooling, "attention": self.engine.config.attention,
+                "engine": self.engine.kind, "device": self.engine.device, "dtype": self.engine.dtype,
                 "max_length": self.max_length, "replica": self.replica,
-                "torch_threads": torch.get_num_threads(), "batches": self.batches,
-                "recent_batches": list(self.recent_batches)}
+                "torch_threads": self.engine.threads(), **self.engine.stats()}
