@@ -12,7 +12,6 @@ again, never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -85,12 +84,7 @@ def cache_dir() -> Path:
     return storage.cache_home()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_of = storage.sha256_of
 
 
 def _manual_hint(w: Wheel, dest: Path) -> str:

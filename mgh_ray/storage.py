@@ -212,8 +212,6 @@ def check_readable(loc: str | Path, what: str = "file") -> None:
 
 def manifest(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file in a local folder."""
-    from mgh_ray.assets import sha256_of
-
     return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != MANIFEST}
 
@@ -263,6 +261,14 @@ def download_dir(loc: str | Path, local: str | Path) -> Path:
     except Exception as exc:
         raise _explain(normalize(loc), exc) from None
     return local
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cache_home() -> Path:

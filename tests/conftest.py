@@ -81,10 +81,13 @@ def minilm_path():
     return assets.model_path("minilm")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A fresh local Ray cluster (never an existing one) with fixed logical CPUs and a dashboard
-    on loopback, so Jobs, Data, Train and Serve tests all run against the same real cluster."""
+    on loopback, so Jobs, Data, Train and Serve tests all run against a real cluster. One per test
+    module: a single cluster that lived through every module's Train runs, Serve apps and datasets
+    stopped granting a Ray Data read its task after ~200 tests (never when those modules ran alone),
+    and a new cluster costs a few seconds."""
     import ray
 
     ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
