@@ -45,19 +45,15 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from mgh_ray.config import MAX_COUNT, Section
-from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
+from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE, TASK_NAMES
 from mgh_ray.serving import ServeConfig
 
 log = logging.getLogger(__name__)
 
-ALL_TASKS = ["BBCHeadlineRetrieval", "MovieDialogReranking", "LeeSTS", "TRECCoarseClassification",
-             "ReutersR8Clustering", "SDGPairClassification"]  # = tasks.NAMES (kept here so import is cheap)
-
-
 class EvalConfig(Section):
     """Which tasks, how big, and how the work spreads over the cluster."""
 
-    tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES))
     max_rows: int | None = Field(40, ge=1, strict=True)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
     # per-task exceptions to max_rows, e.g. {LeeSTS: null}: every row of a small table
     max_rows_per_task: dict[str, int | None] = Field(default_factory=dict)

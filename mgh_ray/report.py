@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 # rows of the scores table beside "mean": the tasks shaped like the training seeds, and the rest
 MEAN_LIKE, MEAN_UNLIKE = "mean: like the seeds", "mean: unlike the seeds"
+# the project's evaluation tasks (tasks.py builds them; named here, where importing costs nothing)
+TASK_NAMES = ("BBCHeadlineRetrieval", "MovieDialogReranking", "LeeSTS", "TRECCoarseClassification",
+              "ReutersR8Clustering", "SDGPairClassification")
 
 
 def _cell(value: float, best: bool, floatfmt: str) -> str:

@@ -40,6 +40,7 @@ from mteb.types import PromptType
 
 from mgh_ray import corpora
 from mgh_ray.records import DEFAULT_INSTRUCTION
+from mgh_ray.report import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,9 @@ class SDGPairClassification(_Sized, AbsTaskPairClassification):
 TASKS: dict[str, type] = {cls.metadata.name: cls for cls in (
     BBCHeadlineRetrieval, MovieDialogReranking, LeeSTS, TRECCoarseClassification, ReutersR8Clustering,
     SDGPairClassification)}
-NAMES = tuple(TASKS)
+NAMES = TASK_NAMES
+if tuple(TASKS) != NAMES:
+    raise ImportError(f"tasks.TASKS {tuple(TASKS)} and report.TASK_NAMES {NAMES} must name the same tasks")
 SOURCES = {"BBCHeadlineRetrieval": "bbc_eval", "MovieDialogReranking": "moviedialog", "LeeSTS": "lee",
            "TRECCoarseClassification": "trec", "ReutersR8Clustering": "reuters_r8",
            "SDGPairClassification": "sdg"}

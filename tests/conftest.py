@@ -103,6 +103,17 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory, minilm_path):
+    """A MiniLM encoder folder with mean pooling (read-only: the Serve and evaluation tests deploy it)."""
+    from mgh_ray.encoder import Encoder, EncoderConfig
+    from mgh_ray.pooling import PoolingConfig
+
+    folder = tmp_path_factory.mktemp("minilm") / "minilm"
+    Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def perturbed_encoder(smollm2_path):
     """A factory of SmolLM2 encoders whose LoRA adapter has random weights (a fresh adapter is a no-op,
     so merging it would prove nothing): `perturbed_encoder(mode, attention, max_length=512)`."""

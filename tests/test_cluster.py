@@ -33,17 +33,6 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert cfg["idle_timeout_minutes"] > 0
 
 
-def test_cluster_yaml_schema_check_can_fail():
-    import jsonschema
-    import ray
-
-    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    cfg["available_node_types"]["gpu_worker"]["min_workers"] = "zero"
-    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(cfg, schema)
-
-
 def test_working_dir_stays_small():
     """What `ray job submit --working-dir .` uploads (minus .rayignore) is far below Ray's 100 MiB."""
     ignored = {".git", ".venv", "runs", ".pytest_cache", "__pycache__"}

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mgh_ray import evaluation, report, serving
+from mgh_ray import evaluation, report, serving, tasks
 from mgh_ray.tasks import DATA_VERSION
 
 PORT = 18731  # the same Serve HTTP port as tests/test_serving.py (one Serve per Ray session)
@@ -24,14 +24,9 @@ def minilm_encoder(minilm_path):
     return Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean")))
 
 
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory, minilm_encoder):
-    return minilm_encoder.save(tmp_path_factory.mktemp("eval") / "minilm")
-
-
 def test_config_and_adapter_contracts():
     cfg = evaluation.EvalConfig()
-    assert cfg.num_replicas == 2 and cfg.max_rows and cfg.tasks == evaluation.ALL_TASKS
+    assert cfg.num_replicas == 2 and cfg.max_rows and cfg.tasks == list(tasks.NAMES)
     with pytest.raises(ValueError, match="exactly one"):
         evaluation.ServedEncoder("m", "r", 8)
     with pytest.raises(ValueError, match="exactly one"):

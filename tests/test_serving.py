@@ -15,16 +15,6 @@ PORT = 18731  # fixed loopback port for every Serve test in this session
 
 
 @pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory, minilm_path):
-    from mgh_ray.encoder import Encoder, EncoderConfig
-    from mgh_ray.pooling import PoolingConfig
-
-    folder = tmp_path_factory.mktemp("serve") / "minilm"
-    Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def served(ray_cluster, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-serve", model_name="minilm", api_key_env=None,
                               max_inputs=8, max_chars=200, max_batch_size=8, batch_wait_timeout_s=0.05,
@@ -102,8 +92,10 @@ def test_public_host_without_key_is_refused(tmp_path, monkeypatch):
         serving.start_app(cfg, tmp_path, "never", "/never")
     with pytest.raises(PermissionError, match="API key"):  # `serve run` / config files refuse too
         serving.build_app({"model_dir": str(tmp_path), "host": "0.0.0.0"})
-    monkeypatch.setenv("MGH_RAY_API_KEY", "k")
-    assert serving.build_app({"model_dir": str(tmp_path), "host": "0.0.0.0"}) is not None
+    from ray.serve import Application
+
+    monkeypatch.setenv("MGH_RAY_API_KEY", "k")  # with a key, the same public host builds an application
+    assert isinstance(serving.build_app({"model_dir": str(tmp_path), "host": "0.0.0.0"}), Application)
 
 
 def test_typed_builder_and_character_limit_from_tokens():

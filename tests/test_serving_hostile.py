@@ -20,16 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory, minilm_path):
-    from mgh_ray.encoder import Encoder, EncoderConfig
-    from mgh_ray.pooling import PoolingConfig
-
-    folder = tmp_path_factory.mktemp("hostile") / "minilm"
-    Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean"))).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def hostile(ray_cluster, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-hostile", route_prefix="/hostile", api_key_env=None,
                               max_inputs=96, max_batch_size=4, batch_wait_timeout_s=0.02, num_cpus=1,

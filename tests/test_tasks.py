@@ -48,7 +48,7 @@ def loaded():
 def test_one_task_per_family(loaded):
     families = {t.metadata.type for t in loaded.values()}
     assert {"Retrieval", "Reranking", "STS", "Classification", "Clustering", "PairClassification"} <= families
-    assert evaluation.ALL_TASKS == list(tasks.NAMES)
+    assert evaluation.EvalConfig().tasks == list(tasks.NAMES)
 
 
 def test_sizes_are_seeded_and_part_of_the_revision(loaded):
