@@ -405,6 +405,12 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str] | None = None) -> pd.Da
     return scores
 
 
+def fetch_fingerprint(cfg: PipelineConfig) -> str:
+    # "fetch" alone for the default seeds: run folders made before seed_sources existed stay valid
+    sources = cfg.synthesis.seed_sources
+    return "fetch" if sources == ["bbc"] else "fetch:" + "+".join(sources)
+
+
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """All stages in order, skipping finished ones; returns the evaluation table (task x model)."""
     run = RunLayout(cfg.run_dir)
@@ -412,9 +418,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     check_cluster(cfg)
     storage.check_writable(run.run_dir)  # a missing bucket or credentials fail before any stage
     save_config(cfg, run.run_dir)
-    # "fetch" alone for the default seeds: run folders made before seed_sources existed stay valid
-    sources = cfg.synthesis.seed_sources
-    f_fetch = "fetch" if sources == ["bbc"] else "fetch:" + "+".join(sources)
+    f_fetch = fetch_fingerprint(cfg)
     f_syn = fingerprint(cfg.synthesis)
     f_train = train_fingerprint(cfg)
     f_eval = fingerprint(cfg.synthesis, train_config(cfg), cfg.evaluate, cfg.serve)

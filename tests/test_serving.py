@@ -315,3 +315,19 @@ def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smoll
         assert float(served_vec @ local) >= 0.9999
     finally:
         serving.undeploy(f"test-{mode}")
+
+
+@pytest.mark.integration
+def test_serving_benchmark_smoke(ray_cluster, minilm_dir, tmp_path):
+    """The serving benchmark at minimal size: its table holds the HTTP, in-process and evaluation rows."""
+    from mgh_ray.benchmarks import serving as bench_serving
+    from mgh_ray.evaluation import EvalConfig
+
+    bench = bench_serving.ServingBenchmarkConfig(clients=2, requests_per_client=2, texts_per_request=2,
+                                                 eval_replicas=[1], eval_engines=["torch"])
+    table = bench_serving.run(serving.ServeConfig(port=PORT, api_key_env=None),
+                              EvalConfig(tasks=["LeeSTS"], max_rows=16), minilm_dir, tmp_path, bench)
+    values = table["value"]
+    assert values.filter(like="HTTP texts/s").iloc[0] > 0
+    assert values.filter(like="evaluation wall time (deployed), torch engine, 1 replica").iloc[0] > 0
+    assert (tmp_path / "benchmark_serving.md").is_file()

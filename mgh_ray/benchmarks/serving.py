@@ -6,8 +6,10 @@ One run, one machine, baselines measured in the same run:
 (b) the same texts through in-process `Encoder.encode` (batch = the server's max_batch_size): texts/s,
     once with a replica's torch threads (the like-for-like baseline of the HTTP/in-process ratio) and
     once with this process's own threads where those differ;
-(c) wall time of `evaluation.evaluate_model` on the eval config's tasks with 1 and with 2 replicas
-    (fresh result folders, so nothing is skipped), with the deployment's start-up timed apart.
+(c) wall time of `evaluation.evaluate_model` on the eval config's tasks with 1 and with 2 replicas, on
+    each engine of `eval_engines` (torch: eager; vllm: vLLM's pooling runner) (fresh result folders, so
+    nothing is skipped), with the deployment's start-up timed apart; the vLLM/torch ratio at the same
+    replicas.
 The table goes to the log and to out_dir/benchmark_serving.{md,json}.
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage serving
@@ -21,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +44,7 @@ class ServingBenchmarkConfig(Section):
     max_seconds: float = Field(120.0, gt=0)  # a client stops early once this much time has passed
     replicas: int = Field(1, ge=1)  # replicas behind the HTTP load test
     eval_replicas: list[int] = [1, 2]
+    eval_engines: list[Literal["torch", "vllm"]] = ["torch", "vllm"]
 
 
 def _texts(n: int) -> list[str]:
@@ -138,30 +142,39 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
                      tps, "texts/s"))
     rows.append((f"HTTP / in-process throughput, same torch threads ({replica_threads})",
                  http["texts_per_s"] / local_tps[replica_threads], "ratio"))
-    walls = {}
+    walls: dict[tuple[str, int], float] = {}
+    for engine in bench.eval_engines:
+        for replicas in bench.eval_replicas:
+            ecfg = eval_cfg.model_copy(update={"num_replicas": replicas, "overwrite": True, "engine": engine})
+            app = f"bench-eval-{engine}-r{replicas}"
+            t0 = time.perf_counter()
+            serving.start_app(evaluation.eval_serve_config(ecfg, serve_cfg), model_dir, app, route_prefix=None)
+            t1 = time.perf_counter()
+            try:
+                with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+                    evaluation.evaluate_model(ecfg, app, model_dir, Path(tmp), serve_cfg, app=app)
+            finally:
+                serving.undeploy(app)
+            walls[engine, replicas] = time.perf_counter() - t1
+            what = f"{engine} engine, {replicas} replica(s), {len(eval_cfg.tasks)} tasks, max_rows={eval_cfg.max_rows}"
+            rows += [(f"deploy time, {engine} engine, {replicas} replica(s)", t1 - t0, "s"),
+                     (f"evaluation wall time (deployed), {what}", walls[engine, replicas], "s")]
+    for engine in bench.eval_engines:
+        counts = sorted(r for e, r in walls if e == engine)
+        if len(counts) >= 2:
+            lo, hi = counts[0], counts[-1]
+            rows.append((f"evaluation speed-up, {engine} engine, {hi} vs {lo} replica(s)",
+                         walls[engine, lo] / walls[engine, hi], "ratio"))
     for replicas in bench.eval_replicas:
-        ecfg = eval_cfg.model_copy(update={"num_replicas": replicas, "overwrite": True})
-        app = f"bench-eval-r{replicas}"
-        t0 = time.perf_counter()
-        serving.start_app(evaluation.eval_serve_config(ecfg, serve_cfg), model_dir, app, route_prefix=None)
-        t1 = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-                evaluation.evaluate_model(ecfg, app, model_dir, Path(tmp), serve_cfg, app=app)
-        finally:
-            serving.undeploy(app)
-        walls[replicas] = time.perf_counter() - t1
-        what = f"{replicas} replica(s), {len(eval_cfg.tasks)} tasks, max_rows={eval_cfg.max_rows}"
-        rows += [(f"deploy time, {replicas} replica(s)", t1 - t0, "s"),
-                 (f"evaluation wall time (deployed), {what}", walls[replicas], "s")]
-    if len(walls) >= 2:
-        lo, hi = min(walls), max(walls)
-        rows.append((f"evaluation speed-up, {hi} vs {lo} replica(s)", walls[lo] / walls[hi], "ratio"))
+        if ("torch", replicas) in walls and ("vllm", replicas) in walls:
+            rows.append((f"evaluation speed-up, vllm vs torch engine, {replicas} replica(s)",
+                         walls["torch", replicas] / walls["vllm", replicas], "ratio"))
     table = pd.DataFrame(rows, columns=["measure", "value", "unit"]).set_index("measure")
     _save(table, out_dir, {"serve": serve_cfg.model_dump(mode="json"),
                            "eval": eval_cfg.model_dump(mode="json"), "bench": bench.model_dump(mode="json"),
                            "model_dir": str(model_dir),
-                           "cpus": os.cpu_count(), "http": http, "eval_wall_s": walls})
+                           "cpus": os.cpu_count(), "http": http,
+                           "eval_wall_s": {f"{e} r{r}": w for (e, r), w in walls.items()}})
     return table
 
 
