@@ -87,7 +87,7 @@ def test_evaluation_on_the_vllm_engine_scores_as_the_torch_engine(ray_cluster, a
 
     scores = {}
     for engine in ("torch", "vllm"):
-        cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=24, num_replicas=1, engine=engine)
+        cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1, engine=engine)
         results, seen, _ = evaluate_model(cfg, f"smol-{engine}", ata_dir[0], tmp_path / engine,
                                           serving.ServeConfig(port=PORT, api_key_env=None))
         assert sum(seen.values()) > 0
@@ -105,11 +105,12 @@ def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):
 
     folder = Encoder.from_config(EncoderConfig(max_length=64, pooling={"mode": "ata"})).save(tmp_path / "m")
     bench = serving_peers.PeersConfig(clients=[2], texts_per_request=[2], num_texts=16, seconds_per_point=1,
-                                      max_requests_per_client=2, threads=1,
-                                      servers=["vllm-mean", "mgh-vllm-mean", "mgh-vllm-ata"])
+                                      max_requests_per_client=2, threads=1, servers=["vllm-mean", "mgh-vllm-ata"])
     table = serving_peers.run(serving.ServeConfig(port=PORT, api_key_env=None, vllm_kv_cache_mb=128), folder,
                               tmp_path / "out", bench)
-    assert (table.loc[["vllm-mean", "mgh-vllm-mean", "mgh-vllm-ata"], "2x2"] > 0).all()
-    assert (table.loc[["vllm-mean", "mgh-vllm-mean", "mgh-vllm-ata"], "min cosine vs Encoder"] >= 0.9999).all()
-    assert "mgh-vllm-ata / mgh-vllm-mean" in table.index
+    assert (table.loc[["vllm-mean", "mgh-vllm-ata"], "2x2"] > 0).all()
+    assert table.loc["mgh-vllm-ata", "min cosine vs Encoder"] >= 0.9999
+    # vLLM's own server reads the raw text (no input template, every token pooled): near, not equal
+    assert 0.9 < table.loc["vllm-mean", "min cosine vs Encoder"] < 1
+    assert "mgh-vllm-ata / vllm-mean" in table.index
     assert (tmp_path / "out" / "benchmark_serving_peers.md").is_file()

@@ -11,7 +11,9 @@ requests. Servers:
   (`mgh-vllm-mean`, `mgh-vllm-ata`: serve.engine=vllm);
 - in-process `Encoder.encode` (mean, `threads` threads), one call per request's texts (what the model
   alone costs at that request size: the ratio's baseline) and in batches of `max_batch_size`.
-Vectors of each server are compared with in-process `Encoder` vectors (min cosine). The table
+Vectors of each server are compared with in-process `Encoder` vectors (min cosine; vLLM's own server
+reads the raw text, without the encoder's input template, and pools every token, so it comes near
+but not to 1). The table
 (texts/s, and ratios to vLLM and to in-process) goes to the log and out_dir/benchmark_serving_peers.*.
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage serving-peers
