@@ -148,7 +148,8 @@ def serve(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
              model: list[str] = typer.Option(None, help="NAME=FOLDER or NAME=http://host:port, repeatable "
                                                         "(default: base and trained of RUN_DIR)")) -> None:
-    """Run the offline MTEB tasks through Serve replicas and write the report."""
+    """Run the MTEB tasks (the project's, or any of mteb's registry by name) through Serve replicas and
+    write the report."""
     from mgh_ray import pipeline
 
     cfg = _setup(config_path, overrides)

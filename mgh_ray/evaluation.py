@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE, TASK_NAMES
@@ -51,9 +51,16 @@ from mgh_ray.serving import ServeConfig
 log = logging.getLogger(__name__)
 
 class EvalConfig(Section):
-    """Which tasks, how big, and how the work spreads over the cluster."""
+    """Which tasks, how big, and how the work spreads over the cluster.
+
+    `tasks` names the project's tasks (tasks.py) and any task of mteb's registry (`STS12`, ...);
+    `benchmark` names an mteb benchmark (`mteb.get_benchmark`, e.g. "MTEB(eng, v2)") whose tasks are
+    evaluated too: alone when `tasks` is not given, else after them. Registry tasks run as mteb defines
+    them (`max_rows` caps only the project's tables) and need their datasets in the local Hugging Face
+    cache or the hub within reach; `evaluate_model` checks that before any replica starts."""
 
     tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES))
+    benchmark: str | None = None
     max_rows: int | None = Field(40, ge=1, strict=True)  # seeded rows per table (None: all); ~4 min per SmolLM2 model here
     # per-task exceptions to max_rows, e.g. {LeeSTS: null}: every row of a small table
     max_rows_per_task: dict[str, int | None] = Field(default_factory=dict)
@@ -79,6 +86,18 @@ class EvalConfig(Section):
         if bad:
             raise ValueError(f"max_rows_per_task needs row counts >= 1 (or null for all), got {bad}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark(cls, data: Any) -> Any:
+        # expanded once, on the raw values: a saved config (tasks already expanded) loads back the same
+        if isinstance(data, dict) and data.get("benchmark"):
+            from mgh_ray import tasks
+
+            names = tasks.benchmark_tasks(data["benchmark"])
+            explicit = list(data.get("tasks") or [])
+            data = {**data, "tasks": list(dict.fromkeys([*explicit, *names]))}
+        return data
 
     def rows(self, task: str) -> int | None:
         """The row cap of one task's tables."""
@@ -206,11 +225,13 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
                             show_progress_bar=False, encode_kwargs={"batch_size": cfg.batch_size},
                             prediction_folder=tmp if cfg.bootstrap else None)
         boot = None
-        if cfg.bootstrap:
+        if cfg.bootstrap and intervals.supports(task):
             # a task object mteb has evaluated cannot replay its clustering draws: build it afresh
             fresh = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
             boot = intervals.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
                                         cfg.seed).to_json()
+        elif cfg.bootstrap:
+            log.info("%s: no bootstrap interval for a %s task", task_name, task.metadata.type)
     log.info("%s on %s: %.4f in %.1f s (replicas %s)", encoder.mteb_model_meta.name, task_name,
              res.task_results[0].get_score(), time.perf_counter() - start, dict(encoder.replicas))
     return res.task_results[0], dict(encoder.replicas), boot
@@ -280,9 +301,6 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     from mgh_ray import serving, tasks
 
     serve_cfg = serve_cfg or ServeConfig()
-    unknown = [t for t in cfg.tasks if t not in tasks.TASKS]
-    if unknown:
-        raise KeyError(f"unknown task(s) {unknown}; known: {', '.join(tasks.NAMES)}")
     url = endpoint_url(model)
     if url:
         with serving.EmbeddingClient(url, serving.api_key(serve_cfg)) as client:
@@ -305,6 +323,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
         log.info("%s: %d task(s) already finished, skipped: %s", name, len(results), ", ".join(results))
     if not todo:
         return results, {}, revision
+    tasks.check_available(todo)  # a registry task whose data cannot be had fails here, before any replica
     if not ray.is_initialized():
         ray.init()
     own_app = url is None and app is None
@@ -406,7 +425,8 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
     table = scores_table(results, cfg.tasks, like_seeds)
     ivs = interval_table(boots, cfg.tasks, like_seeds)
     ivs.to_csv(out_dir / "intervals.csv", index=False)
-    metrics = {t: f"{tasks.TASKS[t].metadata.type}, {tasks.TASKS[t].metadata.main_score}" for t in cfg.tasks}
+    metas = {t: tasks.build(t).metadata for t in cfg.tasks}
+    metrics = {t: f"{m.type}, {m.main_score}" for t, m in metas.items()}
     sizes = ", ".join(f"{t} {cfg.rows(t) or 'all'}" for t in cfg.tasks if cfg.rows(t) != cfg.max_rows)
     note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}{f' ({sizes})' if sizes else ''}, "
             f"seed={cfg.seed}, truncation={cfg.truncation} (texts longer than the model's token limit are "

@@ -116,6 +116,19 @@ class Bootstrap:
         return cls(float(data["point"]), values, int(data["n_rows"]))
 
 
+def supports(task: Any) -> bool:
+    """Whether `replicates` can resample `task`: one of the five task types below, with one subset (the
+    project's tasks; registry tasks of those types that are not multilingual)."""
+    from mteb.abstasks.classification import AbsTaskClassification
+    from mteb.abstasks.clustering import AbsTaskClustering
+    from mteb.abstasks.pair_classification import AbsTaskPairClassification
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.sts import AbsTaskSTS
+
+    kinds = (AbsTaskRetrieval, AbsTaskSTS, AbsTaskPairClassification, AbsTaskClassification, AbsTaskClustering)
+    return isinstance(task, kinds) and list(getattr(task, "hf_subsets", None) or ["default"]) == ["default"]
+
+
 def replicates(task: Any, predictions: Path | str | Any, n_boot: int = 1000, seed: int = 0, *,
                subset: str = "default", split: str = "test") -> Bootstrap:
     """The main score of `task` recomputed from mteb's predictions, and its `n_boot` bootstrap replicates.

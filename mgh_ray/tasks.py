@@ -251,11 +251,65 @@ def like_seeds(task_names: list[str], seed_sources: list[str]) -> list[str]:
     return [t for t in task_names if SOURCES.get(t) in held_out]
 
 
+def register() -> None:
+    """Put the project's tasks into mteb's task registry, so that mteb's own lookup finds them by name
+    (`mteb.get_task("LeeSTS")`: whole tables, seed 0). mteb has no public call for this: its registry
+    is the dict `get_task` reads."""
+    import importlib
+
+    registry = importlib.import_module("mteb.get_tasks")  # the module (`mteb.get_tasks` is also a function)
+    for name, cls in TASKS.items():
+        registry._TASKS_REGISTRY.setdefault(name, cls)
+
+
+class DataUnavailable(RuntimeError):
+    """A registry task's dataset is neither in the local Hugging Face cache nor reachable on the hub."""
+
+
 def build(name: str, *, max_rows: int | None = None, seed: int = 0) -> Any:
-    """A fresh task instance (an `mteb` AbsTask) by name, capped at `max_rows` seeded rows per table."""
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(NAMES)}")
-    return TASKS[name](max_rows=max_rows, seed=seed)
+    """A fresh task instance (an `mteb` AbsTask) by name: one of the project's tasks, capped at `max_rows`
+    seeded rows per table, or any task of mteb's registry (`STS12`, ...), as mteb defines it (its own
+    size and splits; `max_rows` and `seed` do not apply)."""
+    if name in TASKS:
+        return TASKS[name](max_rows=max_rows, seed=seed)
+    import mteb
+
+    try:
+        return mteb.get_task(name)
+    except KeyError as exc:
+        raise KeyError(f"unknown task {name!r}: neither one of the project's ({', '.join(NAMES)}) nor in "
+                       f"mteb's registry ({exc.args[0] if exc.args else ''})") from None
+
+
+def benchmark_tasks(benchmark: str) -> list[str]:
+    """The task names of an mteb benchmark (`mteb.get_benchmark`, e.g. "MTEB(eng, v2)")."""
+    import mteb
+
+    try:
+        bench = mteb.get_benchmark(benchmark)
+    except KeyError as exc:
+        raise ValueError(f"unknown mteb benchmark {benchmark!r}: {exc.args[0] if exc.args else ''}") from None
+    return [t.metadata.name for t in bench.tasks]
+
+
+def check_available(names: list[str]) -> None:
+    """Load the data of every registry task among `names` here, before any replica starts: a dataset that
+    is neither cached nor reachable fails now, naming it and the fix, instead of inside an evaluation.
+    (The project's tasks are built from the fetched corpora and need no check.)"""
+    for name in names:
+        if name in TASKS:
+            continue
+        task = build(name)
+        ds = task.metadata.dataset
+        try:
+            task.load_data()
+        except (ConnectionError, OSError) as exc:
+            raise DataUnavailable(
+                f"mteb task {name}: its dataset {ds.get('path')} (revision {ds.get('revision')}) is not in the "
+                f"local Hugging Face cache and the hub cannot be reached ({type(exc).__name__}: {exc}). Fill the "
+                "cache on every node of the cluster once, where the hub is reachable (python -c \"import mteb; "
+                f"mteb.get_task('{name}').load_data()\"), or set HF_HOME (or HF_DATASETS_CACHE) to a cache "
+                "that holds it.") from exc
 
 
 def instruction(metadata: TaskMetadata, prompt_type: PromptType | str | None) -> str | None:
@@ -265,3 +319,6 @@ def instruction(metadata: TaskMetadata, prompt_type: PromptType | str | None) ->
         kind = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
         return prompt.get(kind) if kind else None
     return prompt or None  # symmetric: the same instruction on every text
+
+
+register()  # on import: mteb's lookup (`mteb.get_task`) finds the project's tasks by name from here on
