@@ -113,7 +113,8 @@ class TorchEngine:
 
 
 class VllmEngine:
-    """The folder's merged export on vLLM's pooling runner (`vllm_model.MghRayEncoder`), float32 on CPU."""
+    """The folder's merged export on vLLM's pooling runner (`vllm_model.MghRayEncoder`): float32 on CPU,
+    bfloat16 on the GPU a replica's `num_gpus` grants (not yet run on a GPU)."""
 
     kind = "vllm"
 
@@ -132,17 +133,21 @@ class VllmEngine:
         merged = merged_export(encoder, revision)
         del encoder
         gc.collect()
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the replica's num_cpus decide
-        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+        # a GPU replica (serve.num_gpus > 0): Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted, and
+        # vLLM's CUDA build runs there in bfloat16; a CPU replica runs float32 on its own threads
+        gpu = cfg.num_gpus > 0
+        self.device, self.dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the replica's num_cpus decide
+            os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
         vllm_model.register()  # this process; the entry point registers it in the engine core's
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        args = AsyncEngineArgs(model=str(merged), runner="pooling", dtype="float32", enforce_eager=True,
+        args = AsyncEngineArgs(model=str(merged), runner="pooling", dtype=self.dtype, enforce_eager=not gpu,
                                max_model_len=self.max_tokens, enable_chunked_prefill=False,
                                enable_prefix_caching=False, kv_cache_memory_bytes=cfg.vllm_kv_cache_mb << 20,
                                max_num_seqs=cfg.max_batch_size, seed=0, disable_log_stats=True)
         self.engine = AsyncLLMEngine.from_engine_args(args)
-        self.device, self.dtype = "cpu", "float32"
         self.finished = self.aborted = 0  # texts encoded, texts dropped because their request was cancelled
 
     def threads(self) -> int:
