@@ -42,6 +42,7 @@ from pydantic import Field
 from mgh_ray import logs, storage
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.encoder import ADAPTED_FILE, EncoderConfig
+from mgh_ray.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    storage.write_text(storage.join(out_dir, "metrics.jsonl"), "\n".join(lines) + "\n")
+                    storage.write_text(RunLayout.metrics(out_dir), "\n".join(lines) + "\n")
                     model.save_pretrained(Path(tmp) / "adapter")
                     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "step": step + 1}, Path(tmp) / "train_state.pt")
@@ -236,7 +237,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _metric_lines(out_dir: str, resume_step: int) -> list[str]:
-    loc = storage.join(out_dir, "metrics.jsonl")
+    loc = RunLayout.metrics(out_dir)
     if not storage.is_file(loc):
         return []
     return [ln for ln in storage.read_text(loc).splitlines() if ln and json.loads(ln)["step"] <= resume_step]
@@ -246,7 +247,7 @@ def _metric_lines(out_dir: str, resume_step: int) -> list[str]:
 
 
 def read_metrics(out_dir: str) -> pd.DataFrame:
-    text = storage.read_text(storage.join(str(out_dir), "metrics.jsonl"))
+    text = storage.read_text(RunLayout.metrics(out_dir))
     return pd.DataFrame([json.loads(ln) for ln in text.splitlines() if ln])
 
 
@@ -295,11 +296,11 @@ def adapt(cfg: AdaptConfig, encoder: EncoderConfig, seeds: str, out_dir: str) ->
     from mgh_ray.layout import check_same_settings, save_config
 
     out_dir = storage.normalize(out_dir)
-    adapter, done = storage.join(out_dir, "adapter"), storage.join(out_dir, "done.json")
+    adapter, done = storage.join(out_dir, "adapter"), RunLayout.done(out_dir)
     if storage.is_file(done) and storage.is_file(storage.join(adapter, ADAPTED_FILE)):
         log.info("%s already holds a finished adaptation; not adapting again", out_dir)
         return adapter
-    if storage.is_file(storage.join(out_dir, "metrics.jsonl")):
+    if storage.is_file(RunLayout.metrics(out_dir)):
         check_same_settings(cfg, out_dir, set(AdaptConfig.model_fields) - RESUMABLE, "MNTP adaptation")
     storage.check_writable(out_dir)
     save_config(cfg, out_dir)

@@ -27,6 +27,12 @@ from mgh_ray.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
 SUCCESS = "_SUCCESS"
+# files inside stage folders
+SEEDS_FILE = "seeds.parquet"  # fetch: the training seeds, readable from every node
+SERVE_FILE = "serve.json"  # serve: the endpoint and its parity check
+SCORES_FILE = "scores.csv"  # evaluate: main score per task and model
+METRICS_FILE = "metrics.jsonl"  # train, adapt: one line per step
+DONE_FILE = "done.json"  # train, adapt: the run finished (what it wrote)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,18 @@ class RunLayout:
     def benchmarks(self) -> str:
         return self.path("benchmarks")
 
+    @property
+    def seeds(self) -> str:
+        return self.path("fetch", SEEDS_FILE)
+
+    @property
+    def serve_info(self) -> str:
+        return self.path("serve", SERVE_FILE)
+
+    @property
+    def scores(self) -> str:
+        return self.path("evaluate", SCORES_FILE)
+
     def arm(self, study: str, name: str) -> str:
         """Training folder of one ablation arm."""
         return self.path("ablation", study, name)
@@ -113,6 +131,15 @@ class RunLayout:
     @staticmethod
     def success(folder: str) -> str:
         return storage.join(folder, SUCCESS)
+
+    # inside a training folder (train, adapt, ablation arms)
+    @staticmethod
+    def metrics(folder: str) -> str:
+        return storage.join(str(folder), METRICS_FILE)
+
+    @staticmethod
+    def done(folder: str) -> str:
+        return storage.join(str(folder), DONE_FILE)
 
 
 def save_config(cfg: BaseModel, folder: str) -> str:

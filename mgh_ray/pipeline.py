@@ -30,7 +30,7 @@ from mgh_ray import storage
 from mgh_ray.adapt import AdaptConfig
 from mgh_ray.config import Section
 from mgh_ray.evaluation import EvalConfig
-from mgh_ray.layout import RunLayout, save_config
+from mgh_ray.layout import SCORES_FILE, RunLayout, save_config
 from mgh_ray.mining import MiningConfig
 from mgh_ray.serving import ServeConfig
 from mgh_ray.synthesis import SynthesisConfig
@@ -284,7 +284,7 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
     run = RunLayout(cfg.run_dir)
     paths = assets.fetch_all()
     paths.update({f"table:{k}": str(corpora.table_path(k)) for k in corpora.build_all()})
-    seeds_loc = storage.join(run.fetch, "seeds.parquet")
+    seeds_loc = run.seeds
     storage.write_bytes(seeds_loc, corpora.seeds_path(cfg.synthesis.seed_sources).read_bytes())
     paths["published:seeds"] = seeds_loc
     storage.write_text(storage.join(run.fetch, "assets.json"), json.dumps(paths, indent=1))
@@ -295,7 +295,7 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
 def published_seeds(cfg: PipelineConfig) -> str | None:
     """run_dir/fetch/seeds.parquet when the fetch stage published it (the default seeds, readable from
     every node), else None."""
-    loc = storage.join(RunLayout(cfg.run_dir).fetch, "seeds.parquet")
+    loc = RunLayout(cfg.run_dir).seeds
     return loc if storage.is_file(loc) else None
 
 
@@ -358,7 +358,7 @@ def serve(cfg: PipelineConfig, model_dir: str | None = None, keep: bool = False)
         if not keep:
             serving.undeploy(cfg.serve.app_name)
     info = {"url": url, "model": str(model_dir), "parity_min_cosine": cos, "kept_running": keep}
-    storage.write_text(storage.join(run.serve, "serve.json"), json.dumps(info, indent=1))
+    storage.write_text(run.serve_info, json.dumps(info, indent=1))
     save_config(cfg.serve, run.serve)
     if cos < 0.9999:
         raise RuntimeError(f"served vectors differ from in-process ones (min cosine {cos:.6f} < 0.9999)")
@@ -399,7 +399,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str] | None = None) -> pd.Da
     models = models or {"base": base_model(cfg), "trained": trained_model(cfg)}
     local = stage_dir(run.evaluate)
     scores = evaluation.evaluate(cfg.evaluate, models, local, cfg.serve, like_seeds=like_seeds(cfg))
-    scores.to_csv(local / "scores.csv")
+    scores.to_csv(local / SCORES_FILE)
     save_config(cfg.evaluate, str(local))
     publish(local, run.evaluate)
     return scores
@@ -440,5 +440,5 @@ def scores_of(cfg: PipelineConfig) -> pd.DataFrame:
     """The evaluation table of a finished run."""
     import io
 
-    text = storage.read_text(storage.join(RunLayout(cfg.run_dir).evaluate, "scores.csv"))
+    text = storage.read_text(RunLayout(cfg.run_dir).scores)
     return pd.read_csv(io.StringIO(text), index_col=0)

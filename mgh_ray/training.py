@@ -61,7 +61,7 @@ from mgh_ray.batch_loss import contrastive_loss
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
-from mgh_ray.layout import check_same_settings, save_config
+from mgh_ray.layout import RunLayout, check_same_settings, save_config
 from mgh_ray.losses import LossConfig
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def maybe_fail(fail_at_step: int | None, fail_rank: int, step: int, rank: int, o
 
 def _metrics_lines(out_dir: str, resume_step: int) -> list[str]:
     """metrics.jsonl lines of steps that will not run again (a restart replays later ones)."""
-    loc = storage.join(out_dir, "metrics.jsonl")
+    loc = RunLayout.metrics(out_dir)
     if not storage.is_file(loc):
         return []
     # "step" counts completed steps (1-based): lines up to resume_step hold, later ones rerun
@@ -301,7 +301,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         report = {k: v for k, v in metrics.items() if k != "ids"}
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             if rank == 0:  # the metrics of every step so far, written with the checkpoint that ends them
-                storage.write_text(storage.join(out_dir, "metrics.jsonl"), "\n".join(metric_lines) + "\n")
+                storage.write_text(RunLayout.metrics(out_dir), "\n".join(metric_lines) + "\n")
             _report_with_checkpoint(report, encoder, optimizer, scheduler, curriculum, rank)
         else:
             ray.train.report(report)
@@ -360,7 +360,7 @@ def training_dataset(records: Any) -> Any:
 def _check_same_run(cfg: TrainConfig, out_dir: str) -> None:
     """Once the run has a checkpoint (metrics.jsonl is written with each one), it resumes only with the
     settings it was started with, but for how it runs (`RESUMABLE`)."""
-    if storage.is_file(storage.join(out_dir, "metrics.jsonl")):
+    if storage.is_file(RunLayout.metrics(out_dir)):
         check_same_settings(cfg, out_dir, set(TrainConfig.model_fields) - RESUMABLE, "training run")
 
 
@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
 
     out_dir = storage.normalize(out_dir)
     _check_same_run(cfg, out_dir)
-    model_loc, export_loc, done = (storage.join(out_dir, n) for n in ("model", "export", "done.json"))
+    model_loc, export_loc, done = (storage.join(out_dir, "model"), storage.join(out_dir, "export"), RunLayout.done(out_dir))
     finished = storage.is_file(done) and json.loads(storage.read_text(done))["steps"] == cfg.steps
     if finished and storage.is_file(storage.join(model_loc, "encoder.yaml")):
         log.info("%s already holds a finished run of %d steps; not training again", out_dir, cfg.steps)
@@ -417,5 +417,5 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
 
 def read_metrics(out_dir: str | Path) -> pd.DataFrame:
     """metrics.jsonl as a table (one row per step)."""
-    text = storage.read_text(storage.join(str(out_dir), "metrics.jsonl"))
+    text = storage.read_text(RunLayout.metrics(out_dir))
     return pd.DataFrame([json.loads(ln) for ln in text.splitlines() if ln])
