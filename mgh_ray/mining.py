@@ -191,9 +191,7 @@ def mine(cfg: MiningConfig, out_dir: str) -> dict[str, Any]:
     save_config(cfg, out_dir)
     n_corpus, n_bad = corpus.count(), all_seeds.count() - good.count()
     written, failed = sink.totals.get("written", 0), sink.totals.get("failed", 0)
-    from mgh_ray.synthesis import _sum, _summary_counts
-
-    q = _sum(records.read(out_dir, "records"), _summary_counts, qcfg=cfg.quality.model_dump(mode="json"))
+    q = quality.folder_counts(out_dir, cfg.quality)
     report = {"mode": "mined", "seeds": written + failed, "corpus": n_corpus, "bad_seeds_skipped": n_bad,
               "written": written, "failed": failed,
               "failed_by_reason": {"no_candidate": failed} if failed else {},

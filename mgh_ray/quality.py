@@ -276,3 +276,25 @@ def gated_frame(folder: str, policy: str | None = None) -> pd.DataFrame:
     if not records.shard_files(folder):
         return pd.DataFrame(columns=records.TRAIN_COLS)
     return gated(folder, policy).to_pandas()
+
+
+# ------------------------------------------------------------------ a folder's quality report
+
+
+def _batch_counts(batch: pd.DataFrame, qcfg: dict[str, Any]) -> pd.DataFrame:
+    """Additive quality counts of one batch of records (summed on the driver: counts, not rows)."""
+    return pd.DataFrame([summary_counts(batch, QualityConfig.model_validate(qcfg))])
+
+
+def sum_batches(ds: Any, fn: Callable[..., pd.DataFrame], **kwargs: Any) -> dict[str, float]:
+    """Per-batch counts of a Ray Dataset (`fn` on workers, one row per batch), summed here."""
+    if ds is None:
+        return {}
+    parts = ds.map_batches(fn, batch_format="pandas", fn_kwargs=kwargs, batch_size=4096).to_pandas()
+    return parts.fillna(0).sum().to_dict() if len(parts) else {}
+
+
+def folder_counts(out_dir: str, cfg: QualityConfig) -> dict[str, float]:
+    """The quality counts of a records folder (synthesis or mining), for `summary_rates`."""
+    return sum_batches(records.read(out_dir, "records"), _batch_counts, qcfg=cfg.model_dump(mode="json"))
+

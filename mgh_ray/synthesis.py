@@ -312,14 +312,6 @@ def synthesize(cfg: SynthesisConfig, out_dir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def _summary_counts(batch: pd.DataFrame, qcfg: dict[str, Any], ids: set[str] | None = None) -> pd.DataFrame:
-    """Additive quality counts of one batch of records (summed on the driver: counts, not rows)."""
-    cfg = QualityConfig.model_validate(qcfg)
-    if ids is not None:
-        batch = batch[batch["id"].isin(ids)]
-    return pd.DataFrame([quality.summary_counts(batch, cfg)])
-
-
 def _failure_counts(batch: pd.DataFrame) -> pd.DataFrame:
     counts = batch["reason"].value_counts()
     return pd.DataFrame([{"failed": len(batch), "retries": int(batch["retries"].fillna(0).sum()),
@@ -327,19 +319,11 @@ def _failure_counts(batch: pd.DataFrame) -> pd.DataFrame:
                           **{f"reason:{k}": int(v) for k, v in counts.items()}}])
 
 
-def _sum(ds, fn, **kwargs) -> dict[str, float]:
-    if ds is None:
-        return {}
-    parts = ds.map_batches(fn, batch_format="pandas", fn_kwargs=kwargs, batch_size=4096).to_pandas()
-    return parts.fillna(0).sum().to_dict() if len(parts) else {}
-
-
 def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dupes: int,
                  run: dict[str, Any]) -> dict[str, Any]:
     """The folder's report from per-batch counts (computed on workers) and this run's totals."""
-    rec_ds = records.read(out_dir, "records")
-    q = _sum(rec_ds, _summary_counts, qcfg=cfg.quality.model_dump(mode="json"))
-    fail = _sum(records.read(out_dir, "failures"), _failure_counts)
+    q = quality.folder_counts(out_dir, cfg.quality)
+    fail = quality.sum_batches(records.read(out_dir, "failures"), _failure_counts)
     window = (run["t_last"] - run["t_first"]) if run.get("t_first") and run.get("t_last") else 0.0
     gen = run["gen_tokens"]
     written = int(q.get("n", 0))
