@@ -1,4 +1,4 @@
-"""The replica's forward step without a cluster: token-budget packing keeps in-process vectors, and one
+"""The torch engine's forward step (serving/engines.py) without a cluster: token-budget packing keeps in-process vectors, and one
 text that fails never fails its batch-mates."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ def encoder(minilm_path):
 
 
 def _forward(encoder, items, **cfg):
-    """Embedder's forward step on its own: no Serve context, no HTTP."""
+    """The torch engine's forward step on its own: no Serve context, no HTTP."""
     from types import SimpleNamespace
 
-    from mgh_ray.serving.replica import Embedder
+    from mgh_ray.serving.engines import TorchEngine
 
-    return Embedder._forward(SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg)), items)
+    return TorchEngine._forward(SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg)), items)
 
 
 def _items(encoder, texts, instruction=None):
