@@ -49,11 +49,20 @@ def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
 
     client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
     run_dir = tmp_path / "run"
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m jobs.fetch jobs/configs/tiny.yaml run_dir={run_dir}",
-        runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"],
-                     "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE", str(Path.home() / ".cache/mgh_ray"))}},
-    )
+    deadline = time.time() + 120
+    while True:  # a cluster seconds old may not have its job agent yet ("No available agent"): Ray says retry
+        try:
+            job = client.submit_job(
+                entrypoint=f"{sys.executable} -m jobs.fetch jobs/configs/tiny.yaml run_dir={run_dir}",
+                runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"],
+                             "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
+                                                                          str(Path.home() / ".cache/mgh_ray"))}},
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + 600
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job {job} still {status}"
