@@ -162,12 +162,18 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     x, width = np.arange(len(table)), 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table)), 3.5))
     for i, (col, std, label, color) in enumerate(bars):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[col], width, yerr=table[std].fillna(0.0),
-               capsize=3, color=color, label=label)
+        err = table[std].fillna(0.0).to_numpy(dtype=float)
+        if col == MEAN_UNLIKE and "unlike 95% CI" in table:  # the bootstrap interval, more telling than
+            bounds = np.array([[float(v) for v in str(ci).strip("[]").split(",")] if ci else [np.nan, np.nan]
+                               for ci in table["unlike 95% CI"].fillna("")])  # one seed's zero spread
+            err = np.nan_to_num(np.abs(np.stack([table[col] - bounds[:, 0], bounds[:, 1] - table[col]])))
+            label += " (95% bootstrap interval)"
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[col], width, yerr=err, capsize=3, color=color,
+               label=label)
     ax.set_ylabel("mean main score")
     ax.set_title(title)
     values = table[[c for c, *_ in bars]].to_numpy(dtype=float)
-    ax.set_ylim(max(0.0, float(np.nanmin(values)) - 0.05), float(np.nanmax(values)) + 0.03)
+    ax.set_ylim(max(0.0, float(np.nanmin(values)) - 0.12), float(np.nanmax(values)) + 0.1)
     ax.set_xticks(x, [str(i) for i in table.index], rotation=30, ha="right")
     if len(bars) > 1:
         ax.legend(fontsize=8)
