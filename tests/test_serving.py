@@ -216,7 +216,7 @@ def test_parity_and_handle_path(served, minilm_dir):
     out = serve.get_app_handle("test-serve").embed.remote(texts, "Find the topic").result()
     cos = np.sum(local * out["vectors"], axis=1)
     assert cos.min() >= 0.9999 and out["replica"]
-    with pytest.raises(serving.RequestError, match="at most 8"):  # the handle path keeps the same limits
+    with pytest.raises(Exception, match="at most 8"):  # the handle path keeps the same limits
         serve.get_app_handle("test-serve").embed.remote(["t"] * 9).result()
 
 
