@@ -27,7 +27,9 @@ schedule table, `untrained-<arm>` for every pooling arm (for a bidirectional arm
 before contrastive training). Columns: every task's mean over seeds, the means (all tasks, tasks like and
 unlike the seeds), the spread over seeds of the mean and of the unlike mean, the 95% bootstrap interval
 of the unlike mean (row resampling: the replicate of an arm is the mean over its seeds' replicates, rows
-paired), the mean ATA weight on position 0, on the instruction and on the text of BBC headlines read as
+paired), the paired difference on the unlike mean with its 95% interval against the row's untrained
+model (`unlike vs untrained`), against `curriculum` (schedule) or mean pooling under the same attention
+(pooling) (`comparisons`; every mean's in `<study>_differences.csv`), the mean ATA weight on position 0, on the instruction and on the text of BBC headlines read as
 queries (where the probe layer's attention goes), and in the schedule table the share of adjacent
 levels the reference embedder orders as the arm trains on them (`level order`). `<study>_intervals.md`
 holds every task's and mean's interval. One bar chart per study.
@@ -131,12 +133,11 @@ def summarize(scores: dict[str, pd.Series], arms: list[str], seeds: list[int],
     return pd.DataFrame(rows).T
 
 
-def arm_intervals(boots: dict[str, dict[str, Any]], rows: dict[str, list[str]], task_names: list[str],
-                  like_seeds: list[str]) -> pd.DataFrame:
-    """95% bootstrap intervals of each table row (an arm: the mean over its seed models, whose
-    replicates resample the same rows and are averaged replicate by replicate), long: row, task or
-    mean, point, low, high. boots: {model name: {task: Bootstrap}}; rows: {table row: its models}."""
-    from mgh_ray import evaluation
+def merge_rows(boots: dict[str, dict[str, Any]], rows: dict[str, list[str]],
+               task_names: list[str]) -> dict[str, dict[str, Any]]:
+    """{table row: {task: Bootstrap}}: a row's replicates are the mean over its seed models' replicates
+    (which resample the same rows), replicate by replicate. boots: {model name: {task: Bootstrap}};
+    rows: {table row: its models}."""
     from mgh_ray.intervals import Bootstrap
 
     merged: dict[str, dict[str, Bootstrap]] = {}
@@ -146,41 +147,41 @@ def arm_intervals(boots: dict[str, dict[str, Any]], rows: dict[str, list[str]], 
                                     values=np.mean([b[t].values for b in per], axis=0),
                                     n_rows=per[0][t].n_rows)
                        for t in task_names if per and all(t in b for b in per)}
-    return evaluation.interval_table(merged, task_names, like_seeds)
+    return merged
 
 
-def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
-    import matplotlib
+def comparisons(study: str, arms: list[str], untrained: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """What each study's trained rows are compared with, paired: {what: [(row, reference row)]}.
+    "vs untrained": the gain of training (the row's own untrained model); schedule arms "vs curriculum"
+    (the method); pooling arms "vs mean" (mean pooling under the same attention)."""
+    own_untrained = (lambda a: UNTRAINED) if study == "schedule" else (lambda a: f"{UNTRAINED}-{a}")
+    out = {"vs untrained": [(a, own_untrained(a)) for a in arms if own_untrained(a) in untrained]}
+    if study == "schedule":
+        out["vs curriculum"] = [(a, "curriculum") for a in arms if a != "curriculum" and "curriculum" in arms]
+    else:
+        def mean_of(a: str) -> str:
+            head, _, _ = a.rpartition("-")
+            return f"{head}-mean" if head else "mean"
+        out["vs mean"] = [(a, mean_of(a)) for a in arms if mean_of(a) != a and mean_of(a) in arms]
+    return {k: v for k, v in out.items() if v}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    # the mean over all tasks, and over the tasks unlike the seeds when the table has them
-    bars = [("mean", "std_over_seeds", "all tasks", "#4C72B0")]
-    if MEAN_UNLIKE in table:
-        bars.append((MEAN_UNLIKE, "std_unlike_over_seeds", "tasks unlike the seeds", "#DD8452"))
-    x, width = np.arange(len(table)), 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table)), 3.5))
-    for i, (col, std, label, color) in enumerate(bars):
-        err = table[std].fillna(0.0).to_numpy(dtype=float)
-        if col == MEAN_UNLIKE and "unlike 95% CI" in table:  # the bootstrap interval, more telling than
-            bounds = np.array([[float(v) for v in str(ci).strip("[]").split(",")] if ci else [np.nan, np.nan]
-                               for ci in table["unlike 95% CI"].fillna("")])  # one seed's zero spread
-            err = np.nan_to_num(np.abs(np.stack([table[col] - bounds[:, 0], bounds[:, 1] - table[col]])))
-            label += " (95% bootstrap interval)"
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[col], width, yerr=err, capsize=3, color=color,
-               label=label)
-    ax.set_ylabel("mean main score")
-    ax.set_title(title)
-    values = table[[c for c, *_ in bars]].to_numpy(dtype=float)
-    ax.set_ylim(max(0.0, float(np.nanmin(values)) - 0.12), float(np.nanmax(values)) + 0.1)
-    ax.set_xticks(x, [str(i) for i in table.index], rotation=30, ha="right")
-    if len(bars) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def paired_differences(merged: dict[str, dict[str, Any]], pairs: dict[str, list[tuple[str, str]]],
+                       task_names: list[str], like_seeds: list[str]) -> pd.DataFrame:
+    """Row minus reference on every mean (all tasks, like and unlike the seeds), with the paired 95%
+    bootstrap interval (`intervals.difference_interval`), long: comparison, row, reference, mean, point,
+    low, high. It counts the evaluation rows' noise only; `std_over_seeds` counts the training seeds'."""
+    from mgh_ray import evaluation, intervals
+
+    out = []
+    for what, rows in pairs.items():
+        for row, ref in rows:
+            for name, group in evaluation.mean_groups(task_names, like_seeds).items():
+                if group and all(t in merged[row] and t in merged[ref] for t in group):
+                    iv = intervals.difference_interval(merged[row], merged[ref], group)
+                    out.append({"comparison": what, "row": row, "reference": ref, "mean": name,
+                                "point": iv.point, "low": iv.low, "high": iv.high})
+    return pd.DataFrame(out, columns=["comparison", "row", "reference", "mean", "point", "low", "high"])
 
 
 # ------------------------------------------------------------------ per-model and per-source facts
@@ -342,11 +343,16 @@ def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]
     table = summarize(per_model, list(arms), ab.seeds, untrained=list(untrained))
     rows = {**{u: [names[u]] for u in untrained},
             **{arm: [names[f"{arm}-s{s}"] for s in ab.seeds] for arm in arms}}
-    ivs = arm_intervals(boots, rows, eval_cfg.tasks, like)
+    merged = merge_rows(boots, rows, eval_cfg.tasks)
+    ivs = evaluation.interval_table(merged, eval_cfg.tasks, like)
     unlike = ivs[ivs.row == MEAN_UNLIKE].set_index("model")
     if len(unlike):
         table["unlike 95% CI"] = [f"[{unlike.loc[r, 'low']:.4f}, {unlike.loc[r, 'high']:.4f}]"
                                   if r in unlike.index else "" for r in table.index]
+    diffs = paired_differences(merged, comparisons(study, list(arms), list(untrained)), eval_cfg.tasks, like)
+    for what, part in diffs[diffs["mean"] == (MEAN_UNLIKE if len(unlike) else "mean")].groupby("comparison"):
+        cells = {r.row: f"{r.point:+.4f} [{r.low:+.4f}, {r.high:+.4f}]" for r in part.itertuples()}
+        table[f"unlike {what}" if len(unlike) else what] = [cells.get(r, "") for r in table.index]
     shares = anchor_shares(cfg, {r: m for r, m in models.items()
                                  if _pooling_of(m) == "ata"}, index.data["shares"])
     index.data["shares"] = shares
@@ -362,9 +368,10 @@ def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]
                                 for r in table.index]
     table.to_csv(root / f"{study}.csv")
     ivs.to_csv(root / f"{study}_intervals.csv", index=False)
+    diffs.to_csv(root / f"{study}_differences.csv", index=False)
     (root / f"{study}.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
     (root / f"{study}_intervals.md").write_text(report.interval_markdown(ivs, list(table_scores.index)) + "\n")
-    plot(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
+    report.ablation_chart(table, f"{study} ablation ({len(ab.seeds)} seed(s), {ab.steps or cfg.train.steps} steps)",
          root / f"{study}.png")
     log.info("%s ablation:\n%s", study, table.to_markdown(floatfmt=".4f"))
     return table

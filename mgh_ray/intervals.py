@@ -45,7 +45,7 @@ How each main score is recomputed (the point equals `TaskResult.get_score()`; se
 
 Replicates are seeded by (seed, task name): the tasks of a mean are resampled independently, and two
 models' predictions on the same task resample the same rows, so `a.values - b.values` is a paired
-bootstrap of their difference.
+bootstrap of their difference (`difference_interval`).
 """
 
 from __future__ import annotations
@@ -191,6 +191,21 @@ def mean_interval(replicate_arrays: Sequence[np.ndarray], points: Sequence[float
     stacked = np.stack([np.asarray(a, dtype=np.float64) for a in replicate_arrays])  # (tasks, n_boot)
     return _percentile_interval(float(np.mean(points)), stacked.mean(axis=0), level,
                                 int(sum(n_rows)) if n_rows is not None else 0)
+
+
+def difference_interval(a: Mapping[str, Bootstrap], b: Mapping[str, Bootstrap], tasks: Sequence[str],
+                        level: float = 0.95) -> Interval:
+    """The interval of model a's mean score over `tasks` minus model b's, paired: replicate k of the
+    difference is a's replicate k minus b's, and both resample the same rows (replicates are seeded by
+    task name), so what the two models share (which rows are hard) cancels. Much narrower than the two
+    models' own intervals; it prices the evaluation rows only, not another training seed."""
+    for t in tasks:
+        if a[t].values.shape != b[t].values.shape or a[t].n_rows != b[t].n_rows:
+            raise ValueError(f"{t}: a paired difference needs replicates of the same rows, got "
+                             f"{a[t].values.shape[0]} replicates of {a[t].n_rows} rows against "
+                             f"{b[t].values.shape[0]} of {b[t].n_rows}; score both with the same evaluate.bootstrap")
+    return mean_interval([a[t].values - b[t].values for t in tasks], [a[t].point - b[t].point for t in tasks],
+                         level, [a[t].n_rows for t in tasks])
 
 
 def save_bootstraps(path: Path, bootstraps: Mapping[str, Bootstrap]) -> Path:

@@ -108,3 +108,40 @@ def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = N
     md.write_text("\n".join(line for line in text if line is not None))
     log.info("report written: %s, %s", md, png)
     return md, png
+
+
+def ablation_chart(table: pd.DataFrame, title: str, path: Path) -> Path:
+    """Bar chart of an ablation table's means per row, with the unlike mean's 95% bootstrap interval (or
+    the spread over seeds) as error bars."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # the mean over all tasks, and over the tasks unlike the seeds when the table has them
+    bars = [("mean", "std_over_seeds", "all tasks", "#4C72B0")]
+    if MEAN_UNLIKE in table:
+        bars.append((MEAN_UNLIKE, "std_unlike_over_seeds", "tasks unlike the seeds", "#DD8452"))
+    x, width = np.arange(len(table)), 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table)), 3.5))
+    for i, (col, std, label, color) in enumerate(bars):
+        err = table[std].fillna(0.0).to_numpy(dtype=float)
+        if col == MEAN_UNLIKE and "unlike 95% CI" in table:  # the bootstrap interval, more telling than
+            bounds = np.array([[float(v) for v in str(ci).strip("[]").split(",")] if ci else [np.nan, np.nan]
+                               for ci in table["unlike 95% CI"].fillna("")])  # one seed's zero spread
+            err = np.nan_to_num(np.abs(np.stack([table[col] - bounds[:, 0], bounds[:, 1] - table[col]])))
+            label += " (95% bootstrap interval)"
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[col], width, yerr=err, capsize=3, color=color,
+               label=label)
+    ax.set_ylabel("mean main score")
+    ax.set_title(title)
+    values = table[[c for c, *_ in bars]].to_numpy(dtype=float)
+    ax.set_ylim(max(0.0, float(np.nanmin(values)) - 0.12), float(np.nanmax(values)) + 0.1)
+    ax.set_xticks(x, [str(i) for i in table.index], rotation=30, ha="right")
+    if len(bars) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

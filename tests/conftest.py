@@ -102,6 +102,27 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster):
+    """deploy(cfg, folder) -> (cfg, url, httpx client): a Serve app on the module's cluster and a client
+    of its URL; every app the module deployed is undeployed, and its client closed, with the module."""
+    import httpx
+
+    from mgh_ray import serving
+
+    apps: list[tuple[str, httpx.Client]] = []
+
+    def deploy(cfg, folder):
+        url = serving.deploy(cfg, folder)
+        apps.append((cfg.app_name, httpx.Client(base_url=url, timeout=120, trust_env=False)))
+        return cfg, url, apps[-1][1]
+
+    yield deploy
+    for name, client in apps:
+        client.close()
+        serving.undeploy(name)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir(tmp_path_factory, minilm_path):
     """A MiniLM encoder folder with mean pooling (read-only: the Serve and evaluation tests deploy it)."""

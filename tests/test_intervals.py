@@ -159,6 +159,22 @@ def test_paired_models_resample_the_same_rows(scored):
     assert np.corrcoef(a.values, b.values)[0, 1] > 0.5  # the same resampled pairs in replicate k
 
 
+def test_paired_difference_is_narrower_than_either_interval_and_centred_on_the_difference(scored):
+    """A model and a noisier copy of it on the same STS pairs: the paired interval of their difference
+    holds the difference of their scores and is far narrower than either model's own interval (the
+    pairs' shared difficulty cancels); replicates of other rows are refused."""
+    task, _, path = scored("LeeSTS", SMALL)
+    preds = json.loads(path.read_text())["default"]["test"]
+    noisy = {k: (np.asarray(v) + np.random.default_rng(1).normal(0, 0.1, len(v))).tolist() for k, v in preds.items()}
+    a, b = {"LeeSTS": intervals.replicates(task, preds)}, {"LeeSTS": intervals.replicates(task, noisy)}
+    diff = intervals.difference_interval(a, b, ["LeeSTS"])
+    assert diff.point == pytest.approx(a["LeeSTS"].point - b["LeeSTS"].point) and diff.low <= diff.point <= diff.high
+    assert diff.width < 0.5 * min(a["LeeSTS"].interval().width, b["LeeSTS"].interval().width), diff
+    other = {"LeeSTS": intervals.Bootstrap(b["LeeSTS"].point, b["LeeSTS"].values[:500], b["LeeSTS"].n_rows)}
+    with pytest.raises(ValueError, match="same evaluate.bootstrap"):
+        intervals.difference_interval(a, other, ["LeeSTS"])
+
+
 # The vectorised replicate metrics against the library functions on explicitly resampled rows (with
 # ties, duplicates and rows drawn zero times).
 

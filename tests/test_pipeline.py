@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mgh_ray import ablation, config, driver, pipeline
+from mgh_ray import ablation, config, driver, pipeline, report
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -105,5 +105,37 @@ def test_ablation_table_keeps_the_untrained_row_the_unlike_mean_and_its_spread_o
     assert table.loc["curriculum", MEAN_UNLIKE] == pytest.approx(0.3)
     assert table.loc["curriculum", "std_unlike_over_seeds"] == pytest.approx(pd.Series([0.2, 0.4]).std())
     assert table.loc["curriculum", "std_over_seeds"] == pytest.approx(pd.Series([0.4, 0.5]).std())
-    png = ablation.plot(table, "schedule", tmp_path / "schedule.png")
+    png = report.ablation_chart(table, "schedule", tmp_path / "schedule.png")
     assert png.stat().st_size > 0
+
+
+def test_ablation_rows_are_compared_with_their_reference_and_their_untrained_model_paired():
+    """Schedule arms against curriculum, pooling arms against mean pooling under the same attention,
+    every trained row against its own untrained model; the paired difference of two rows whose
+    replicates differ by a constant is that constant, with an interval of zero width."""
+    import numpy as np
+
+    from mgh_ray.intervals import Bootstrap
+    from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE
+
+    assert ablation.comparisons("schedule", ["curriculum", "random"], ["untrained"]) == {
+        "vs untrained": [("curriculum", "untrained"), ("random", "untrained")],
+        "vs curriculum": [("random", "curriculum")]}
+    arms = ["causal-ata", "causal-mean", "bidirectional-ata", "bidirectional-mean", "bidirectional-last"]
+    pairs = ablation.comparisons("pooling", arms, [f"untrained-{a}" for a in arms])
+    assert pairs["vs mean"] == [("causal-ata", "causal-mean"), ("bidirectional-ata", "bidirectional-mean"),
+                                ("bidirectional-last", "bidirectional-mean")]
+    assert ablation.comparisons("pooling", ["ata", "last"], []) == {}  # nothing to compare with
+
+    rng = np.random.default_rng(0)
+    # every model of a task resamples the same rows: their replicates share the rows' noise
+    noise = {t: rng.normal(0, 0.05, 200) for t in ("BBC", "Lee")}
+    boots = {f"{arm}-s{s}": {t: Bootstrap(0.5 + shift, 0.5 + shift + noise[t], 40) for t in ("BBC", "Lee")}
+             for arm, shift in (("curriculum", 0.02), ("random", 0.0)) for s in (0, 1)}
+    merged = ablation.merge_rows(boots, {a: [f"{a}-s0", f"{a}-s1"] for a in ("curriculum", "random")}, ["BBC", "Lee"])
+    diffs = ablation.paired_differences(merged, {"vs curriculum": [("random", "curriculum")]}, ["BBC", "Lee"], ["BBC"])
+    unlike = diffs[diffs["mean"] == MEAN_UNLIKE].iloc[0]
+    assert (unlike.row, unlike.reference) == ("random", "curriculum")
+    assert unlike.point == pytest.approx(-0.02) and unlike.low == pytest.approx(-0.02) and unlike.high == pytest.approx(-0.02)
+    assert set(diffs["mean"]) == {"mean", MEAN_LIKE, MEAN_UNLIKE}
+

@@ -15,19 +15,16 @@ PORT = 18731  # fixed loopback port for every Serve test in this session
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, minilm_dir):
+def served(serve_app, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-serve", model_name="minilm", api_key_env=None,
                               max_inputs=8, max_chars=200, max_batch_size=8, batch_wait_timeout_s=0.05,
                               num_cpus=1, truncation="error", body_timeout_s=15)
-    url = serving.deploy(cfg, minilm_dir)
-    yield cfg, url
-    serving.undeploy(cfg.app_name)
+    return serve_app(cfg, minilm_dir)
 
 
 @pytest.fixture(scope="module")
 def http(served):
-    with httpx.Client(base_url=served[1], timeout=120, trust_env=False) as client:
-        yield client
+    return served[2]
 
 
 # ---------------------------------------------------------------- fast checks, no cluster

@@ -20,19 +20,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def hostile(ray_cluster, minilm_dir):
+def hostile(serve_app, minilm_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-hostile", route_prefix="/hostile", api_key_env=None,
                               max_inputs=96, max_batch_size=4, batch_wait_timeout_s=0.02, num_cpus=1,
                               max_body_bytes=65536, body_timeout_s=8, max_ongoing_requests=64)
-    url = serving.deploy(cfg, minilm_dir)
-    yield cfg, url
-    serving.undeploy(cfg.app_name)
+    return serve_app(cfg, minilm_dir)
 
 
 @pytest.fixture(scope="module")
 def http(hostile):
-    with httpx.Client(base_url=hostile[1], timeout=120, trust_env=False) as client:
-        yield client
+    return hostile[2]
 
 
 def _post_raw(http: httpx.Client, raw: bytes) -> httpx.Response:

@@ -28,19 +28,16 @@ def ata_dir(tmp_path_factory, perturbed_encoder):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, ata_dir):
+def served(serve_app, ata_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-vllm", route_prefix="/vllm", model_name="smol",
                               api_key_env=None, engine="vllm", max_inputs=256, num_cpus=1, truncation="error",
                               vllm_kv_cache_mb=256)
-    url = serving.deploy(cfg, ata_dir[0])
-    yield cfg, url
-    serving.undeploy(cfg.app_name)
+    return serve_app(cfg, ata_dir[0])
 
 
 @pytest.fixture(scope="module")
 def http(served):
-    with httpx.Client(base_url=served[1], timeout=120, trust_env=False) as client:
-        yield client
+    return served[2]
 
 
 def _vectors(resp: httpx.Response) -> np.ndarray:
