@@ -198,7 +198,8 @@ def ablate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 @app.command()
 def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
               stage: str = typer.Option("synthesis", help="synthesis | synthesis-levers | training | serving | "
-                                                                      "serving-peers | pooling | dataplane | cluster")) -> None:
+                                                                      "serving-peers | serving-outage | pooling | dataplane | "
+                                                                      "cluster")) -> None:
     """Speed benchmarks against a baseline in the same run; prints and saves a table."""
     from mgh_ray.benchmarks import serving, synthesis, training
 
@@ -223,14 +224,16 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         table = synthesis_levers.run(cfg.synthesis, out)
     elif stage == "training":
         table = training.run(cfg.train, out)
-    elif stage in ("serving", "serving-peers"):
+    elif stage in ("serving", "serving-peers", "serving-outage"):
         from mgh_ray import pipeline
-        from mgh_ray.benchmarks import serving_peers
+        from mgh_ray.benchmarks import outage, serving_peers
 
         model = pipeline.trained_model(cfg)
         model = model if storage.is_dir(model) else pipeline.base_model(cfg)
         if stage == "serving":
             table = serving.run(cfg.serve, cfg.evaluate, model, out)
+        elif stage == "serving-outage":
+            table = outage.run(cfg.serve, model, out)
         else:
             table = serving_peers.run(cfg.serve, model, out)
     elif stage == "dataplane":
@@ -239,7 +242,7 @@ def benchmark(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
         table = dataplane.run(out)
     else:
         typer.echo(f"error: unknown stage {stage!r}; use synthesis, synthesis-levers, training, serving, "
-                   "serving-peers, pooling, dataplane or cluster",
+                   "serving-peers, serving-outage, pooling, dataplane or cluster",
                    err=True)
         raise typer.Exit(2)
     typer.echo(_table(table))

@@ -34,6 +34,7 @@ import yaml
 from pydantic import Field
 
 from mgh_ray.config import Section
+from mgh_ray.serving.config import apply_cluster_env
 
 if TYPE_CHECKING:
     from mgh_ray.pipeline import PipelineConfig
@@ -150,7 +151,8 @@ def up(lc: LocalClusterConfig | None = None) -> LocalCluster:
     temp.mkdir(parents=True, exist_ok=True)
     config_path = temp / "autoscaling.yaml"
     config_path.write_text(yaml.safe_dump(provider_config(lc), sort_keys=False))
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE=lc.auth)
+    env = apply_cluster_env(dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                                 RAY_AUTH_MODE=lc.auth))
     env[CONFIG_ENV] = str(config_path)
     # job drivers, workers and the worker nodes the autoscaler starts inherit this environment: `python`
     # in a `ray job submit` entrypoint is this interpreter (the venv's), however the CLI was called

@@ -118,6 +118,9 @@ def init_ray(cfg: RayConfig) -> None:
                      "only and is ignored", address, cfg.num_cpus)
         ray.init(address=address, log_to_driver=True)
         return
+    from mgh_ray.serving import apply_cluster_env
+
+    apply_cluster_env()  # the new cluster's processes (Serve's controller among them) inherit it
     ray.init(address="local", num_cpus=cfg.num_cpus,
              include_dashboard=cfg.include_dashboard, log_to_driver=True)
 

@@ -90,6 +90,9 @@ def ray_cluster():
     and a new cluster costs a few seconds."""
     import ray
 
+    from mgh_ray.serving import apply_cluster_env
+
+    apply_cluster_env()  # as the project starts its clusters
     ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                    log_to_driver=False, ignore_reinit_error=False)
     yield ctx

@@ -36,9 +36,11 @@ by Serve's controller; clients should retry refused connections.
 from mgh_ray.serving.app import ServeArgs, application, build_app, deploy, start_app, undeploy, wait_running
 from mgh_ray.serving.client import PARITY_INSTRUCTION, EmbeddingClient, check_parity, min_cosine
 from mgh_ray.serving.config import (
+           CLUSTER_ENV,
            AutoscalingSection,
            ServeConfig,
            api_key,
+           apply_cluster_env,
            base_url,
            check_public,
            is_loopback,
@@ -57,7 +59,8 @@ from mgh_ray.serving.protocol import (
 )
 
 __all__ = ["PARITY_INSTRUCTION", "AutoscalingSection", "EmbeddingClient", "EmbeddingRequest",
-           "EmbeddingResponse", "RequestError", "ServeArgs", "ServeConfig", "api_key", "application",
+           "EmbeddingResponse", "RequestError", "ServeArgs", "ServeConfig", "CLUSTER_ENV", "api_key",
+           "application", "apply_cluster_env",
            "base_url", "build_app", "check_parity", "check_public", "decode_b64", "deploy", "encode_b64",
            "is_loopback", "min_cosine", "model_revision", "parse_request", "served_name",
            "serving_until_signal", "shorten", "start_app", "undeploy", "wait_running"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,24 @@ from mgh_ray.serving.protocol import decode_b64
 log = logging.getLogger(__name__)
 
 PARITY_INSTRUCTION = DEFAULT_INSTRUCTION  # the training seeds' instruction: checks the query path too
+# what a dying or restarting replica or proxy answers (Serve: 500 for a request on a killed replica, 503
+# while overloaded or without a replica); the request has no side effects, so it is sent again
+RETRY_STATUS = frozenset({500, 502, 503, 504})
+RETRY_BACKOFF_S = 0.25
 
 
 class EmbeddingClient:
-    """A small HTTP client for this API (thread-safe; used by parity, evaluation and the benchmark)."""
+    """A small HTTP client for this API (thread-safe; used by parity, evaluation and the benchmark).
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0) -> None:
+    `embed` retries a refused or reset connection and a 5xx every 0.25 s for up to `retry_s` seconds (a
+    replica or the HTTP proxy being replaced), so such an outage costs latency, not the caller's work;
+    a 4xx is the caller's mistake and raises at once."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0,
+                 retry_s: float = 60.0) -> None:
         import httpx
 
+        self.retry_s = retry_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self.http = httpx.Client(headers=headers, timeout=timeout_s, trust_env=False,
@@ -51,9 +62,28 @@ class EmbeddingClient:
             body["instruction"] = instruction
         if dimensions is not None:
             body["dimensions"] = dimensions
-        resp = self._check(self.http.post(f"{self.url}/v1/embeddings", json=body))
+        resp = self._check(self._post_retrying(f"{self.url}/v1/embeddings", body))
         rows = sorted(resp.json()["data"], key=lambda d: d["index"])
         return np.stack([decode_b64(r["embedding"]) for r in rows]), resp.headers.get("x-replica", "")
+
+    def _post_retrying(self, url: str, body: dict[str, Any]) -> Any:
+        import httpx
+
+        deadline, warned = time.monotonic() + self.retry_s, False
+        while True:
+            try:
+                resp = self.http.post(url, json=body)
+                if resp.status_code not in RETRY_STATUS or time.monotonic() > deadline:
+                    return resp
+                why = f"HTTP {resp.status_code}"
+            except httpx.TransportError as e:
+                if time.monotonic() > deadline:
+                    raise
+                why = type(e).__name__
+            if not warned:
+                log.warning("POST %s: %s; retrying for up to %.0f s", url, why, self.retry_s)
+                warned = True
+            time.sleep(RETRY_BACKOFF_S)
 
     def close(self) -> None:
         self.http.close()

@@ -1,0 +1,24 @@
+"""Outages as clients see them (the outage benchmark at test size, on MiniLM): with two replicas a
+killed replica costs a retrying client nothing and the service comes back; a killed HTTP proxy is
+started again by Serve and a retrying client gets every answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from mgh_ray import serving
+from mgh_ray.benchmarks import outage
+
+PORT = 18731  # the session's Serve HTTP port (tests/test_serving.py)
+pytestmark = pytest.mark.integration
+
+
+def test_a_killed_replica_or_proxy_costs_a_retrying_client_nothing(ray_cluster, minilm_dir, tmp_path):
+    bench = outage.OutageConfig(clients=4, warmup_s=2, after_s=20, retry_budget_s=60,
+                                scenarios=[("replica", 2), ("proxy", 2)])
+    cfg = serving.ServeConfig(port=PORT, api_key_env=None, num_cpus=1, max_batch_size=4)
+    table = outage.run(cfg, minilm_dir, tmp_path, bench)
+    assert list(table.index) == ["replica killed, 2 replica(s)", "proxy killed, 2 replica(s)"]
+    assert (table["requests"] > 0).all() and table["recovered"].all(), table
+    assert (table["failed (with retry)"] == 0).all(), table
+    assert (tmp_path / "benchmark_outage.md").is_file()
