@@ -48,46 +48,14 @@ import numpy as np
 import pandas as pd
 
 from mgh_ray import config, storage
+from mgh_ray.arms import pooling_arms, schedule_overrides
 from mgh_ray.layout import RunLayout, save_config
 from mgh_ray.report import MEAN_UNLIKE
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse", "cumulative",
-             "in_batch", "mined", "reference_levels")
-POOLINGS = ("ata", "mean", "last", "weighted_mean", "cls")
 UNTRAINED = "untrained"  # the table rows of the untrained models
 PROBE_TEXTS = 64  # BBC headlines (held out of the seeds) whose ATA weights the tables report
-
-
-def schedule_overrides(arm: str) -> list[str]:
-    """Train-config overrides that turn the base config into the given schedule arm."""
-    if arm in ("curriculum", "mined"):
-        return ["train.curriculum.mode=curriculum"]
-    if arm.startswith("level_") and arm[6:].isdigit():
-        return ["train.curriculum.mode=single", f"train.curriculum.level={int(arm[6:])}"]
-    if arm in ("random", "reverse", "cumulative"):
-        return [f"train.curriculum.mode={arm}"]
-    if arm == "in_batch":
-        return ["train.curriculum.mode=curriculum", "train.loss.hard_negatives=false"]
-    if arm == "reference_levels":
-        # a read-time change: the records must be read (gated) with this arm's quality policy
-        return ["train.curriculum.mode=curriculum", "synthesis.quality.policy=relabel"]
-    raise ValueError(f"unknown schedule arm {arm!r}; known: {', '.join(SCHEDULES)}")
-
-
-def pooling_arms(cfg) -> dict[str, list[str]]:
-    """{arm name: overrides} of the pooling study: every pooling under every attention. The run's own
-    attention is no override, so its arms train what the schedule study trains (and are reused)."""
-    ab = cfg.ablation
-    own = cfg.train.encoder.attention or "causal"
-    arms = {}
-    for attention in ab.attentions:
-        for p in ab.poolings:
-            name = p if len(ab.attentions) == 1 else f"{attention}-{p}"
-            arms[name] = ["train.curriculum.mode=curriculum", f"train.encoder.pooling.mode={p}",
-                          *([] if attention == own else [f"train.encoder.attention={attention}"])]
-    return arms
 
 
 def arm_key(cfg, arm_cfg, arm: str) -> tuple[str, str]:
@@ -109,12 +77,6 @@ def arm_key(cfg, arm_cfg, arm: str) -> tuple[str, str]:
     if policy != cfg.synthesis.quality.policy:
         return f"synth:{policy}", pipeline.fingerprint(train, arm_cfg.synthesis.quality, *adapted)
     return "synth", pipeline.fingerprint(train, *adapted)
-
-
-def _check_arms(arms: list[str], known: tuple[str, ...], what: str) -> None:
-    bad = [a for a in arms if a not in known]
-    if bad:
-        raise ValueError(f"unknown {what} arm(s) {bad}; known: {', '.join(known)}")
 
 
 def summarize(scores: dict[str, pd.Series], arms: list[str], seeds: list[int],
@@ -241,8 +203,6 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     from mgh_ray import mining, pipeline, quality, training
 
     ab = cfg.ablation
-    _check_arms(ab.schedules, SCHEDULES, "schedule")
-    _check_arms(ab.poolings, POOLINGS, "pooling")
     run = RunLayout(cfg.run_dir)
     root = Path(pipeline.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
     save_config(cfg, str(root))

@@ -21,13 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from pydantic import Field
 
 from mgh_ray import storage
 from mgh_ray.adapt import AdaptConfig
+from mgh_ray.arms import AblationConfig
 from mgh_ray.config import Section
 from mgh_ray.evaluation import EvalConfig
 from mgh_ray.layout import SCORES_FILE, RunLayout, save_config
@@ -56,20 +56,6 @@ class RayConfig(Section):
     # node just as Ray Data spread an actor onto it) is run again this many times; each stage resumes
     # from what it wrote, so a rerun costs only the lost work.
     node_loss_retries: int = Field(1, ge=0, strict=True)
-
-
-class AblationConfig(Section):
-    """The paper's two ablations (see ablation.py); every arm gets the same seeds and steps."""
-
-    schedules: list[str] = ["curriculum", "level_1", "level_2", "level_3", "level_4", "random", "reverse",
-                            "cumulative", "in_batch", "mined", "reference_levels"]
-    poolings: list[str] = ["ata", "mean", "last", "weighted_mean"]
-    # attentions crossed with the poolings (arms "<attention>-<pooling>" when there are several); the
-    # schedule study trains with the run's own train.encoder attention and pooling
-    attentions: list[Literal["causal", "bidirectional"]] = ["causal"]
-    seeds: list[int] = [0]
-    steps: int | None = Field(None, ge=1, strict=True)  # None: train.steps
-    tasks: list[str] | None = None  # None: evaluate.tasks
 
 
 class PipelineConfig(Section):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mgh_ray import ablation, config, driver, pipeline, report
+from mgh_ray import ablation, arms, config, driver, pipeline, report
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -25,8 +25,8 @@ def test_a_model_load_in_a_forbidden_driver_fails_loudly(monkeypatch):
 
 def test_schedule_arms_map_to_training_settings():
     tiny = config.load(pipeline.PipelineConfig, TINY, [])
-    for arm in ablation.SCHEDULES:
-        cfg = config.override(tiny, ablation.schedule_overrides(arm))
+    for arm in arms.SCHEDULES:
+        cfg = config.override(tiny, arms.schedule_overrides(arm))
         if arm.startswith("level_"):
             assert (cfg.train.curriculum.mode, cfg.train.curriculum.level) == ("single", int(arm[-1]))
         elif arm == "in_batch":
@@ -38,11 +38,13 @@ def test_schedule_arms_map_to_training_settings():
             assert cfg.train.curriculum.mode == ("curriculum" if arm == "mined" else arm)
             assert cfg.train.loss.hard_negatives
     with pytest.raises(ValueError, match="unknown schedule arm"):
-        ablation.schedule_overrides("level_x")
+        arms.schedule_overrides("level_x")
+    with pytest.raises(config.ConfigError, match=r"unknown schedule arm\(s\) \['curiculum'\]"):
+        config.load(pipeline.PipelineConfig, TINY, ["ablation.schedules=[curiculum]"])  # refused up front
 
     # which arms share a trained model: pooling "ata" is schedule "curriculum"; reference_levels is not
     def key(arm, *over):
-        return ablation.arm_key(tiny, config.override(tiny, [*ablation.schedule_overrides(arm), *over]), arm)
+        return ablation.arm_key(tiny, config.override(tiny, [*arms.schedule_overrides(arm), *over]), arm)
 
     assert key("curriculum") == key("curriculum", "train.encoder.pooling.mode=ata")
     assert key("reference_levels")[0] == "synth:relabel" and key("reference_levels")[1] != key("curriculum")[1]
