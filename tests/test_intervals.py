@@ -165,7 +165,9 @@ def test_paired_difference_is_narrower_than_either_interval_and_centred_on_the_d
     pairs' shared difficulty cancels); replicates of other rows are refused."""
     task, _, path = scored("LeeSTS", SMALL)
     preds = json.loads(path.read_text())["default"]["test"]
-    noisy = {k: (np.asarray(v) + np.random.default_rng(1).normal(0, 0.1, len(v))).tolist() for k, v in preds.items()}
+    # noise of a tenth of the similarities' spread: measured, paired width 0.17 against 0.58 and 0.61
+    noisy = {k: (np.asarray(v) + np.random.default_rng(1).normal(0, 0.1 * np.std(v), len(v))).tolist()
+             for k, v in preds.items()}
     a, b = {"LeeSTS": intervals.replicates(task, preds)}, {"LeeSTS": intervals.replicates(task, noisy)}
     diff = intervals.difference_interval(a, b, ["LeeSTS"])
     assert diff.point == pytest.approx(a["LeeSTS"].point - b["LeeSTS"].point) and diff.low <= diff.point <= diff.high
