@@ -183,5 +183,36 @@ def _shutdown(engine: Any) -> None:
     by `weakref.finalize`'s exit hook, before module teardown: a `__del__` that runs during teardown
     finds vLLM's globals gone and prints tracebacks, and child processes killed with the actor leave
     the engine's output handler and multiprocessing's resource tracker to print their own."""
+    _stop_output_handler(engine)
     if hasattr(engine, "shutdown"):
         engine.shutdown()
+        # AsyncLLM.__del__ calls shutdown() again, and at interpreter teardown vLLM's module globals are
+        # already None there ("TypeError: 'NoneType' object is not callable"): once is enough
+        engine.shutdown = lambda *args, **kwargs: None
+
+
+def _stop_output_handler(engine: Any) -> None:
+    """Cancel AsyncLLM's output handler, and wait (up to 5 s) until it has stopped, before the engine core
+    goes: `AsyncLLM.shutdown` stops the core first, so the handler, still reading, sees the core die and
+    logs EngineDeadError's traceback although nothing failed."""
+    import concurrent.futures
+    import contextlib
+
+    task = getattr(engine, "output_handler", None)
+    if task is None or task.done():
+        return
+    loop = task.get_loop()
+    try:
+        inside = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        inside = False
+    if inside or not loop.is_running():  # no waiting from inside the loop, or on a loop that has stopped
+        task.cancel()
+        return
+
+    async def cancel() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=5)
