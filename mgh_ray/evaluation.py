@@ -228,8 +228,11 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
         if cfg.bootstrap and intervals.supports(task):
             # a task object mteb has evaluated cannot replay its clustering draws: build it afresh
             fresh = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
-            boot = intervals.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
-                                        cfg.seed).to_json()
+            try:
+                boot = intervals.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
+                                            cfg.seed).to_json()
+            except intervals.NoBootstrap as exc:  # a registry task's metric or splits: scored, no interval
+                log.info("%s: no bootstrap interval (%s)", task_name, exc)
         elif cfg.bootstrap:
             log.info("%s: no bootstrap interval for a %s task", task_name, task.metadata.type)
     log.info("%s on %s: %.4f in %.1f s (replicas %s)", encoder.mteb_model_meta.name, task_name,

@@ -77,6 +77,11 @@ _SIMILARITY = {"cosine": ("cosine_scores", True), "manhattan": ("manhattan_dista
                "dot": ("dot_scores", True)}
 
 
+class NoBootstrap(ValueError):
+    """`replicates` cannot resample this task or its score (a registry task of another type, metric or
+    split layout): the task is scored as usual, without an interval."""
+
+
 @dataclass(frozen=True)
 class Interval:
     """A point estimate and its bootstrap percentile interval over `n_rows` resampled rows."""
@@ -166,7 +171,7 @@ def replicates(task: Any, predictions: Path | str | Any, n_boot: int = 1000, see
         return _classification(task, data, predictions, metric, n_boot, rng)
     if isinstance(task, AbsTaskClustering):
         return _clustering(task, data, predictions, metric, n_boot, rng)
-    raise NotImplementedError(f"{name}: no bootstrap for {type(task).__name__} ({task.metadata.type})")
+    raise NoBootstrap(f"{name}: no bootstrap for {type(task).__name__} ({task.metadata.type})")
 
 
 def task_interval(task: Any, prediction_file: Path, n_boot: int = 1000, seed: int = 0,
@@ -256,9 +261,9 @@ def _retrieval(task: Any, data: Mapping[str, Any], results: Mapping[str, Mapping
 
     family, _, k = metric.rpartition("_")
     if family not in _PYTREC or not k.isdigit():
-        raise NotImplementedError(f"{task.metadata.name}: no per-query form of {metric!r}")
+        raise NoBootstrap(f"{task.metadata.name}: no per-query form of {metric!r}")
     if task.ignore_identical_ids or task.skip_first_result:
-        raise NotImplementedError(f"{task.metadata.name}: ignore_identical_ids/skip_first_result")
+        raise NoBootstrap(f"{task.metadata.name}: ignore_identical_ids/skip_first_result")
     # mteb drops queries without a relevant document, and pytrec_eval scores only queries in both
     qrels = {q: dict(docs) for q, docs in data["relevant_docs"].items() if docs}
     measure = f"{_PYTREC[family]}.{k}"
@@ -279,7 +284,7 @@ def _similarity_key(metric: str, suffixes: Sequence[str]) -> tuple[str, bool, st
             return *_SIMILARITY["similarity"], suffix
         if metric.endswith(f"_{suffix}") and metric[: -len(suffix) - 1] in _SIMILARITY:
             return *_SIMILARITY[metric[: -len(suffix) - 1]], suffix
-    raise NotImplementedError(f"no bootstrap for the score {metric!r}")
+    raise NoBootstrap(f"no bootstrap for the score {metric!r}")
 
 
 def _sts(gold: np.ndarray, predictions: Mapping[str, Any], metric: str, n_boot: int,
@@ -341,7 +346,7 @@ def _classification(task: Any, data: Any, predictions: Sequence[Sequence[Any]], 
 
     if metric != "accuracy" or task.is_cross_validation or isinstance(
             task, (AbsTaskMultilabelClassification, AbsTaskRegression)):
-        raise NotImplementedError(f"{task.metadata.name}: only single-split accuracy is bootstrapped")
+        raise NoBootstrap(f"{task.metadata.name}: only single-split accuracy is bootstrapped")
     y_test = np.asarray(data[task.label_column_name])  # (n,) the test split's labels
     if any(len(p) != len(y_test) for p in predictions):
         raise ValueError(f"predictions of {[len(p) for p in predictions]} items for {len(y_test)} test items")
@@ -358,10 +363,10 @@ def _classification(task: Any, data: Any, predictions: Sequence[Sequence[Any]], 
 def _clustering(task: Any, data: Any, predictions: Mapping[str, list[list[int]]], metric: str, n_boot: int,
                 rng: np.random.Generator) -> Bootstrap:
     if metric != "v_measure":
-        raise NotImplementedError(f"{task.metadata.name}: only v_measure is bootstrapped, not {metric!r}")
+        raise NoBootstrap(f"{task.metadata.name}: only v_measure is bootstrapped, not {metric!r}")
     labels = list(data[task.label_column_name])
     if any(isinstance(label, list) for label in labels) or list(predictions) != ["Level 0"]:
-        raise NotImplementedError(f"{task.metadata.name}: hierarchical (multi-level) labels")
+        raise NoBootstrap(f"{task.metadata.name}: hierarchical (multi-level) labels")
     runs = [np.asarray(a, dtype=np.int64) for a in predictions["Level 0"]]  # n_clusters x (cluster_size,)
     docs = _replay_clustering_draws(task, len(labels), len(runs), len(runs[0]))  # (runs, cluster_size)
     _, y = np.unique(np.asarray(labels), return_inverse=True)  # (n_docs,) class ids 0..C-1

@@ -224,3 +224,13 @@ def test_bad_arguments_are_refused():
         boot.interval(level=1.5)
     with pytest.raises(ValueError, match="n_boot"):
         intervals.replicates(object(), {}, n_boot=0)
+
+
+def test_a_score_it_cannot_resample_is_refused_by_name(scored):
+    """A task whose main score has no bootstrap form (here LeeSTS asked for a made-up one) raises
+    NoBootstrap; evaluation then reports the score without an interval instead of failing."""
+    task, _, path = scored("LeeSTS", SMALL)
+    other = tasks.build("LeeSTS", max_rows=SMALL, seed=0)
+    other.metadata = other.metadata.model_copy(update={"main_score": "kendall_tau"})
+    with pytest.raises(intervals.NoBootstrap, match="kendall_tau"):
+        intervals.replicates(other, path)
