@@ -62,17 +62,18 @@ def _client(url: str, key: str | None, client: int, stop: threading.Event, out: 
 
     retrying = client % 2 == 1
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=30, trust_env=False) as http, \
-            EmbeddingClient(url, key, timeout_s=30, retry_s=bench.retry_budget_s) as retrying_http:
+    conn = EmbeddingClient(url, key, timeout_s=30, retry_s=bench.retry_budget_s) if retrying else \
+        httpx.Client(base_url=url, headers=headers, timeout=30, trust_env=False)
+    with conn:
         n = 0
         while not stop.is_set():
             text, start = f"a short sentence number {n}", time.perf_counter()
             try:
                 if retrying:
-                    retrying_http.embed([text])
+                    conn.embed([text])
                     ok = True
                 else:
-                    ok = http.post("/v1/embeddings", json={"input": [text]}).status_code == 200
+                    ok = conn.post("/v1/embeddings", json={"input": [text]}).status_code == 200
             except (httpx.HTTPError, RuntimeError):  # refused, reset, timed out; a non-200 after retries
                 ok = False
             out.append(Request(client, start, time.perf_counter(), ok, retrying))
