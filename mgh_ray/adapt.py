@@ -213,7 +213,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        mean = torch.tensor([float(loss), acc])
+        mean = torch.tensor([float(loss.detach()), acc])
         if world > 1:
             dist.all_reduce(mean)
             mean /= world

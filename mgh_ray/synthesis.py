@@ -212,7 +212,7 @@ def work_rows(cfg: SynthesisConfig, ps: prompts.PromptSet):
 # --------------------------------------------------------------------------- the job
 
 
-def _remote_args(cfg: SynthesisConfig) -> dict[str, Any]:
+def remote_args(cfg: SynthesisConfig) -> dict[str, Any]:
     remote: dict[str, Any] = dict(num_cpus=cfg.num_cpus_per_actor)
     if cfg.num_gpus_per_actor:
         remote["num_gpus"] = cfg.num_gpus_per_actor
@@ -236,7 +236,7 @@ def _generated(cfg: SynthesisConfig, todo):
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors,
                                            max_tasks_in_flight_per_actor=2 * cfg.max_concurrent_batches,
                                            max_concurrent_calls_per_actor=cfg.max_concurrent_batches),
-        **_remote_args(cfg))
+        **remote_args(cfg))
     q = cfg.quality
     return ds.map_batches(quality.Scorer, batch_size=None, batch_format="pandas",
                           fn_constructor_kwargs={"cfg": q.model_dump(mode="json")},

@@ -270,6 +270,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         stage = curriculum.stage
         levels = curriculum.levels(world * b)[rank * b:(rank + 1) * b]  # (b,): this worker's slice
         batch = next(batches)
+        # the step's wait for its input (Ray Data's split shard): what streaming costs over rows in memory
+        input_s = time.perf_counter() - t0
         loss = contrastive_loss(model, encoder, loss_fn, batch, levels, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -285,7 +287,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {"step": step + 1, "loss": float(mean_loss), "stage": stage + 1,
                    "level": float(np.mean(levels)), "lr": scheduler.get_last_lr()[0],
-                   "pairs_per_s": world * b / elapsed, "step_s": elapsed, "resumed_from": start}
+                   "pairs_per_s": world * b / elapsed, "step_s": elapsed, "input_s": input_s,
+                   "resumed_from": start}
         if cfg.log_batch_ids:
             ids = [None] * world
             if world > 1:
@@ -413,6 +416,23 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     storage.write_text(done, json.dumps({"steps": cfg.steps, "checkpoint": result.checkpoint.path}))
     log.info("trained model in %s%s", model_loc, f", export in {export_loc}" if cfg.export else "")
     return model_loc
+
+
+def _steps_written(out_dir: str) -> int:
+    return int(read_metrics(out_dir).step.max()) if storage.is_file(RunLayout.metrics(out_dir)) else 0
+
+
+def _log_time(out_dir: str, before: int, wall_s: float) -> None:
+    """Where this fit's wall time went: steps (of which waiting for input) and the rest (worker and
+    model start, DDP set-up, checkpoints, shutdown)."""
+    m = read_metrics(out_dir) if storage.is_file(RunLayout.metrics(out_dir)) else pd.DataFrame()
+    m = m[m.step > before] if len(m) else m
+    if not len(m) or "input_s" not in m:
+        return
+    steps_s, input_s = float(m.step_s.sum()), float(m.input_s.sum())
+    log.info("training took %.0f s: %d steps %.0f s (waiting for input %.1f s, %.1f%% of the steps' "
+             "compute), start-up, checkpoints and shutdown %.0f s", wall_s, len(m), steps_s, input_s,
+             100 * input_s / max(steps_s - input_s, 1e-9), wall_s - steps_s)
 
 
 def read_metrics(out_dir: str | Path) -> pd.DataFrame:

@@ -264,6 +264,7 @@ def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_pa
     assert m.resumed_from.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]  # from the mid-stage checkpoint, not 0
     assert (m.level == m.stage).all()  # curriculum mode: stage k uses level k
     assert np.isfinite(m.loss).all() and (m.pairs_per_s > 0).all()
+    assert ((m.input_s >= 0) & (m.input_s < m.step_s)).all()  # the input wait is part of the step
     # the restart guarantee (training.py docstring): a new pass starts at the resumed step, so the
     # next 16 / (2 workers x 2) = 4 steps see every record exactly once; within a step no id repeats
     after = [i for ids in m.ids[3:7] for rank in ids for i in rank]

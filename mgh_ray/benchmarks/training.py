@@ -7,6 +7,8 @@ allocations). The table holds ratios against the baseline (mean pooling, same wo
 costs under 10% over mean pooling (its extra work is one layer's q/k projections and n^2 scores).
 Runs one after another see the machine's load drift: each variant runs twice, in ABBA order, and the
 ATA cost is also measured in-process (`step_times`: the same batch, mean and ATA steps alternating).
+Every run also gives `input_cost`: how long its steps waited for Ray Data's split shard, over their
+compute (the records reach the workers through Ray Data, as the pipeline's do).
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage training
     python -c "from mgh_ray.benchmarks import training as b; from mgh_ray.training import TrainConfig; \\
@@ -84,6 +86,13 @@ def _speed(out_dir: Path, warmup: int) -> float:
     return float((steady if len(steady) else m).pairs_per_s.median())
 
 
+def input_cost(out_dir: Path) -> float:
+    """What the streamed input cost over rows already in memory, on the same steps: the time every
+    step waited for its batch (the split shard's `iter_batches`), over the steps' compute without it."""
+    m = read_metrics(out_dir)
+    return float(m.input_s.sum() / (m.step_s - m.input_s).sum())
+
+
 def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
         warmup: int = 2, repeats: int = 2) -> pd.DataFrame:
     """Train each variant briefly and tabulate pairs/s; writes benchmark_training.{md,json} in out_dir.
@@ -94,6 +103,7 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
     out_dir = Path(out_dir)
     records = records if records is not None else seed_records(max(32, 4 * cfg.batch_size * 2), cfg.seed)
     runs: dict[tuple[str, int], list[float]] = {}
+    inputs: dict[tuple[str, int], list[float]] = {}
     for workers in (1, 2):
         for r in range(repeats):
             for mode in ("mean", "ata") if r % 2 == 0 else ("ata", "mean"):
@@ -102,10 +112,13 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                 run_dir = out_dir / f"{mode}_{workers}w_r{r}"
                 train(variant, records, run_dir)
                 runs.setdefault((mode, workers), []).append(_speed(run_dir, warmup))
+                inputs.setdefault((mode, workers), []).append(input_cost(run_dir))
                 log.info("benchmark %s, %d worker(s), run %d: %.2f pairs/s", mode, workers, r,
                          runs[(mode, workers)][-1])
     rows = [{"pooling": mode, "workers": workers, "runs": len(v), "pairs_per_s": float(np.mean(v)),
-             "spread": float((max(v) - min(v)) / np.mean(v))} for (mode, workers), v in runs.items()]
+             "spread": float((max(v) - min(v)) / np.mean(v)),
+             "input_cost": float(np.mean(inputs[(mode, workers)]))}
+            for (mode, workers), v in runs.items()]
     table = pd.DataFrame(rows)  # (mean, 1), (ata, 1), (mean, 2), (ata, 2): the order `runs` was filled in
     speed = {(r.pooling, r.workers): r.pairs_per_s for r in table.itertuples()}
     table["vs_mean_same_workers"] = [speed[(r.pooling, r.workers)] / speed[("mean", r.workers)]
@@ -122,7 +135,10 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                f"Train runs ({repeats} each, ABBA order; they run one after another, so load drift that is "
                f"not linear still shows: see the spread column). Setup: "
                f"{cfg.encoder.backbone}, batch {cfg.batch_size}/worker, max_length {cfg.encoder.max_length}, "
-               f"{cfg.steps} steps, median after {warmup} warm-up steps.")
+               f"{cfg.steps} steps, median after {warmup} warm-up steps. `input_cost`: the time the steps "
+               f"waited for their batches from Ray Data's split shards, over the steps' compute without it "
+               f"(what streaming costs over rows already in memory; target 10% or less): "
+               f"{table.input_cost.max():.1%} at most.")
     report = {"rows": table.to_dict(orient="records"), "runs": {f"{m}_{w}w": v for (m, w), v in runs.items()},
               "ata_overhead_ray_runs": overhead,
               "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
