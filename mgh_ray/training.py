@@ -3,7 +3,10 @@
 `train(cfg, records, out_dir)` runs a `TorchTrainer` (N workers; gloo on CPU, nccl on GPU) on the
 Ray cluster already up (or a local one). `records` is a records folder (path or URI: its gated view,
 `quality.gated`) or a ray.data.Dataset of training rows; it reaches the workers as Ray Data
-streaming-split shards, read batch by batch (`iter_batches`), never materialised whole. Each step:
+streaming-split shards, read batch by batch (`iter_batches`), never materialised whole on the
+driver; a worker keeps its shard after the first pass when the shard holds at most `keep_rows` rows
+(each streamed pass re-runs the whole read, which costs small runs more than their steps; see
+`batch_stream`), and streams every pass otherwise. Each step:
 queries (with their E5 instruction), positives and the hard negative(s) of the level(s) the
 curriculum picks are embedded in one forward (one DDP forward per backward), then InfoNCE over
 candidates gathered from every worker (`batch_loss.contrastive_loss`). Every record holds all
@@ -70,7 +73,8 @@ FAIL_ENV = "MGH_RAY_FAIL_AT_STEP"
 
 # TrainConfig fields a resumed run may change: operations and failure handling, never the model, the
 # data order or the optimisation (num_workers stays: each rank's RNG state is in the checkpoint)
-RESUMABLE = frozenset({"cpus_per_worker", "threads_per_worker", "max_failures", "log_every", "export",
+RESUMABLE = frozenset({"keep_rows", "cpus_per_worker", "threads_per_worker",
+                       "max_failures", "log_every", "export",
                        "checkpoint_every", "keep_checkpoints", "fail_at_step", "fail_rank", "log_batch_ids"})
 
 
@@ -93,6 +97,9 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1, strict=True)  # torch threads; None = cpus_per_worker
     steps: int = Field(40, ge=1, strict=True)
+    # a worker whose shard holds at most this many rows reads it once and keeps it (`batch_stream`);
+    # larger shards stream from storage every pass. 0: always stream
+    keep_rows: int = Field(20_000, ge=0, strict=True)
     batch_size: int = Field(4, ge=1, strict=True)  # queries per worker per step
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -146,18 +153,40 @@ def check_dataset(ds: Any, cfg: TrainConfig) -> int:
 # ------------------------------------------------------------------ worker side
 
 
-def batch_stream(shard: Any, batch_size: int, seed: int, rank: int, start: int):
-    """Endless batches of this worker's shard: pass after pass (each pass re-reads the stream), rows
-    shuffled within a buffer with a seed of (seed, rank, resume step, pass). Never holds more than the
-    shuffle buffer and one batch."""
-    epoch = 0
+def batch_stream(shard: Any, batch_size: int, seed: int, rank: int, start: int, keep_rows: int = 0):
+    """Endless batches of this worker's shard: pass after pass, rows shuffled with a seed of (seed, rank,
+    resume step, pass); only full batches (the rest of a pass is left out, different rows each pass).
+
+    A shard of at most `keep_rows` rows is read once: the first pass streams it (shuffled within a
+    buffer) and keeps its rows, and every later pass shuffles those rows in memory. Each pass of the
+    stream re-runs the read (list files, read parquet, gate: seconds on a small machine, however few
+    the rows), so re-reading a small shard costs more than the steps it feeds. A larger shard is
+    streamed every pass and never held: the worker holds at most the shuffle buffer and one batch.
+    Either way every pass visits each of the shard's rows at most once, all but fewer than a batch."""
+    epoch, kept = 0, []
     while True:
         got = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas", drop_last=True,
-                                        local_shuffle_buffer_size=max(4 * batch_size, 64),
-                                        local_shuffle_seed=hash((seed, rank, start, epoch)) % (2**31)):
-            got += 1
-            yield batch
+        pass_seed = hash((seed, rank, start, epoch)) % (2**31)
+        if epoch and kept is not None:  # the shard is in memory: a new order each pass
+            rows = pd.concat(kept, ignore_index=True)
+            order = np.random.default_rng(pass_seed).permutation(len(rows))
+            for i in range(0, len(rows) - batch_size + 1, batch_size):
+                got += 1
+                yield rows.iloc[order[i:i + batch_size]].reset_index(drop=True)
+        else:
+            n = 0
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas",
+                                            local_shuffle_buffer_size=max(4 * batch_size, 64),
+                                            local_shuffle_seed=pass_seed):
+                n += len(batch)
+                if kept is not None:  # the short last batch too: later passes leave out other rows
+                    if n <= keep_rows:
+                        kept.append(batch)
+                    else:
+                        kept = None  # too large to hold: stream every pass
+                if len(batch) == batch_size:
+                    got += 1
+                    yield batch
         if not got:
             raise RuntimeError(f"worker {rank}'s shard yielded no full batch of {batch_size}")
         epoch += 1
@@ -246,7 +275,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rng_file.exists():
                 _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     start = curriculum.step
-    batches = batch_stream(shard, cfg.batch_size, cfg.seed, rank, start)
+    batches = batch_stream(shard, cfg.batch_size, cfg.seed, rank, start, keep_rows=cfg.keep_rows)
     # every LoRA parameter takes part in each forward: no unused-parameter search (with it on, DDP
     # walks the graph every step and errors on parameters used twice under gradient checkpointing)
     model = ray.train.torch.prepare_model(encoder, parallel_strategy_kwargs={"find_unused_parameters": False})

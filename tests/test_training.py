@@ -83,6 +83,25 @@ def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
         ids = [*first["id"], *second["id"]]
         assert len(set(ids)) == 8 and set(ids) <= set(records["id"])  # a pass repeats no row
 
+    # a shard of at most keep_rows rows is read once and reshuffled in memory; a larger one is read
+    # every pass. Either way no pass repeats a row, and the rows a pass leaves out change
+    class Counted:  # the real shard, counting its passes
+        def __init__(self, shard):
+            self.shard, self.reads = shard, 0
+
+        def iter_batches(self, **kwargs):
+            self.reads += 1
+            return self.shard.iter_batches(**kwargs)
+
+    for keep_rows, reads in ((10, 1), (9, 6)):
+        shard = Counted(ds.iterator())
+        stream = batch_stream(shard, 4, seed=1, rank=0, start=0, keep_rows=keep_rows)
+        passes = [[*next(stream)["id"], *next(stream)["id"]] for _ in range(6)]
+        assert shard.reads == reads, keep_rows
+        assert all(len(set(p)) == 8 for p in passes)
+        assert {i for p in passes for i in p} == set(records["id"])  # none left out of every pass
+        assert len({tuple(p) for p in passes}) == 6  # a new order each pass
+
     # the export's query prompts come from these counts, over every block of the dataset
     mixed = records.assign(instruction=["a"] * 6 + ["b"] * 3 + ["a, again"])
     assert instruction_counts(ray.data.from_pandas(mixed).repartition(3)) == {"a": 6, "b": 3, "a, again": 1}
