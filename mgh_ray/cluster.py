@@ -28,16 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 
 from mgh_ray.config import Section
 from mgh_ray.serving.config import apply_cluster_env
-
-if TYPE_CHECKING:
-    from mgh_ray.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +317,7 @@ def live_node_types() -> tuple[list[NodeType], int | None]:
     return types, 0
 
 
-def stage_demands(cfg: PipelineConfig) -> dict[str, list[Demand]]:
+def stage_demands(cfg: Section) -> dict[str, list[Demand]]:  # cfg: a pipeline.PipelineConfig
     """What each stage asks of the cluster at once (stages run one after another)."""
     from mgh_ray.adapt import needed
 
@@ -380,7 +377,7 @@ def _pack(requests: list[dict[str, float]], types: list[NodeType], max_workers: 
     return placed
 
 
-def check_placement(cfg: PipelineConfig, types: list[NodeType], max_workers: int | None = None) -> list[Problem]:
+def check_placement(cfg: Section, types: list[NodeType], max_workers: int | None = None) -> list[Problem]:
     """Every stage whose requests do not all fit the node types at their max_workers; [] when all fit."""
     shape = ", ".join(f"{t.name} {t.max_workers} x {_fmt(t.resources)}" for t in types)
     cap = f" (max_workers {max_workers} in all)" if max_workers is not None else ""
@@ -396,7 +393,7 @@ def check_placement(cfg: PipelineConfig, types: list[NodeType], max_workers: int
     return problems
 
 
-def check_file(cfg: PipelineConfig, cluster_file: str | Path) -> list[Problem]:
+def check_file(cfg: Section, cluster_file: str | Path) -> list[Problem]:
     """`mgh-ray check-cluster`: a job's config against a cluster-launcher file, before anything starts."""
     from mgh_ray import config
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mgh_ray import pooling
-
-if TYPE_CHECKING:
-    from mgh_ray.encoder import EncoderConfig
+from mgh_ray.config import Section  # an encoder.EncoderConfig; its base type, so inputs never imports encoder
 
 # Input formats: (query template, document template). Every text the model reads is one of them; the
 # prefix before {text} is what `exclude_instruction` keeps out of the pool. "chatml" is the instruct
@@ -37,7 +35,7 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-def resolve_templates(cfg: EncoderConfig, tokenizer: Any) -> tuple[str, str, str]:
+def resolve_templates(cfg: Section, tokenizer: Any) -> tuple[str, str, str]:
     """(format name, query template, document template) this encoder reads texts with."""
     fmt = cfg.prompt_format
     if fmt == "auto":
@@ -64,7 +62,7 @@ class InputTooLong(ValueError):
                          "(truncation policy 'error': shorten it, or use truncation='truncate')")
 
 
-def load_tokenizer(source: str | Path, decoder: bool, cfg: EncoderConfig) -> Any:
+def load_tokenizer(source: str | Path, decoder: bool, cfg: Section) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = {"add_eos_token": True} if decoder and cfg.append_eos else {}
@@ -81,7 +79,7 @@ class Inputs:
     """The text side of an encoder: `cfg` (an `EncoderConfig` with its templates resolved), its tokenizer,
     and the tokens it reads per text (`max_tokens`, EOS and a query's instruction included)."""
 
-    def __init__(self, cfg: EncoderConfig, tokenizer: Any, max_tokens: int, eos_appended: bool) -> None:
+    def __init__(self, cfg: Section, tokenizer: Any, max_tokens: int, eos_appended: bool) -> None:
         self.cfg, self.tokenizer, self.max_tokens = cfg, tokenizer, max_tokens
         self.eos_appended = eos_appended  # every text ends with the tokenizer's EOS (decoders)
 
