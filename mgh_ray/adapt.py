@@ -32,7 +32,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,7 @@ class AdaptConfig(Section):
     """MNTP adaptation of a bidirectional decoder (skipped for causal encoders and when steps is 0).
     Defaults: the tiny CPU preset (SmolLM2-135M, 2 gloo workers)."""
 
+    runtime_fields: ClassVar[frozenset[str]] = RESUMABLE
     steps: int = Field(100, ge=0, strict=True)
     batch_size: int = Field(8, ge=1, strict=True)  # texts per worker per step
     max_length: int = Field(96, ge=8, strict=True)  # tokens per text, EOS included

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,6 +34,9 @@ class Section(BaseModel):
     """Base of every config block: unknown keys are rejected, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # fields a finished stage may change: how it runs, not what it makes. `pipeline.fingerprint` leaves
+    # them out, so a rerun with another value (or a release that adds such a field) reuses the stage
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 T = TypeVar("T", bound=BaseModel)

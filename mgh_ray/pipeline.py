@@ -3,7 +3,8 @@
 One config (`PipelineConfig`, composed of every stage's own section) drives all stages. `run_dir` is a
 local path or a URI (s3://, gs://, file://); `layout.RunLayout` says where each stage's folder is.
 Each stage writes into its own folder with its resolved config, and marks completion with a
-`_SUCCESS` file that holds a fingerprint of the config it depends on. The driver holds configs,
+`_SUCCESS` file that holds a fingerprint of the config it depends on (without a section's
+`runtime_fields`, such as log_every or keep_rows: how a stage runs, not what it makes). The driver holds configs,
 counts and locations: models load in Ray tasks and actors (base model, parity check, export),
 rows stay on workers. A rerun skips finished stages
 whose fingerprint still matches, resumes the first unfinished one (synthesis resumes row by row,
@@ -133,7 +134,8 @@ def check_cluster(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
 
 
 def fingerprint(*sections: Section) -> str:
-    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    """What a stage's output depends on: its sections' settings, without their `runtime_fields`."""
+    blob = json.dumps([s.model_dump(mode="json", exclude=set(s.runtime_fields)) for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -260,7 +262,7 @@ def adapt_fingerprint(cfg: PipelineConfig) -> str:
     enc = cfg.train.encoder
     reads = {k: getattr(enc, k) for k in ("backbone", "attention", "prompt_format", "document_template",
                                           "append_eos", "attn_implementation")}
-    blob = json.dumps([cfg.adapt.model_dump(mode="json"), reads, cfg.synthesis.seed_sources], sort_keys=True)
+    blob = json.dumps([cfg.adapt.model_dump(mode="json", exclude=set(cfg.adapt.runtime_fields)), reads, cfg.synthesis.seed_sources], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

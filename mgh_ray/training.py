@@ -52,7 +52,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -88,6 +88,7 @@ class TrainConfig(Section):
     GPU cluster: use_gpu=true, num_workers=16, encoder.backbone=<hub id>, encoder.dtype=bfloat16,
     encoder.gradient_checkpointing=true, batch_size=64, steps=1000, max_length=512."""
 
+    runtime_fields: ClassVar[frozenset[str]] = RESUMABLE - {"export"}  # export changes a finished stage's output
     encoder: EncoderConfig = Field(default_factory=_tiny_encoder)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

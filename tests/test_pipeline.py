@@ -59,6 +59,22 @@ def test_finished_stage_with_another_config_is_refused(tmp_path):
     assert pipeline.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
 
 
+def test_how_a_stage_runs_does_not_change_its_fingerprint_and_what_it_makes_does():
+    tiny = config.load(pipeline.PipelineConfig, TINY, ["train.encoder.attention=bidirectional"])
+
+    def prints(*over):
+        c = config.override(tiny, list(over))
+        return pipeline.train_fingerprint(c), pipeline.adapt_fingerprint(c)
+
+    same = prints()
+    # runtime fields: a finished stage is reused (a release that adds one keeps old runs too)
+    for over in ("train.keep_rows=0", "train.log_every=1", "train.cpus_per_worker=2", "adapt.log_every=3",
+                 "adapt.checkpoint_every=7", "train.fail_at_step=3"):
+        assert prints(over) == same, over
+    assert prints("train.steps=41")[0] != same[0] and prints("train.export=false")[0] != same[0]
+    assert prints("adapt.steps=7")[1] != same[1] and prints("adapt.steps=7")[0] != same[0]  # train starts from it
+
+
 def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_path):
     import ray.exceptions as rex
 
