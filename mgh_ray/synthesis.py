@@ -218,8 +218,12 @@ def remote_args(cfg: SynthesisConfig) -> dict[str, Any]:
         remote["num_gpus"] = cfg.num_gpus_per_actor
     if cfg.accelerator_type:
         remote["accelerator_type"] = cfg.accelerator_type
-    if cfg.env_vars:
-        remote["runtime_env"] = {"env_vars": dict(cfg.env_vars)}
+    # An exiting Ray worker kills its child processes before it runs the actor's shutdown hook, which is
+    # what drops the Generator and so shuts its engine down (`engine._shutdown`): vLLM's engine core died
+    # under a live output handler (EngineDeadError) and multiprocessing's resource tracker with it
+    # (KeyError '/psm_...'), tracebacks in every green run. With the kill off, the engine stops its
+    # processes itself, in order; they also exit when the actor's process dies.
+    remote["runtime_env"] = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false", **cfg.env_vars}}
     return remote
 
 

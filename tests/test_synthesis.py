@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import time
 
 import pandas as pd
 import pytest
@@ -19,6 +22,24 @@ def _tiny(**kw) -> SynthesisConfig:
     """Small, fast settings for tests: short outputs, one retry."""
     base = dict(max_tokens=320, max_retries=1, batch_size=3, rows_per_shard=3)
     return SynthesisConfig(**{**base, **kw})
+
+
+def _map_worker_logs(timeout: float = 90.0) -> dict[int, str]:
+    """The stderr of every Ray Data map actor (generator, scorer) of this cluster, once all have exited:
+    what their teardown printed."""
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    while True:
+        actors = list_actors(filters=[("class_name", "=", "_MapWorker")], limit=1000)
+        if actors and all(a.state == "DEAD" for a in actors) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert actors and all(a.state == "DEAD" for a in actors), [(a.pid, a.state) for a in actors]
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    return {a.pid: "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/worker-*-{a.pid}.err"))
+            for a in actors}
 
 
 # --------------------------------------------------------------------------- seeds and config (fast)
@@ -171,3 +192,8 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     assert (again["seeds"], again["outside_this_config"], again["this_run"]["rows"]) == (5, 1, 0)
     assert again["written"] + again["failed"] == 6
     assert "1 rows (written or failed) are from an earlier run" in (tmp_path / "gen" / "report.md").read_text()
+
+    # a green run's engine shuts down in order: no traceback from its teardown (EngineDeadError of the
+    # output handler, the resource tracker's KeyError) in the actors' output
+    for pid, err in _map_worker_logs().items():
+        assert "Traceback" not in err and "EngineDeadError" not in err, (pid, err[-3000:])
