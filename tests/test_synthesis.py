@@ -32,11 +32,12 @@ def _map_worker_logs(timeout: float = 90.0) -> dict[int, str]:
 
     deadline = time.time() + timeout
     while True:
-        actors = list_actors(filters=[("class_name", "=", "_MapWorker")], limit=1000)
+        every = list_actors(limit=1000)
+        actors = [a for a in every if "MapWorker" in a.class_name]
         if actors and all(a.state == "DEAD" for a in actors) or time.time() > deadline:
             break
         time.sleep(2)
-    assert actors and all(a.state == "DEAD" for a in actors), [(a.pid, a.state) for a in actors]
+    assert actors and all(a.state == "DEAD" for a in actors), [(a.class_name, a.pid, a.state) for a in every]
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     return {a.pid: "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/worker-*-{a.pid}.err"))
             for a in actors}
