@@ -102,7 +102,8 @@ def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):
 
     folder = Encoder.from_config(EncoderConfig(max_length=64, pooling={"mode": "ata"})).save(tmp_path / "m")
     bench = serving_peers.PeersConfig(clients=[2], texts_per_request=[2], num_texts=16, seconds_per_point=1,
-                                      max_requests_per_client=2, threads=1, servers=["vllm-mean", "mgh-vllm-ata"])
+                                      max_requests_per_client=2, threads=1, servers=["vllm-mean", "mgh-vllm-ata"],
+                                      peer_enforce_eager=True)  # a smoke run: answers and parity, not speed
     table = serving_peers.run(serving.ServeConfig(port=PORT, api_key_env=None, vllm_kv_cache_mb=128), folder,
                               tmp_path / "out", bench)
     assert (table.loc[["vllm-mean", "mgh-vllm-ata"], "2x2"] > 0).all()

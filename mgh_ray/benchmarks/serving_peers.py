@@ -56,6 +56,9 @@ class PeersConfig(Section):
     vllm_port: int = Field(18811, ge=1, le=65535)
     serve_port: int = Field(18812, ge=1, le=65535)
     startup_timeout_s: float = Field(600.0, gt=0)
+    # vLLM's own server as it ships compiles the model at start (torch.compile, ~85 s on 2 cores): the
+    # benchmark's peer. True starts it eager, for a smoke run that checks answers and parity, not speed
+    peer_enforce_eager: bool = False
     # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing)
     servers: list[str] = ["vllm-mean", "mgh-mean", "mgh-ata", "mgh-vllm-mean", "mgh-vllm-ata"]
 
@@ -148,7 +151,8 @@ def start_vllm(merged: Path, cfg: PeersConfig, log_path: Path, max_model_len: in
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged),
            "--served-model-name", "peer", "--runner", "pooling", "--convert", "embed",
            "--pooler-config", '{"pooling_type":"MEAN"}', "--dtype", "float32", "--host", "127.0.0.1",
-           "--port", str(cfg.vllm_port), "--max-model-len", str(max_model_len)]
+           "--port", str(cfg.vllm_port), "--max-model-len", str(max_model_len),
+           *(["--enforce-eager"] if cfg.peer_enforce_eager else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _wait_up(f"http://127.0.0.1:{cfg.vllm_port}/health", proc, cfg.startup_timeout_s, log_path)
