@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import time
 
 import pandas as pd
@@ -24,23 +22,21 @@ def _tiny(**kw) -> SynthesisConfig:
     return SynthesisConfig(**{**base, **kw})
 
 
-def _map_worker_logs(timeout: float = 90.0) -> dict[int, str]:
+def _map_worker_logs(timeout: float = 90.0) -> dict[str, str]:
     """The stderr of every Ray Data map actor (generator, scorer) of this cluster, once all have exited:
-    what their teardown printed."""
-    import ray
-    from ray.util.state import list_actors
+    what their teardown printed (Ray's log API; it raises when an actor has no log)."""
+    from ray.util.state import get_log, list_actors
 
     deadline = time.time() + timeout
     while True:
-        every = list_actors(limit=1000)
-        actors = [a for a in every if "MapWorker" in a.class_name]
+        every = list_actors(limit=1000)  # the state API filters by equality only: Ray names these
+        actors = [a for a in every if "MapWorker" in a.class_name]  # MapWorker(MapBatches(<fn>))
         if actors and all(a.state == "DEAD" for a in actors) or time.time() > deadline:
             break
         time.sleep(2)
     assert actors and all(a.state == "DEAD" for a in actors), [(a.class_name, a.pid, a.state) for a in every]
-    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    return {a.pid: "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/worker-*-{a.pid}.err"))
-            for a in actors}
+    return {f"{a.class_name} pid {a.pid}": "".join(get_log(actor_id=a.actor_id, suffix="err",
+                                                             errors="replace")) for a in actors}
 
 
 # --------------------------------------------------------------------------- seeds and config (fast)
@@ -196,5 +192,8 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
 
     # a green run's engine shuts down in order: no traceback from its teardown (EngineDeadError of the
     # output handler, the resource tracker's KeyError) in the actors' output
-    for pid, err in _map_worker_logs().items():
-        assert "Traceback" not in err and "EngineDeadError" not in err, (pid, err[-3000:])
+    logs = _map_worker_logs()
+    # the engine actor's own stderr was read (vLLM writes there), so an empty answer cannot pass
+    assert any("vllm" in err.lower() for err in logs.values()), {k: v[-500:] for k, v in logs.items()}
+    for actor, err in logs.items():
+        assert "Traceback" not in err and "EngineDeadError" not in err, (actor, err[-3000:])
