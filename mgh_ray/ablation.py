@@ -208,8 +208,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     save_config(cfg, str(root))
     index = _Index(root / "models.json")
     # the seeds the pipeline publishes: synthesis reads them, and so does an arm's MNTP adaptation
-    pipeline.run_stage(run.fetch, "fetch", pipeline.fetch_fingerprint(cfg), lambda: pipeline.fetch(cfg),
-                       cfg.ray.node_loss_retries)
+    pipeline.fetch_stage(cfg)
     pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
                        lambda: pipeline.synthesize(cfg), cfg.ray.node_loss_retries)
     # what each records source trains on: a folder (training streams its gated view with the folder's

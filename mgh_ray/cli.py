@@ -83,6 +83,7 @@ def synthesize(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> 
 
     cfg = _setup(config_path, overrides)
     _ray(cfg, ["synthesize"])
+    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     report = pipeline.synthesize(cfg)
     typer.echo(json.dumps(report, indent=1, default=str))
 
@@ -90,12 +91,11 @@ def synthesize(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> 
 @app.command()
 def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Mined-negative baseline: graded negatives from the seed corpus by the reference embedder."""
-    from mgh_ray import mining
+    from mgh_ray import mining, pipeline
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    from mgh_ray import pipeline
-
+    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     mined = mining.mine(pipeline.mining_of(cfg), RunLayout(cfg.run_dir).mine)
     typer.echo(json.dumps(mined, indent=1, default=str))
 
@@ -111,6 +111,7 @@ def adapt(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
                    "(and adapt.steps > 0)", err=True)
         raise typer.Exit(2)
     _ray(cfg, ["adapt"])
+    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     typer.echo(pipeline.adapt_stage(cfg))
 
 
@@ -122,6 +123,7 @@ def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     cfg = _setup(config_path, overrides)
     _ray(cfg, ["adapt", "train"])
+    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     typer.echo(str(pipeline.train(cfg, records)))
 
 

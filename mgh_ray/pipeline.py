@@ -283,6 +283,15 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
     return paths
 
 
+def fetch_stage(cfg: PipelineConfig) -> None:
+    """The fetch stage as the pipeline runs it (reused when done). A stage command run on its own
+    (`mgh-ray synthesize`, `mine`, `adapt`, `train`) runs it first: it then reads the seed file the
+    pipeline and the ablation read, and records the same settings, so a later `mgh-ray pipeline` or
+    `mgh-ray ablate` on the same run_dir resumes its folder instead of refusing it."""
+    run_stage(RunLayout(cfg.run_dir).fetch, "fetch", fetch_fingerprint(cfg), lambda: fetch(cfg),
+              cfg.ray.node_loss_retries)
+
+
 def published_seeds(cfg: PipelineConfig) -> str | None:
     """run_dir/fetch/seeds.parquet when the fetch stage published it (the default seeds, readable from
     every node), else None."""

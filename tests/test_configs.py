@@ -36,6 +36,8 @@ def test_small_mixes_seed_sources_with_generated_tasks_and_ablates_over_three_se
     assert "sts" in cfg.synthesis.kinds and cfg.synthesis.quality.policy == "filter"
     assert cfg.ablation.seeds == [0, 1, 2] and cfg.ablation.poolings == ["ata", "mean", "last"]
     assert cfg.ablation.attentions == ["causal", "bidirectional"] and cfg.adapt.steps > 0
+    # the paper's backbone: bidirectional after MNTP, so the pipeline runs its adapt stage
+    assert cfg.train.encoder.attention == "bidirectional" and pipeline.adapted(cfg)
     assert {"curriculum", "level_4", "random", "reverse", "in_batch", "reference_levels"} == set(
         cfg.ablation.schedules)
     assert pipeline.like_seeds(cfg) == ["BBCHeadlineRetrieval", "MovieDialogReranking"]

@@ -197,3 +197,35 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     assert any("vllm" in err.lower() for err in logs.values()), {k: v[-500:] for k, v in logs.items()}
     for actor, err in logs.items():
         assert "Traceback" not in err and "EngineDeadError" not in err, (actor, err[-3000:])
+
+
+@pytest.mark.integration
+def test_synthesize_run_alone_leaves_a_folder_the_pipeline_resumes(tmp_path, ray_cluster):
+    """`mgh-ray synthesize` as the first command on a fresh run_dir (docs/cluster.md runs stages one by
+    one), then the pipeline's synthesize stage on the same folder, as `mgh-ray pipeline` or `ablate`
+    runs it: it resumes the folder (nothing left to generate, no engine) instead of refusing it as a run
+    with other settings. The command alone used to record no seed file where the pipeline records the
+    copy its fetch stage publishes."""
+    from pathlib import Path
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from mgh_ray import pipeline
+    from mgh_ray.cli import app
+    from mgh_ray.layout import RunLayout
+
+    tiny = Path(__file__).resolve().parents[1] / "jobs/configs/tiny.yaml"
+    overrides = [f"run_dir={tmp_path / 'run'}", "synthesis.num_seeds=2", "synthesis.batch_size=2",
+                 "synthesis.max_retries=0"]
+    result = CliRunner().invoke(app, ["synthesize", str(tiny), *overrides])
+    assert result.exit_code == 0, result.output[-3000:]
+    run = RunLayout(str(tmp_path / "run"))
+    assert yaml.safe_load(Path(run.synthesize, "config.yaml").read_text())["seeds"] == run.seeds
+    assert Path(RunLayout.success(run.fetch)).is_file()
+
+    cfg = config.load(pipeline.PipelineConfig, tiny, overrides)
+    assert pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
+                              lambda: pipeline.synthesize(cfg))
+    report = json.loads(Path(run.synthesize, "report.json").read_text())
+    assert report["this_run"]["rows"] == 0 and report["written"] + report["failed"] == 2, report
