@@ -3,7 +3,8 @@
 `setup()` configures the root logger once (time, level, logger name): the `mgh-ray` CLI and its jobs
 call it, and so do Ray Train workers, with their rank: only rank 0 logs at INFO, the others at WARNING,
 so a job log holds each step line once. Ray Train's own per-step lines ("Reporting training result",
-"Checkpoint successfully created", from every worker) are left at WARNING: the stage logs its steps itself.
+"Checkpoint successfully created", from every worker) are left at WARNING, those of its loggers named
+after their file too (a filter on the root's handlers): the stage logs its steps itself.
 
 Progress: bars in a terminal; in a job log, a pipe or a file (no TTY) Ray Data's progress, which is
 redrawn as text every 10 seconds there, is off (`data_progress`), and the stages log one line per step
@@ -27,6 +28,14 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def _not_library_info(record: logging.LogRecord) -> bool:
+    """False for INFO-or-below records of Ray Train/Tune's modules whose loggers are named after their
+    file's path (`getLogger(__file__)`, e.g. Ray Train's "Reporting training result" line per step),
+    which setting the level of "ray.train" does not reach."""
+    path = record.pathname.replace("\\", "/")
+    return record.levelno >= logging.WARNING or not any(f"/ray/{lib}/" in path for lib in ("train", "tune"))
+
+
 def setup(level: int = logging.INFO, rank: int | None = None) -> None:
     """Configure the root logger once for this process (`rank`: a Ray Train worker's world rank)."""
     root = logging.getLogger()
@@ -34,6 +43,9 @@ def setup(level: int = logging.INFO, rank: int | None = None) -> None:
     if not root.handlers:
         logging.basicConfig(level=chosen, format=FORMAT, datefmt="%H:%M:%S")
     root.setLevel(chosen)
+    for handler in root.handlers:
+        if _not_library_info not in handler.filters:
+            handler.addFilter(_not_library_info)
     for name in QUIET:
         logging.getLogger(name).setLevel(max(chosen, logging.WARNING))
 

@@ -326,6 +326,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     status, logs = finish(submit("jobs.pipeline"))
     assert status == "SUCCEEDED", logs[-4000:]
     assert "num_cpus and num_gpus must not be provided" not in logs
+    assert "Reporting training result" not in logs  # Ray Train's line per step per worker (logs.py)
     assert "stage fetch: done earlier" in logs and "stage synthesize: running into" in logs
     ids = record_ids(run.synthesize)
     assert len(ids) == len(set(ids)) == 16 and set(first) <= set(ids)  # no duplicate, no gap
