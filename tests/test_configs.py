@@ -38,6 +38,7 @@ def test_small_mixes_seed_sources_with_generated_tasks_and_ablates_over_three_se
     assert cfg.ablation.attentions == ["causal", "bidirectional"] and cfg.adapt.steps > 0
     # the paper's backbone: bidirectional after MNTP, so the pipeline runs its adapt stage
     assert cfg.train.encoder.attention == "bidirectional" and pipeline.adapted(cfg)
+    assert cfg.train.encoder.pooling.mode == "mean"  # the better pooling of the 2026-12-03 ablation
     assert {"curriculum", "level_4", "random", "reverse", "in_batch", "reference_levels"} == set(
         cfg.ablation.schedules)
     assert pipeline.like_seeds(cfg) == ["BBCHeadlineRetrieval", "MovieDialogReranking"]
