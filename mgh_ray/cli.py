@@ -83,7 +83,6 @@ def synthesize(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> 
 
     cfg = _setup(config_path, overrides)
     _ray(cfg, ["synthesize"])
-    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     report = pipeline.synthesize(cfg)
     typer.echo(json.dumps(report, indent=1, default=str))
 
@@ -95,7 +94,6 @@ def mine(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
     cfg = _setup(config_path, overrides)
     _ray(cfg)
-    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     mined = mining.mine(pipeline.mining_of(cfg), RunLayout(cfg.run_dir).mine)
     typer.echo(json.dumps(mined, indent=1, default=str))
 
@@ -111,7 +109,6 @@ def adapt(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
                    "(and adapt.steps > 0)", err=True)
         raise typer.Exit(2)
     _ray(cfg, ["adapt"])
-    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     typer.echo(pipeline.adapt_stage(cfg))
 
 
@@ -123,7 +120,6 @@ def train(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     cfg = _setup(config_path, overrides)
     _ray(cfg, ["adapt", "train"])
-    pipeline.fetch_stage(cfg)  # the seeds the pipeline reads (see fetch_stage)
     typer.echo(str(pipeline.train(cfg, records)))
 
 

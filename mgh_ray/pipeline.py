@@ -220,14 +220,10 @@ def train_fingerprint(cfg: PipelineConfig) -> str:
 
 
 def adapt(cfg: PipelineConfig) -> str:
-    """The adaptation stage: MNTP on the run's seed texts (the published seed file, else the config's)."""
+    """The adaptation stage: MNTP on the run's seed texts (the published seed file of seed_sources)."""
     from mgh_ray import adapt as adapting
 
-    seeds = published_seeds(cfg) or cfg.synthesis.seeds
-    if seeds is None:
-        raise FileNotFoundError("the adaptation stage reads the run's seed texts: run `mgh-ray fetch` first "
-                                "(or set synthesis.seeds)")
-    return adapting.adapt(cfg.adapt, cfg.train.encoder, seeds, RunLayout(cfg.run_dir).adapt)
+    return adapting.adapt(cfg.adapt, cfg.train.encoder, published_seeds(cfg), RunLayout(cfg.run_dir).adapt)
 
 
 def adapt_stage(cfg: PipelineConfig) -> str:
@@ -284,19 +280,20 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def fetch_stage(cfg: PipelineConfig) -> None:
-    """The fetch stage as the pipeline runs it (reused when done). A stage command run on its own
-    (`mgh-ray synthesize`, `mine`, `adapt`, `train`) runs it first: it then reads the seed file the
-    pipeline and the ablation read, and records the same settings, so a later `mgh-ray pipeline` or
-    `mgh-ray ablate` on the same run_dir resumes its folder instead of refusing it."""
+    """The fetch stage as the pipeline runs it (reused when done with these settings)."""
     run_stage(RunLayout(cfg.run_dir).fetch, "fetch", fetch_fingerprint(cfg), lambda: fetch(cfg),
               cfg.ray.node_loss_retries)
 
 
-def published_seeds(cfg: PipelineConfig) -> str | None:
-    """run_dir/fetch/seeds.parquet when the fetch stage published it (the default seeds, readable from
-    every node), else None."""
+def published_seeds(cfg: PipelineConfig) -> str:
+    """run_dir/fetch/seeds.parquet: the default seeds, readable from every node. A stage that reads them
+    before the fetch stage ran (`mgh-ray synthesize`, `mine` or `adapt` first on a new run_dir) runs that
+    stage here, so it records the seed file the pipeline records, and a later `mgh-ray pipeline` or
+    `ablate` resumes its folder instead of refusing it as a run with other settings."""
     loc = RunLayout(cfg.run_dir).seeds
-    return loc if storage.is_file(loc) else None
+    if not storage.is_file(loc):
+        fetch_stage(cfg)
+    return loc
 
 
 def seeds_of(cfg: PipelineConfig) -> SynthesisConfig:

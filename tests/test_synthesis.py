@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from mgh_ray import config, corpora, prompts, records, seeds, synthesis
 from mgh_ray.records import TRAIN_COLS
@@ -206,9 +208,6 @@ def test_synthesize_run_alone_leaves_a_folder_the_pipeline_resumes(tmp_path, ray
     runs it: it resumes the folder (nothing left to generate, no engine) instead of refusing it as a run
     with other settings. The command alone used to record no seed file where the pipeline records the
     copy its fetch stage publishes."""
-    from pathlib import Path
-
-    import yaml
     from typer.testing import CliRunner
 
     from mgh_ray import pipeline
