@@ -136,19 +136,24 @@ def required_columns(cfg: TrainConfig) -> list[str]:
     return ["id", "query", "positive", "instruction", *negative_columns(cfg.curriculum.levels)]
 
 
-def check_dataset(ds: Any, cfg: TrainConfig) -> int:
-    """Row count of the training dataset (computed on workers), with a clear error for missing
-    columns or too few rows for one global batch."""
-    names = list(ds.schema().names) if ds.schema() is not None else []
+def check_dataset(ds: Any, cfg: TrainConfig) -> dict[str | None, int]:
+    """{instruction: rows} of the training dataset (counted on workers; None: rows without one), with a
+    clear error for missing columns or too few rows for one global batch. One pass over the records
+    gives the columns, the row count and the instructions the export's query prompts need (a gated
+    view's schema alone would cost a pass of its own)."""
+    survey = _survey(ds)
+    blocks = [set(c.split(_SEP)) for c in survey["columns"].unique()]
+    names = set.intersection(*blocks) if blocks else set()
     missing = [c for c in required_columns(cfg) if c not in names]
     if missing:
         raise ValueError(f"records lack columns {missing}; expected {required_columns(cfg)} "
                          "(the gated view of a synthesis or mining folder)")
-    n = ds.count()
+    counts = _instruction_sums(survey)
+    n = sum(counts.values())
     if n < cfg.num_workers * cfg.batch_size:
         raise ValueError(f"{n} training records cannot fill one step of {cfg.num_workers} workers x "
                          f"batch_size {cfg.batch_size}; synthesize more, or lower train.batch_size")
-    return n
+    return counts
 
 
 # ------------------------------------------------------------------ worker side
@@ -368,14 +373,31 @@ def _export(model_loc: str, export_loc: str, prompts: dict[str, str]) -> str:
         return storage.upload_dir(Path(tmp) / "export", export_loc)
 
 
-def instruction_counts(ds: Any) -> dict[str, int]:
-    """{instruction: rows} of the training data, counted on workers (distinct instructions only)."""
+_SEP = "\x1f"  # between column names in a survey row
+
+
+def _block_survey(b: pd.DataFrame) -> pd.DataFrame:
+    """One block's rows per instruction (None: no instruction), each row naming the block's columns."""
+    if "instruction" in b.columns:
+        per = b["instruction"].value_counts(dropna=False)
+    else:
+        per = pd.Series([len(b)], index=pd.Index([None], dtype=object))
+    out = per.rename("n").rename_axis("instruction").reset_index()
+    out["columns"] = _SEP.join(map(str, b.columns))
+    return out
+
+
+def _survey(ds: Any) -> pd.DataFrame:
     # per-block value counts summed here: a few rows per block, where a Ray Data groupby would start a
     # hash shuffle (seconds of actor start-up for what is usually one instruction)
-    parts = ds.select_columns(["instruction"]).map_batches(
-        lambda b: b["instruction"].value_counts().rename("n").rename_axis("instruction").reset_index(),
-        batch_format="pandas", batch_size=None).to_pandas()
-    return {str(k): int(v) for k, v in parts.groupby("instruction")["n"].sum().items()} if len(parts) else {}
+    return ds.map_batches(_block_survey, batch_format="pandas", batch_size=None).to_pandas()
+
+
+def _instruction_sums(survey: pd.DataFrame) -> dict[str | None, int]:
+    if not len(survey):
+        return {}
+    sums = survey.groupby("instruction", dropna=False)["n"].sum()
+    return {(None if pd.isna(k) else str(k)): int(v) for k, v in sums.items()}
 
 
 def training_dataset(records: Any) -> Any:
@@ -417,7 +439,8 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     if not ray.is_initialized():
         ray.init()
     ds = training_dataset(records)
-    n = check_dataset(ds, cfg)
+    counts = check_dataset(ds, cfg)
+    n = sum(counts.values())
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop,
@@ -440,7 +463,7 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     if cfg.export:
         from mgh_ray.export import query_prompts
 
-        prompts = query_prompts(instruction_counts(ds))
+        prompts = query_prompts({k: v for k, v in counts.items() if k is not None})
         remote = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(_export)
         ray.get(remote.remote(model_loc, export_loc, prompts))
     storage.write_text(done, json.dumps({"steps": cfg.steps, "checkpoint": result.checkpoint.path}))

