@@ -142,8 +142,7 @@ def check_dataset(ds: Any, cfg: TrainConfig) -> dict[str | None, int]:
     gives the columns, the row count and the instructions the export's query prompts need (a gated
     view's schema alone would cost a pass of its own)."""
     survey = _survey(ds)
-    blocks = [set(c.split(_SEP)) for c in survey["columns"].unique()]
-    names = set.intersection(*blocks) if blocks else set()
+    names = set.intersection(*(set(c) for c in survey["columns"])) if len(survey) else set()
     missing = [c for c in required_columns(cfg) if c not in names]
     if missing:
         raise ValueError(f"records lack columns {missing}; expected {required_columns(cfg)} "
@@ -373,9 +372,6 @@ def _export(model_loc: str, export_loc: str, prompts: dict[str, str]) -> str:
         return storage.upload_dir(Path(tmp) / "export", export_loc)
 
 
-_SEP = "\x1f"  # between column names in a survey row
-
-
 def _block_survey(b: pd.DataFrame) -> pd.DataFrame:
     """One block's rows per instruction (None: no instruction), each row naming the block's columns."""
     if "instruction" in b.columns:
@@ -383,7 +379,7 @@ def _block_survey(b: pd.DataFrame) -> pd.DataFrame:
     else:
         per = pd.Series([len(b)], index=pd.Index([None], dtype=object))
     out = per.rename("n").rename_axis("instruction").reset_index()
-    out["columns"] = _SEP.join(map(str, b.columns))
+    out["columns"] = [list(map(str, b.columns))] * len(out)
     return out
 
 

@@ -6,6 +6,8 @@ resumes and does not redo."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,9 @@ def test_training_data_is_checked_and_streamed_pass_after_pass(ray_cluster):
     records = seed_records(10)
     ds = ray.data.from_pandas(records)
     assert sum(check_dataset(ds, TrainConfig()).values()) == 10
-    with pytest.raises(ValueError, match="neg_4"):
-        check_dataset(ds.drop_columns(["neg_4"]), TrainConfig())
+    for column in ("neg_4", "instruction"):  # the instruction is what the rows are counted by
+        with pytest.raises(ValueError, match=rf"records lack columns \['{column}'\]"):
+            check_dataset(ds.drop_columns([column]), TrainConfig())
     with pytest.raises(ValueError, match="cannot fill one step of 2 workers x batch_size 8"):
         check_dataset(ds, TrainConfig(batch_size=8))
     stream = batch_stream(ds.iterator(), 4, seed=1, rank=0, start=0)
@@ -319,10 +322,15 @@ def test_new_driver_resumes_a_run_whose_workers_all_failed(ray_cluster, tmp_path
     # the saved optimizer and schedule belong to these settings: another lr is refused, before Ray
     with pytest.raises(config_io.ConfigError, match=r"lr: 0.0005 -> 0.001.*settings in .*config.yaml"):
         train(cfg.model_copy(update={"lr": 1e-3}), seed_records(16), tmp_path)
-    cfg = cfg.model_copy(update={"max_failures": 1})  # how it runs may change
-    model_dir = train(cfg, seed_records(16), tmp_path)
+    cfg = cfg.model_copy(update={"max_failures": 1, "export": True})  # how it runs may change
+    records = seed_records(16)
+    model_dir = train(cfg, records, tmp_path)
     m = read_metrics(tmp_path)
     assert m.step.tolist() == list(range(1, 9))
     assert m.resumed_from.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]
     assert m.stage.tolist() == _expected_stages(cfg)
     assert (tmp_path / "model" / "encoder.yaml").is_file() and model_dir == str(tmp_path / "model")
+    # the export's query prompt is the instruction the records were counted by, before the steps
+    st = json.loads((tmp_path / "export" / "merged" / "config_sentence_transformers.json").read_text())
+    instruction = records["instruction"].mode()[0]
+    assert instruction in st["prompts"]["query"], st["prompts"]
