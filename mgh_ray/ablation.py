@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mgh_ray import config, storage
+from mgh_ray import config, stages, storage
 from mgh_ray.arms import pooling_arms, schedule_overrides
 from mgh_ray.layout import RunLayout, save_config
 from mgh_ray.report import MEAN_UNLIKE
@@ -72,11 +72,11 @@ def arm_key(cfg, arm_cfg, arm: str) -> tuple[str, str]:
     train = pipeline.train_config(arm_cfg)
     adapted = [arm_cfg.adapt] if pipeline.adapted(arm_cfg) else []
     if arm == "mined":
-        return "mined", pipeline.fingerprint(train, *adapted)
+        return "mined", stages.fingerprint(train, *adapted)
     policy = arm_cfg.synthesis.quality.policy
     if policy != cfg.synthesis.quality.policy:
-        return f"synth:{policy}", pipeline.fingerprint(train, arm_cfg.synthesis.quality, *adapted)
-    return "synth", pipeline.fingerprint(train, *adapted)
+        return f"synth:{policy}", stages.fingerprint(train, arm_cfg.synthesis.quality, *adapted)
+    return "synth", stages.fingerprint(train, *adapted)
 
 
 def summarize(scores: dict[str, pd.Series], arms: list[str], seeds: list[int],
@@ -204,18 +204,18 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
 
     ab = cfg.ablation
     run = RunLayout(cfg.run_dir)
-    root = Path(pipeline.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
+    root = Path(stages.stage_dir(run.ablation))  # tables and plots; published to run_dir at the end
     save_config(cfg, str(root))
     index = _Index(root / "models.json")
     # the seeds the pipeline publishes: synthesis reads them, and so does an arm's MNTP adaptation
     pipeline.fetch_stage(cfg)
-    pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
+    stages.run_stage(run.synthesize, "synthesize", stages.fingerprint(cfg.synthesis),
                        lambda: pipeline.synthesize(cfg), cfg.ray.node_loss_retries)
     # what each records source trains on: a folder (training streams its gated view with the folder's
     # saved policy) or, for an arm with another gate policy, that gated view as a Dataset (arm_key)
     records: dict[str, Any] = {"synth": run.synthesize}
     if "mined" in ab.schedules:
-        pipeline.run_stage(run.mine, "mine", pipeline.fingerprint(cfg.mining),
+        stages.run_stage(run.mine, "mine", stages.fingerprint(cfg.mining),
                            lambda: mining.mine(pipeline.mining_of(cfg), run.mine), cfg.ray.node_loss_retries)
         records["mined"] = run.mine
 
@@ -248,7 +248,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                     models[f"{arm}-s{seed}"] = known
                     continue
                 out = run.arm(study, f"{arm}-s{seed}")
-                pipeline.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
+                stages.run_stage(out, f"{study}:{arm}-s{seed}", key[1],
                                    lambda c=arm_cfg, d=records[source], o=out: training.train(
                                        pipeline.train_config(c), d, o),
                                    cfg.ray.node_loss_retries)
@@ -256,7 +256,7 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
                 index.data["models"]["|".join(key)] = models[f"{arm}-s{seed}"]
                 index.save()
         tables[study] = _score(cfg, eval_cfg, like, study, arms, untrained, models, sources, records, index, root)
-    pipeline.publish(root, run.ablation)
+    stages.publish(root, run.ablation)
     return tables
 
 

@@ -281,7 +281,7 @@ def write_report(out_dir: str, cfg: AdaptConfig, seconds: float | None) -> None:
              f"masked-token accuracy {head.masked_accuracy.mean():.3f} -> {tail.masked_accuracy.mean():.3f}"
              + (f"; {seconds:.0f} s." if seconds else "."), "", "![loss](loss.png)", "",
              shown[["step", "loss", "masked_accuracy", "lr"]].to_markdown(index=False, floatfmt=".4f")]
-    storage.write_text(storage.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    storage.write_text(RunLayout.report(out_dir), "\n".join(lines) + "\n")
 
 
 def adapt(cfg: AdaptConfig, encoder: EncoderConfig, seeds: str, out_dir: str) -> str:

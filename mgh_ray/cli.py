@@ -162,7 +162,7 @@ def evaluate(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES,
                   for k, v in (m.split("=", 1) for m in model)}
     scores = pipeline.evaluate(cfg, models)
     typer.echo(_scores(scores))
-    typer.echo(f"report: {storage.join(RunLayout(cfg.run_dir).evaluate, 'report.md')}")
+    typer.echo(f"report: {RunLayout.report(RunLayout(cfg.run_dir).evaluate)}")
 
 
 @app.command("pipeline")
@@ -178,7 +178,7 @@ def pipeline_(config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> N
     if {"base", "trained"} <= set(scores.columns) and "mean" in scores.index:
         delta = scores.loc["mean", "trained"] - scores.loc["mean", "base"]
         typer.echo(f"\ntrained - base, mean over tasks: {delta:+.4f}")
-    typer.echo(f"report: {storage.join(out, 'report.md')}\nplot:   {storage.join(out, 'scores.png')}")
+    typer.echo(f"report: {RunLayout.report(out)}\nplot:   {RunLayout.plot(out)}")
 
 
 @app.command()

@@ -34,7 +34,7 @@ class Section(BaseModel):
     """Base of every config block: unknown keys are rejected, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-    # fields a finished stage may change: how it runs, not what it makes. `pipeline.fingerprint` leaves
+    # fields a finished stage may change: how it runs, not what it makes. `stages.fingerprint` leaves
     # them out, so a rerun with another value (or a release that adds such a field) reuses the stage
     runtime_fields: ClassVar[frozenset[str]] = frozenset()
 

@@ -4,7 +4,7 @@ For every named model (an encoder folder, or the URL of a running endpoint), `ev
 1. skips the tasks whose results already sit in `out_dir/results` for this model revision and task
    size (mteb's own result folder format, `results/<model>/<revision>/<task>.json`);
 2. deploys the folder as a handle-only Serve app with `num_replicas` replicas (a URL is used as is);
-3. runs each remaining task as one Ray task calling `mteb.evaluate` with a `ServedEncoder`: it cuts
+3. runs each remaining task as one Ray task calling `mteb.evaluate` with a `mteb_adapters.ServedEncoder`: it cuts
    the texts into `batch_size` requests and keeps up to `concurrency` in flight, so they spread over
    the replicas (a `DeploymentHandle` inside the cluster, HTTP outside);
 4. saves each result as it lands, removes the app, and finally writes `report.md` and `scores.png`.
@@ -29,24 +29,23 @@ evaluation deployment and the in-process encoder alike, and report.md states it.
 
 from __future__ import annotations
 
-import abc
-import inspect
 import json
 import logging
 import re
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE, TASK_NAMES
 from mgh_ray.serving import ServeConfig
+
+if TYPE_CHECKING:  # mteb loads where tasks run, not where configs are read
+    from mgh_ray.mteb_adapters import MtebAdapter
 
 log = logging.getLogger(__name__)
 
@@ -104,110 +103,6 @@ class EvalConfig(Section):
         return self.max_rows_per_task.get(task, self.max_rows)
 
 
-class MtebAdapter(abc.ABC):
-    """mteb's encoder protocol over `embed(texts, instruction)`; instructions from `tasks.instruction`."""
-
-    mteb_model_meta: Any
-
-    @abc.abstractmethod
-    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
-        """(len(texts), dim) unit vectors; `instruction` prefixes each text when not None."""
-
-    @property
-    def dim(self) -> int:
-        return int(self.mteb_model_meta.embed_dim)
-
-    def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
-               prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
-        from mgh_ray.tasks import instruction
-
-        texts = [t for batch in inputs for t in batch["text"]]
-        # each distinct text once: STS and pair tasks repeat their texts (Lee STS: 2,450 sides of 1,225
-        # pairs over 50 documents; SDG: one goal name per pair)
-        unique, where = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-        vectors = self.embed(list(unique), instruction(task_metadata, prompt_type))  # (distinct, dim)
-        return vectors[where.reshape(-1)] if len(texts) else vectors
-
-    def similarity(self, a: Any, b: Any) -> Any:
-        from mteb.similarity_functions import cos_sim
-
-        return cos_sim(a, b)
-
-    def similarity_pairwise(self, a: Any, b: Any) -> Any:
-        from mteb.similarity_functions import pairwise_cos_sim
-
-        return pairwise_cos_sim(a, b)
-
-
-class ServedEncoder(MtebAdapter):
-    """The served model: `app` (a DeploymentHandle, inside the cluster) or `url` (HTTP, from anywhere).
-
-    Texts go out in `batch_size` requests with at most `concurrency` in flight, so they spread over
-    the replicas; `replicas` counts which replica answered. Picklable, so it travels to Ray tasks.
-    """
-
-    def __init__(self, name: str, revision: str, dim: int, *, app: str | None = None, url: str | None = None,
-                 api_key: str | None = None, batch_size: int = 32, concurrency: int = 4) -> None:
-        if (app is None) == (url is None):
-            raise ValueError("ServedEncoder needs exactly one of app= (Serve app name) or url= (endpoint)")
-        self.app, self.url, self.api_key = app, url, api_key
-        self.batch_size, self.concurrency = batch_size, concurrency
-        self.mteb_model_meta = model_meta(name, revision, dim)
-        self.replicas: Counter[str] = Counter()
-        self._conn: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_conn": None}  # handles and HTTP clients are made where they are used
-
-    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
-        chunks = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
-        if self.app is not None:
-            from ray import serve
-
-            self._conn = self._conn or serve.get_app_handle(self.app)
-            outs, pending = [], deque()
-            for chunk in chunks:  # at most `concurrency` requests in flight, results kept in order
-                if len(pending) >= self.concurrency:
-                    outs.append(pending.popleft().result())
-                pending.append(self._conn.embed.remote(chunk, instruction))
-            outs += [p.result() for p in pending]
-            parts = [(o["vectors"], o["replica"]) for o in outs]
-        else:
-            from mgh_ray.serving import EmbeddingClient
-
-            self._conn = self._conn or EmbeddingClient(self.url, self.api_key)
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                parts = list(pool.map(lambda c: self._conn.embed(c, instruction), chunks))
-        self.replicas.update(r for _, r in parts)
-        return np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, self.dim), np.float32)
-
-
-class LocalEncoder(MtebAdapter):
-    """An in-process object with `encode(texts, *, instruction, batch_size)` (an Encoder, or a stand-in)."""
-
-    def __init__(self, encoder: Any, name: str = "local", revision: str = "local",
-                 batch_size: int = 32, truncation: str = "truncate") -> None:
-        self.encoder, self.batch_size, self.truncation = encoder, batch_size, truncation
-        self.mteb_model_meta = model_meta(name, revision, int(encoder.dim))
-        self.replicas: Counter[str] = Counter()
-
-    def embed(self, texts: list[str], instruction: str | None) -> np.ndarray:
-        kwargs = {"instruction": instruction, "batch_size": self.batch_size}
-        if "truncation" in inspect.signature(self.encoder.encode).parameters:  # an Encoder; stand-ins may not
-            kwargs["truncation"] = self.truncation
-        return np.asarray(self.encoder.encode(texts, **kwargs), dtype=np.float32)
-
-
-def model_meta(name: str, revision: str, dim: int) -> Any:
-    """mteb's ModelMeta for one of our models (names become 'mgh-ray/<name>' folders in the results)."""
-    from mteb.models.model_meta import ModelMeta, ScoringFunction
-
-    return ModelMeta.create_empty(overwrites={
-        "name": f"mgh-ray/{name}", "revision": revision, "embed_dim": dim,
-        "similarity_fn_name": ScoringFunction.COSINE,
-        "use_instructions": True, "modalities": ["text"], "framework": ["PyTorch"]})
-
-
 def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
              ) -> tuple[Any, dict[str, int], dict[str, Any] | None]:
     """One task through mteb's own evaluator; returns its TaskResult, the replicas that answered and,
@@ -242,6 +137,8 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
 
 def score_in_process(cfg: EvalConfig, encoder: Any, name: str = "local") -> dict[str, float]:
     """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions."""
+    from mgh_ray.mteb_adapters import LocalEncoder
+
     adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size, truncation=cfg.truncation)
     return {t: float(run_task(adapter, t, cfg)[0].get_score()) for t in cfg.tasks}
 
@@ -301,7 +198,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     import ray
     from mteb.cache import ResultCache
 
-    from mgh_ray import serving, tasks
+    from mgh_ray import mteb_adapters, serving, tasks
 
     serve_cfg = serve_cfg or ServeConfig()
     url = endpoint_url(model)
@@ -315,7 +212,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     results, todo, built = {}, [], {}
     for t in cfg.tasks:
         task = built[t] = tasks.build(t, max_rows=cfg.rows(t), seed=cfg.seed)
-        old = None if cfg.overwrite else finished(cache, task, model_meta(name, revision, 0))
+        old = None if cfg.overwrite else finished(cache, task, mteb_adapters.model_meta(name, revision, 0))
         if old is not None and cfg.bootstrap and not bootstrap_file(out_dir, name, revision, t).is_file():
             old = None  # finished before intervals were kept: run it again for its replicates
         if old is not None:
@@ -333,7 +230,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
     replicas: Counter[str] = Counter()
     try:
         if url is not None:
-            encoder = ServedEncoder(name, revision, int(card["dim"]), url=url,
+            encoder = mteb_adapters.ServedEncoder(name, revision, int(card["dim"]), url=url,
                                     api_key=serving.api_key(serve_cfg), batch_size=cfg.batch_size,
                                     concurrency=cfg.concurrency)
         else:
@@ -346,7 +243,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
             if info["revision"] != revision:
                 raise ValueError(f"Serve app {app!r} serves revision {info['revision']}, not {model} "
                                  f"({revision})")
-            encoder = ServedEncoder(name, revision, int(info["dim"]), app=app, batch_size=cfg.batch_size,
+            encoder = mteb_adapters.ServedEncoder(name, revision, int(info["dim"]), app=app, batch_size=cfg.batch_size,
                                     concurrency=cfg.concurrency)
         remote = ray.remote(run_task).options(num_cpus=cfg.task_num_cpus, max_retries=1)
         pending = {remote.remote(encoder, t, cfg): t for t in todo}
@@ -360,7 +257,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
                 path.write_text(json.dumps(boot))
             cache.save_to_cache(result, encoder.mteb_model_meta, encode_kwargs={"batch_size": cfg.batch_size})
             # as saved (mteb keeps 6 decimals): a score is the same number now and when a later run reuses it
-            results[task_name] = finished(cache, built[task_name], model_meta(name, revision, 0)) or result
+            results[task_name] = finished(cache, built[task_name], mteb_adapters.model_meta(name, revision, 0)) or result
             replicas.update(seen)
     finally:
         if own_app and app is not None:

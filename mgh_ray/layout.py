@@ -33,6 +33,9 @@ SERVE_FILE = "serve.json"  # serve: the endpoint and its parity check
 SCORES_FILE = "scores.csv"  # evaluate: main score per task and model
 METRICS_FILE = "metrics.jsonl"  # train, adapt: one line per step
 DONE_FILE = "done.json"  # train, adapt: the run finished (what it wrote)
+ASSETS_FILE = "assets.json"  # fetch: where each fetched model and dataset lies on the node that fetched it
+REPORT_FILE = "report"  # synthesize, mine, adapt, evaluate: report.md (and report.json where counted)
+PLOT_FILE = "scores.png"  # evaluate: the scores per task and model
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ class RunLayout:
         return self.path("fetch", SEEDS_FILE)
 
     @property
+    def assets(self) -> str:
+        return self.path("fetch", ASSETS_FILE)
+
+    @property
     def serve_info(self) -> str:
         return self.path("serve", SERVE_FILE)
 
@@ -127,6 +134,15 @@ class RunLayout:
     @staticmethod
     def config(folder: str) -> str:
         return storage.join(folder, CONFIG_FILE)
+
+    @staticmethod
+    def report(folder: str, suffix: str = "md") -> str:
+        """A stage's report: `report.md` for people, `report.json` for code."""
+        return storage.join(str(folder), f"{REPORT_FILE}.{suffix}")
+
+    @staticmethod
+    def plot(folder: str) -> str:
+        return storage.join(str(folder), PLOT_FILE)
 
     @staticmethod
     def success(folder: str) -> str:

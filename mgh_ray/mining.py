@@ -196,8 +196,8 @@ def mine(cfg: MiningConfig, out_dir: str) -> dict[str, Any]:
               "written": written, "failed": failed,
               "failed_by_reason": {"no_candidate": failed} if failed else {},
               "wall_s": round(time.time() - t0, 2), "quality": quality.summary_rates(q, cfg.quality)}
-    storage.write_text(storage.join(out_dir, "report.json"), json.dumps(report, indent=2, default=str))
-    storage.write_text(storage.join(out_dir, "report.md"),
+    storage.write_text(RunLayout.report(out_dir, "json"), json.dumps(report, indent=2, default=str))
+    storage.write_text(RunLayout.report(out_dir),
                        f"# Mined negatives ({cfg.embedder}, bands {cfg.bands}, pick {cfg.pick})\n\n"
                        f"{written} of {written + failed} queries mined against {n_corpus} positives; "
                        f"{failed} without enough candidates.\n\n"

@@ -2,31 +2,27 @@
 
 One config (`PipelineConfig`, composed of every stage's own section) drives all stages. `run_dir` is a
 local path or a URI (s3://, gs://, file://); `layout.RunLayout` says where each stage's folder is.
-Each stage writes into its own folder with its resolved config, and marks completion with a
-`_SUCCESS` file that holds a fingerprint of the config it depends on (without a section's
-`runtime_fields`, such as log_every or keep_rows: how a stage runs, not what it makes). The driver holds configs,
-counts and locations: models load in Ray tasks and actors (base model, parity check, export),
-rows stay on workers. A rerun skips finished stages
-whose fingerprint still matches, resumes the first unfinished one (synthesis resumes row by row,
-training from its last checkpoint), and refuses to mix a finished stage made with a different config
-(it names the stage and tells how to start over).
+Each stage writes into its own folder with its resolved config and goes through `stages.run_stage`
+(a `_SUCCESS` fingerprint of the config it depends on). The driver holds configs, counts and
+locations: models load in Ray tasks and actors (base model, parity check, export), rows stay on
+workers. A rerun skips finished stages whose fingerprint still matches, resumes the first unfinished
+one (synthesis resumes row by row, training from its last checkpoint), and refuses to mix a finished
+stage made with a different config (it names the stage and tells how to start over).
 
     mgh-ray pipeline jobs/configs/tiny.yaml            # or: python -m jobs.pipeline jobs/configs/tiny.yaml
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from pydantic import Field
 
-from mgh_ray import storage
+from mgh_ray import stages, storage
 from mgh_ray.adapt import AdaptConfig
 from mgh_ray.arms import AblationConfig
 from mgh_ray.config import Section
@@ -112,10 +108,6 @@ def init_ray(cfg: RayConfig) -> None:
              include_dashboard=cfg.include_dashboard, log_to_driver=True)
 
 
-class StaleStageError(RuntimeError):
-    """A finished stage in the run folder was made with a different config."""
-
-
 class PlacementError(RuntimeError):
     """A stage asks for more than the cluster's node types can ever give; the message names it."""
 
@@ -131,58 +123,6 @@ def check_cluster(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
     if problems:
         raise PlacementError("this config does not fit the cluster:\n  - " + "\n  - ".join(map(str, problems))
                              + "\nlower the stage's counts/resources, or give the cluster bigger node types")
-
-
-def fingerprint(*sections: Section) -> str:
-    """What a stage's output depends on: its sections' settings, without their `runtime_fields`."""
-    blob = json.dumps([s.model_dump(mode="json", exclude=set(s.runtime_fields)) for s in sections], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def lost_node(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it was raised from) says a node, or an actor with its node, died."""
-    import ray.exceptions as rex
-
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        # an ActorDiedError says so only in its text, and Ray Data re-raises it wrapped
-        if isinstance(exc, (rex.NodeDiedError, rex.LocalRayletDiedError)) or "its node has died" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def run_stage(folder: str, name: str, print_: str, fn: Callable[[], object], node_loss_retries: int = 0) -> bool:
-    """Run `fn` unless `folder` (path or URI) holds a matching _SUCCESS; returns True if it ran.
-
-    A failure caused by a lost node runs `fn` again (up to `node_loss_retries` times): stages resume
-    from their own partial output, and Ray Data or Ray Train do not retry every such loss themselves
-    (a parquet footer reader placed on a node the autoscaler is removing fails the read)."""
-    marker = RunLayout.success(folder)
-    if storage.is_file(marker):
-        done = storage.read_text(marker).strip()
-        if done == print_:
-            log.info("stage %s: done earlier, reusing %s", name, folder)
-            return False
-        raise StaleStageError(
-            f"stage {name!r} in {folder} was finished with a different config (fingerprint {done}, now "
-            f"{print_}). Use a new run_dir=..., or delete {folder} (and the stages after it) to redo it.")
-    storage.makedirs(folder)
-    start = time.time()
-    log.info("stage %s: running into %s", name, folder)
-    for attempt in range(node_loss_retries + 1):
-        try:
-            fn()
-            break
-        except Exception as exc:
-            if attempt == node_loss_retries or not lost_node(exc):
-                raise
-            log.warning("stage %s: a node was lost (%s); running the stage again, resuming from %s",
-                        name, str(exc).strip().splitlines()[-1][:200], folder)
-    storage.write_text(marker, print_)
-    log.info("stage %s: finished in %.0f s", name, time.time() - start)
-    return True
 
 
 def _save_base(encoder_cfg: dict, folder: str) -> str:
@@ -216,7 +156,7 @@ def train_fingerprint(cfg: PipelineConfig) -> str:
     """What a trained model depends on: the records' synthesis, the training config and, for an adapted
     encoder, the adaptation (a run without one keeps the fingerprint it always had)."""
     sections = [cfg.synthesis, train_config(cfg)] + ([cfg.adapt] if adapted(cfg) else [])
-    return fingerprint(*sections)
+    return stages.fingerprint(*sections)
 
 
 def adapt(cfg: PipelineConfig) -> str:
@@ -230,7 +170,7 @@ def adapt_stage(cfg: PipelineConfig) -> str:
     """The adaptation stage as the pipeline runs it (skipped when done with these settings); the
     adapter's location."""
     run = RunLayout(cfg.run_dir)
-    run_stage(run.adapt, "adapt", adapt_fingerprint(cfg), lambda: adapt(cfg), cfg.ray.node_loss_retries)
+    stages.run_stage(run.adapt, "adapt", adapt_fingerprint(cfg), lambda: adapt(cfg), cfg.ray.node_loss_retries)
     return run.adapter
 
 
@@ -242,7 +182,7 @@ def base_model(cfg: PipelineConfig, folder: str | None = None) -> str:
 
     folder = folder or RunLayout(cfg.run_dir).base
     encoder = train_config(cfg).encoder
-    mark = fingerprint(encoder)
+    mark = stages.fingerprint(encoder)
     if not storage.is_file(RunLayout.success(folder)) or storage.read_text(RunLayout.success(folder)) != mark:
         if adapted(cfg):
             adapt_stage(cfg)
@@ -258,8 +198,8 @@ def adapt_fingerprint(cfg: PipelineConfig) -> str:
     enc = cfg.train.encoder
     reads = {k: getattr(enc, k) for k in ("backbone", "attention", "prompt_format", "document_template",
                                           "append_eos", "attn_implementation")}
-    blob = json.dumps([cfg.adapt.model_dump(mode="json", exclude=set(cfg.adapt.runtime_fields)), reads, cfg.synthesis.seed_sources], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stages.digest([cfg.adapt.model_dump(mode="json", exclude=set(cfg.adapt.runtime_fields)), reads,
+                          cfg.synthesis.seed_sources])
 
 
 def fetch(cfg: PipelineConfig) -> dict[str, str]:
@@ -274,14 +214,14 @@ def fetch(cfg: PipelineConfig) -> dict[str, str]:
     seeds_loc = run.seeds
     storage.write_bytes(seeds_loc, corpora.seeds_path(cfg.synthesis.seed_sources).read_bytes())
     paths["published:seeds"] = seeds_loc
-    storage.write_text(storage.join(run.fetch, "assets.json"), json.dumps(paths, indent=1))
+    storage.write_text(run.assets, json.dumps(paths, indent=1))
     save_config(cfg, run.fetch)
     return paths
 
 
 def fetch_stage(cfg: PipelineConfig) -> None:
     """The fetch stage as the pipeline runs it (reused when done with these settings)."""
-    run_stage(RunLayout(cfg.run_dir).fetch, "fetch", fetch_fingerprint(cfg), lambda: fetch(cfg),
+    stages.run_stage(RunLayout(cfg.run_dir).fetch, "fetch", fetch_fingerprint(cfg), lambda: fetch(cfg),
               cfg.ray.node_loss_retries)
 
 
@@ -362,25 +302,6 @@ def serve(cfg: PipelineConfig, model_dir: str | None = None, keep: bool = False)
     return info
 
 
-def stage_dir(loc: str) -> Path:
-    """A local folder for a stage whose tools write local files only (mteb's result cache): the folder
-    itself when run_dir is local, else a node-local staging copy (downloaded first, so a rerun
-    resumes) that `_publish` uploads."""
-    if not storage.is_uri(loc):
-        Path(loc).mkdir(parents=True, exist_ok=True)
-        return Path(loc)
-    local = storage.cache_root() / "stage" / hashlib.sha256(loc.encode()).hexdigest()[:16]
-    if storage.is_dir(loc):
-        storage.download_dir(loc, local)
-    local.mkdir(parents=True, exist_ok=True)
-    return local
-
-
-def publish(local: Path, loc: str) -> None:
-    if storage.is_uri(loc):
-        storage.copy_into(local, loc)
-
-
 def like_seeds(cfg: PipelineConfig, task_names: list[str] | None = None) -> list[str]:
     """The evaluation tasks shaped like the training seeds (none known for a seed file of the user's)."""
     from mgh_ray import tasks
@@ -394,11 +315,11 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str] | None = None) -> pd.Da
 
     run = RunLayout(cfg.run_dir)
     models = models or {"base": base_model(cfg), "trained": trained_model(cfg)}
-    local = stage_dir(run.evaluate)
+    local = stages.stage_dir(run.evaluate)
     scores = evaluation.evaluate(cfg.evaluate, models, local, cfg.serve, like_seeds=like_seeds(cfg))
     scores.to_csv(local / SCORES_FILE)
     save_config(cfg.evaluate, str(local))
-    publish(local, run.evaluate)
+    stages.publish(local, run.evaluate)
     return scores
 
 
@@ -416,9 +337,9 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     storage.check_writable(run.run_dir)  # a missing bucket or credentials fail before any stage
     save_config(cfg, run.run_dir)
     f_fetch = fetch_fingerprint(cfg)
-    f_syn = fingerprint(cfg.synthesis)
+    f_syn = stages.fingerprint(cfg.synthesis)
     f_train = train_fingerprint(cfg)
-    f_eval = fingerprint(cfg.synthesis, train_config(cfg), cfg.evaluate, cfg.serve)
+    f_eval = stages.fingerprint(cfg.synthesis, train_config(cfg), cfg.evaluate, cfg.serve)
     plan: list[tuple[str, str, str, Callable[[], object]]] = [
         ("fetch", run.fetch, f_fetch, lambda: fetch(cfg)),
         ("synthesize", run.synthesize, f_syn, lambda: synthesize(cfg)),
@@ -429,7 +350,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     ]
     for i, (name, folder, fp, fn) in enumerate(plan, 1):
         log.info("[%d/%d] %s", i, len(plan), name)
-        run_stage(folder, name, fp, fn, cfg.ray.node_loss_retries)
+        stages.run_stage(folder, name, fp, fn, cfg.ray.node_loss_retries)
     return scores_of(cfg)
 
 

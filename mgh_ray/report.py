@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mgh_ray.layout import PLOT_FILE, RunLayout
+
 log = logging.getLogger(__name__)
 
 # rows of the scores table beside "mean": the tasks shaped like the training seeds, and the rest
@@ -96,15 +98,15 @@ def write(table: pd.DataFrame, out_dir: Path, metrics: dict[str, str] | None = N
     bootstrap intervals (`evaluation.interval_table`), shown as a second table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = bar_chart(table, out_dir / "scores.png")
+    png = bar_chart(table, Path(RunLayout.plot(out_dir)))
     ivs = "" if intervals is None else interval_markdown(intervals, [str(r) for r in table.index])
     text = ["# Evaluation", "", note, "", markdown_table(table, metrics), "",
             *([f"95% bootstrap intervals ({n_boot} resamples of each task's rows; a mean's replicate is the "
                "mean of its tasks' replicates):", "", ivs, ""] if ivs else []),
             "Scores are mteb main scores on our offline tasks (see mgh_ray/tasks.py); they compare our own "
             "runs, not the public MTEB leaderboard. Per-task details: `results/`.", "",
-            "![scores](scores.png)", ""]
-    md = out_dir / "report.md"
+            f"![scores]({PLOT_FILE})", ""]
+    md = Path(RunLayout.report(out_dir))
     md.write_text("\n".join(line for line in text if line is not None))
     log.info("report written: %s, %s", md, png)
     return md, png

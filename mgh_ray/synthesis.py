@@ -52,7 +52,7 @@ from pydantic import Field, field_validator
 
 from mgh_ray import assets, config, logs, prompts, quality, records, seeds, storage
 from mgh_ray.engine import EngineConfig, sampling_json
-from mgh_ray.layout import check_same_settings, save_config
+from mgh_ray.layout import RunLayout, check_same_settings, save_config
 from mgh_ray.quality import QualityConfig
 from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
 from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exported for callers)
@@ -351,8 +351,8 @@ def build_report(cfg: SynthesisConfig, out_dir: str, counts: dict[str, int], dup
         "engine": engine_settings(cfg),
         "sampling": json.loads(sampling_json(cfg)),
     }
-    storage.write_text(storage.join(out_dir, "report.json"), json.dumps(report, indent=2, default=str))
-    storage.write_text(storage.join(out_dir, "report.md"), render_report(report))
+    storage.write_text(RunLayout.report(out_dir, "json"), json.dumps(report, indent=2, default=str))
+    storage.write_text(RunLayout.report(out_dir), render_report(report))
     return report
 
 

@@ -6,7 +6,7 @@ Ray cluster already up (or a local one). `records` is a records folder (path or 
 streaming-split shards, read batch by batch (`iter_batches`), never materialised whole on the
 driver; a worker keeps its shard after the first pass when the shard holds at most `keep_rows` rows
 (each streamed pass re-runs the whole read, which costs small runs more than their steps; see
-`batch_stream`), and streams every pass otherwise. Each step:
+`train_data.batch_stream`), and streams every pass otherwise. Each step:
 queries (with their E5 instruction), positives and the hard negative(s) of the level(s) the
 curriculum picks are embedded in one forward (one DDP forward per backward), then InfoNCE over
 candidates gathered from every worker (`batch_loss.contrastive_loss`). Every record holds all
@@ -59,13 +59,14 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import logs, quality, storage
+from mgh_ray import logs, storage
 from mgh_ray.batch_loss import contrastive_loss
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.curriculum import Curriculum, CurriculumConfig
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
 from mgh_ray.layout import RunLayout, check_same_settings, save_config
 from mgh_ray.losses import LossConfig
+from mgh_ray.train_data import batch_stream, check_dataset, training_dataset
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1, strict=True)  # torch threads; None = cpus_per_worker
     steps: int = Field(40, ge=1, strict=True)
-    # a worker whose shard holds at most this many rows reads it once and keeps it (`batch_stream`);
+    # a worker whose shard holds at most this many rows reads it once and keeps it (`train_data.batch_stream`);
     # larger shards stream from storage every pass. 0: always stream
     keep_rows: int = Field(20_000, ge=0, strict=True)
     batch_size: int = Field(4, ge=1, strict=True)  # queries per worker per step
@@ -128,73 +129,7 @@ class TrainConfig(Section):
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
-def negative_columns(levels: int) -> list[str]:
-    return [f"neg_{k}" for k in range(1, levels + 1)]
-
-
-def required_columns(cfg: TrainConfig) -> list[str]:
-    return ["id", "query", "positive", "instruction", *negative_columns(cfg.curriculum.levels)]
-
-
-def check_dataset(ds: Any, cfg: TrainConfig) -> dict[str | None, int]:
-    """{instruction: rows} of the training dataset (counted on workers; None: rows without one), with a
-    clear error for missing columns or too few rows for one global batch. One pass over the records
-    gives the columns, the row count and the instructions the export's query prompts need (a gated
-    view's schema alone would cost a pass of its own)."""
-    survey = _survey(ds)
-    names = set.intersection(*(set(c) for c in survey["columns"])) if len(survey) else set()
-    missing = [c for c in required_columns(cfg) if c not in names]
-    if missing:
-        raise ValueError(f"records lack columns {missing}; expected {required_columns(cfg)} "
-                         "(the gated view of a synthesis or mining folder)")
-    counts = _instruction_sums(survey)
-    n = sum(counts.values())
-    if n < cfg.num_workers * cfg.batch_size:
-        raise ValueError(f"{n} training records cannot fill one step of {cfg.num_workers} workers x "
-                         f"batch_size {cfg.batch_size}; synthesize more, or lower train.batch_size")
-    return counts
-
-
 # ------------------------------------------------------------------ worker side
-
-
-def batch_stream(shard: Any, batch_size: int, seed: int, rank: int, start: int, keep_rows: int = 0):
-    """Endless batches of this worker's shard: pass after pass, rows shuffled with a seed of (seed, rank,
-    resume step, pass); only full batches (the rest of a pass is left out, different rows each pass).
-
-    A shard of at most `keep_rows` rows is read once: the first pass streams it (shuffled within a
-    buffer) and keeps its rows, and every later pass shuffles those rows in memory. Each pass of the
-    stream re-runs the read (list files, read parquet, gate: seconds on a small machine, however few
-    the rows), so re-reading a small shard costs more than the steps it feeds. A larger shard is
-    streamed every pass and never held: the worker holds at most the shuffle buffer and one batch.
-    Either way every pass visits each of the shard's rows at most once, all but fewer than a batch."""
-    epoch, kept = 0, []
-    while True:
-        got = 0
-        pass_seed = hash((seed, rank, start, epoch)) % (2**31)
-        if epoch and kept is not None:  # the shard is in memory: a new order each pass
-            rows = pd.concat(kept, ignore_index=True)
-            order = np.random.default_rng(pass_seed).permutation(len(rows))
-            for i in range(0, len(rows) - batch_size + 1, batch_size):
-                got += 1
-                yield rows.iloc[order[i:i + batch_size]].reset_index(drop=True)
-        else:
-            n = 0
-            for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas",
-                                            local_shuffle_buffer_size=max(4 * batch_size, 64),
-                                            local_shuffle_seed=pass_seed):
-                n += len(batch)
-                if kept is not None:  # the short last batch too: later passes leave out other rows
-                    if n <= keep_rows:
-                        kept.append(batch)
-                    else:
-                        kept = None  # too large to hold: stream every pass
-                if len(batch) == batch_size:
-                    got += 1
-                    yield batch
-        if not got:
-            raise RuntimeError(f"worker {rank}'s shard yielded no full batch of {batch_size}")
-        epoch += 1
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -372,42 +307,6 @@ def _export(model_loc: str, export_loc: str, prompts: dict[str, str]) -> str:
         return storage.upload_dir(Path(tmp) / "export", export_loc)
 
 
-def _block_survey(b: pd.DataFrame) -> pd.DataFrame:
-    """One block's rows per instruction (None: no instruction), each row naming the block's columns."""
-    if "instruction" in b.columns:
-        per = b["instruction"].value_counts(dropna=False)
-    else:
-        per = pd.Series([len(b)], index=pd.Index([None], dtype=object))
-    out = per.rename("n").rename_axis("instruction").reset_index()
-    out["columns"] = [list(map(str, b.columns))] * len(out)
-    return out
-
-
-def _survey(ds: Any) -> pd.DataFrame:
-    # per-block value counts summed here: a few rows per block, where a Ray Data groupby would start a
-    # hash shuffle (seconds of actor start-up for what is usually one instruction)
-    return ds.map_batches(_block_survey, batch_format="pandas", batch_size=None).to_pandas()
-
-
-def _instruction_sums(survey: pd.DataFrame) -> dict[str | None, int]:
-    if not len(survey):
-        return {}
-    sums = survey.groupby("instruction", dropna=False)["n"].sum()
-    return {(None if pd.isna(k) else str(k)): int(v) for k, v in sums.items()}
-
-
-def training_dataset(records: Any) -> Any:
-    """A records folder (path/URI) -> its gated view; a Dataset as is; a DataFrame (small, tests) ->
-    a Dataset."""
-    import ray.data
-
-    if isinstance(records, pd.DataFrame):
-        return ray.data.from_pandas(records)
-    if isinstance(records, (str, Path)):
-        return quality.gated(str(records))
-    return records
-
-
 def _check_same_run(cfg: TrainConfig, out_dir: str) -> None:
     """Once the run has a checkpoint (metrics.jsonl is written with each one), it resumes only with the
     settings it was started with, but for how it runs (`RESUMABLE`)."""
@@ -435,7 +334,7 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     if not ray.is_initialized():
         ray.init()
     ds = training_dataset(records)
-    counts = check_dataset(ds, cfg)
+    counts = check_dataset(ds, cfg.curriculum.levels, cfg.num_workers, cfg.batch_size)
     n = sum(counts.values())
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
@@ -451,7 +350,9 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     )
     log.info("training: %d workers (%s), %d steps x %d pairs per worker over %d records; storage %s",
              cfg.num_workers, backend, cfg.steps, cfg.batch_size, n, storage.join(out_dir, cfg.run_name))
+    before, start = _steps_written(out_dir), time.time()
     result = trainer.fit()
+    _log_time(out_dir, before, time.time() - start)
     if result.checkpoint is None:
         raise RuntimeError(f"training under {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:  # adapter-sized files; no model is loaded here

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mgh_ray import evaluation, report, serving, tasks
+from mgh_ray import evaluation, mteb_adapters, report, serving, tasks
 from mgh_ray.tasks import DATA_VERSION
 
 PORT = 18731  # the same Serve HTTP port as tests/test_serving.py (one Serve per Ray session)
@@ -28,9 +28,9 @@ def test_config_and_adapter_contracts():
     cfg = evaluation.EvalConfig()
     assert cfg.num_replicas == 2 and cfg.max_rows and cfg.tasks == list(tasks.NAMES)
     with pytest.raises(ValueError, match="exactly one"):
-        evaluation.ServedEncoder("m", "r", 8)
+        mteb_adapters.ServedEncoder("m", "r", 8)
     with pytest.raises(ValueError, match="exactly one"):
-        evaluation.ServedEncoder("m", "r", 8, app="a", url="http://127.0.0.1:1")
+        mteb_adapters.ServedEncoder("m", "r", 8, app="a", url="http://127.0.0.1:1")
 
 
 def test_scores_table_adds_the_mean_row():
@@ -107,7 +107,7 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     files = {p.stem: p for p in folder.glob("*.json") if p.stem in TASKS}
     assert set(files) == set(TASKS) and (folder / "model_meta.json").is_file()
     assert json.loads(files["LeeSTS"].read_text())["dataset_revision"] == f"{DATA_VERSION}-n24-s0"
-    stored = ResultCache(out).load_task_result("LeeSTS", evaluation.model_meta("minilm", folder.name, 384))
+    stored = ResultCache(out).load_task_result("LeeSTS", mteb_adapters.model_meta("minilm", folder.name, 384))
     assert stored.get_score() == pytest.approx(local["LeeSTS"], abs=1e-4)
     stamps = {t: p.stat().st_mtime_ns for t, p in files.items()}
     assert "minilm" in (out / "report.md").read_text() and (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
@@ -124,7 +124,7 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     assert {t: p.stat().st_mtime_ns for t, p in files.items()} == stamps
     from mgh_ray import tasks
 
-    meta = evaluation.model_meta("minilm", folder.name, 384)
+    meta = mteb_adapters.model_meta("minilm", folder.name, 384)
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24), meta) is not None
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=20), meta) is None
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24, seed=1), meta) is None

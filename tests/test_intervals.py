@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, v_measure_score
 
-from mgh_ray import evaluation, intervals, tasks
+from mgh_ray import intervals, mteb_adapters, tasks
 
 SMALL, BIG = 40, 160  # rows per task; a table's 40-row sample is the first rows of its 160-row one
 # Among 40 (even 60) BBC articles MiniLM ranks every headline's article first: ndcg@10 is 1 on every
@@ -44,7 +44,7 @@ def adapter(minilm_path):
     from mgh_ray.pooling import PoolingConfig
 
     encoder = Encoder.from_config(EncoderConfig(backbone="minilm", pooling=PoolingConfig(mode="mean")))
-    return evaluation.LocalEncoder(_CachedEncoder(encoder), "minilm")
+    return mteb_adapters.LocalEncoder(_CachedEncoder(encoder), "minilm")
 
 
 @pytest.fixture(scope="module")

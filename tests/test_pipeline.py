@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mgh_ray import ablation, arms, config, driver, pipeline, report
+from mgh_ray import ablation, arms, config, driver, pipeline, report, stages
 
 TINY = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -54,9 +54,9 @@ def test_schedule_arms_map_to_training_settings():
 def test_finished_stage_with_another_config_is_refused(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "_SUCCESS").write_text("abc")
-    with pytest.raises(pipeline.StaleStageError, match="train"):
-        pipeline.run_stage(str(tmp_path / "train"), "train", "def", lambda: None)
-    assert pipeline.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
+    with pytest.raises(stages.StaleStageError, match="train"):
+        stages.run_stage(str(tmp_path / "train"), "train", "def", lambda: None)
+    assert stages.run_stage(str(tmp_path / "train"), "train", "abc", lambda: 1 / 0) is False  # reused
 
 
 def test_how_a_stage_runs_does_not_change_its_fingerprint_and_what_it_makes_does():
@@ -89,12 +89,12 @@ def test_a_stage_that_lost_its_node_runs_again_and_other_failures_do_not(tmp_pat
                 raise RuntimeError("The actor died because its node has died. Terminated by autoscaler.") from died
 
     with pytest.raises(RuntimeError):  # retries off: the loss is raised
-        pipeline.run_stage(str(tmp_path / "a"), "a", "fp", flaky, node_loss_retries=0)
+        stages.run_stage(str(tmp_path / "a"), "a", "fp", flaky, node_loss_retries=0)
     calls.clear()
-    assert pipeline.run_stage(str(tmp_path / "b"), "b", "fp", flaky, node_loss_retries=1) is True
+    assert stages.run_stage(str(tmp_path / "b"), "b", "fp", flaky, node_loss_retries=1) is True
     assert len(calls) == 2 and (tmp_path / "b" / "_SUCCESS").read_text() == "fp"
     with pytest.raises(ZeroDivisionError):  # not a lost node: no retry
-        pipeline.run_stage(str(tmp_path / "c"), "c", "fp", lambda: 1 / 0, node_loss_retries=3)
+        stages.run_stage(str(tmp_path / "c"), "c", "fp", lambda: 1 / 0, node_loss_retries=3)
     assert not (tmp_path / "c" / "_SUCCESS").exists()
 
 

@@ -210,7 +210,7 @@ def test_synthesize_run_alone_leaves_a_folder_the_pipeline_resumes(tmp_path, ray
     copy its fetch stage publishes."""
     from typer.testing import CliRunner
 
-    from mgh_ray import pipeline
+    from mgh_ray import pipeline, stages
     from mgh_ray.cli import app
     from mgh_ray.layout import RunLayout
 
@@ -225,7 +225,7 @@ def test_synthesize_run_alone_leaves_a_folder_the_pipeline_resumes(tmp_path, ray
     assert Path(RunLayout.success(run.fetch)).is_file()
 
     cfg = config.load(pipeline.PipelineConfig, tiny, overrides)
-    assert pipeline.run_stage(run.synthesize, "synthesize", pipeline.fingerprint(cfg.synthesis),
-                              lambda: pipeline.synthesize(cfg))
+    assert stages.run_stage(run.synthesize, "synthesize", stages.fingerprint(cfg.synthesis),
+                            lambda: pipeline.synthesize(cfg))
     report = json.loads(Path(run.synthesize, "report.json").read_text())
     assert report["this_run"]["rows"] == 0 and report["written"] + report["failed"] == 2, report

@@ -10,7 +10,7 @@ import mteb
 import numpy as np
 import pytest
 
-from mgh_ray import corpora, evaluation, tasks
+from mgh_ray import corpora, evaluation, mteb_adapters, tasks
 
 
 def _texts(task) -> set[str]:
@@ -147,7 +147,7 @@ def test_every_task_runs_through_mteb(minilm_encoder):
     # the clustering pitfall: every sampled document is embedded, not mteb's default 4%
     clustering = tasks.build("ReutersR8Clustering", max_rows=30)
     enc.calls.clear()
-    mteb.evaluate(evaluation.LocalEncoder(enc), clustering, cache=None, co2_tracker=False,
+    mteb.evaluate(mteb_adapters.LocalEncoder(enc), clustering, cache=None, co2_tracker=False,
                   show_progress_bar=False)
     assert sum(n for n, _ in enc.calls) == 30
     assert {i for _, i in enc.calls} == {clustering.metadata.prompt}

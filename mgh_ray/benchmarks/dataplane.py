@@ -6,8 +6,8 @@ under new ids, written by a Ray task, so the driver never holds it), then times 
 - mining: `mining.mine` over all rows (Ray Data reader -> MiniLM `Embedder` actors -> `Miner` ->
   `records.ShardSink`), the real scoring path of the ablation's mined baseline;
 - training reader: the gated view of those records (`quality.gated`), split across two consumers
-  with `streaming_split(equal=True)` and read with training's `batch_stream`, one full pass, as Ray
-  Train workers read it.
+  with `streaming_split(equal=True)` and read batch by batch with a local shuffle buffer, one full
+  pass, as `train_data.batch_stream` reads a Ray Train worker's shard on its first pass.
 
 A thread samples the driver's resident memory (RSS) every 50 ms; the table gives each path's
 seconds, rows/s and the driver's peak RSS, with ratios against the smallest size of the same run.
