@@ -280,7 +280,7 @@ def write_report(out_dir: str, cfg: AdaptConfig, seconds: float | None) -> None:
              f"Loss, mean of the first 10 steps {head.loss.mean():.4f}, of the last 10 {tail.loss.mean():.4f}; "
              f"masked-token accuracy {head.masked_accuracy.mean():.3f} -> {tail.masked_accuracy.mean():.3f}"
              + (f"; {seconds:.0f} s." if seconds else "."), "", "![loss](loss.png)", "",
-             shown[["step", "loss", "masked_accuracy", "lr"]].to_markdown(index=False, floatfmt=".4f")]
+             shown[["step", "loss", "masked_accuracy", "lr"]].to_markdown(index=False, floatfmt=("g", ".4f", ".3f", "g"))]
     storage.write_text(RunLayout.report(out_dir), "\n".join(lines) + "\n")
 
 

@@ -79,6 +79,8 @@ def test_stopped_adaptation_resumes_at_its_step_and_becomes_the_encoders_base(ra
     assert m.step.tolist() == list(range(1, 7)) and m.resumed_from.tolist() == [0, 0, 2, 2, 2, 2]
     assert m.loss.head(2).tolist() == first.loss.tolist()  # the first run's steps are kept, not redone
     assert np.isfinite(m.loss).all() and (out / "report.md").is_file() and (out / "loss.png").is_file()
+    steps = [ln.split("|")[1].strip() for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    assert steps == ["step", "1"], steps  # the loss curve's table: step 1 (then every log_every=10), whole
 
     texts = ["Kenya wins the London marathon", "Shares fell after the profit warning"]
     adapted = Encoder.from_config(enc_cfg.model_copy(update={"base_adapter": adapter})).eval()
