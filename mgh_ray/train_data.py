@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mgh_ray import quality
+from mgh_ray.records import NEG_COLS
 
 
 def _block_survey(b: pd.DataFrame) -> pd.DataFrame:
@@ -58,12 +59,9 @@ def training_dataset(records: Any) -> Any:
     return records
 
 
-def negative_columns(levels: int) -> list[str]:
-    return [f"neg_{k}" for k in range(1, levels + 1)]
-
-
 def required_columns(levels: int) -> list[str]:
-    return ["id", "query", "positive", "instruction", *negative_columns(levels)]
+    """What a training row needs: the curriculum's first `levels` negatives (the records' `NEG_COLS`)."""
+    return ["id", "query", "positive", "instruction", *NEG_COLS[:levels]]
 
 
 def check_dataset(ds: Any, levels: int, num_workers: int, batch_size: int) -> dict[str | None, int]:
