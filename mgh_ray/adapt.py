@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from mgh_ray import logs, storage
+from mgh_ray import devices, logs, storage
 from mgh_ray.config import MAX_COUNT, Section
 from mgh_ray.encoder import ADAPTED_FILE, EncoderConfig
 from mgh_ray.layout import RunLayout
@@ -66,6 +66,7 @@ class AdaptConfig(Section):
     lora_r: int = Field(16, ge=1, strict=True)
     lora_alpha: int = Field(32, ge=1, strict=True)
     grad_clip: float | None = Field(1.0, gt=0)
+    precision: devices.Precision = "auto"  # as train.precision: bf16 autocast where the device does bf16
     num_workers: int = Field(2, ge=1, le=MAX_COUNT, strict=True)
     use_gpu: bool = Field(False, strict=True)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -191,9 +192,11 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     lm_head = lm.get_output_embeddings().to(device)
     lines = _metric_lines(out_dir, start) if rank == 0 else []
+    amp = devices.autocast(cfg.precision, base, device)
     if rank == 0:
-        log.info("MNTP: %d steps from step %d, %d texts, mask token %r, %d LoRA tensors", cfg.steps, start,
-                 len(texts), tok.convert_ids_to_tokens(mask_id), len(params))
+        log.info("MNTP: %d steps from step %d, %d texts, mask token %r, %d LoRA tensors, computing in %s",
+                 cfg.steps, start, len(texts), tok.convert_ids_to_tokens(mask_id), len(params),
+                 devices.describe(amp))
     for step in range(start, cfg.steps):
         maybe_fail(cfg.fail_at_step, cfg.fail_rank, step, rank, out_dir)
         # the batch of (rank, step) is a function of the seed: a resumed run draws the same ones
@@ -205,9 +208,10 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
         maskable = mask.bool() & ~torch.isin(ids, special)  # (batch, seq): never EOS, padding or markers
         corrupted, labels = mask_tokens(ids, maskable, mask_id, lm.config.vocab_size, cfg.mask_probability, gen)
         positions = attention.positions_from_mask(mask)
-        hidden = ddp(input_ids=corrupted.to(device), attention_mask=mask.to(device),
-                     position_ids=positions.to(device)).last_hidden_state  # (batch, seq, dim)
-        loss, acc = mntp_loss(hidden, labels.to(device), lm_head)
+        with amp:  # the forward only, as in training
+            hidden = ddp(input_ids=corrupted.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device)).last_hidden_state  # (batch, seq, dim)
+            loss, acc = mntp_loss(hidden, labels.to(device), lm_head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

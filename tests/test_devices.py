@@ -56,6 +56,49 @@ def test_unknown_dtype_is_named():
         pick_dtype("fp8", "cpu", bf16_supported=True)
 
 
+@pytest.mark.parametrize("precision,weights,native,want", [
+    ("auto", torch.float32, True, torch.bfloat16),  # this machine's CPU (AVX512-BF16)
+    ("auto", torch.float32, False, None),  # a CPU without bf16 arithmetic: float32 as it is
+    ("auto", torch.bfloat16, True, None),  # GPU "auto" weights are half precision already
+    ("float32", torch.float32, True, None),
+    ("bfloat16", torch.float32, False, torch.bfloat16),  # asked for: honoured, even if emulated
+])
+def test_training_precision_choice(precision, weights, native, want):
+    assert devices.pick_autocast(precision, weights, bf16_native=native) == want
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'.*auto, float32 or bfloat16"):
+        devices.pick_autocast("fp8", torch.float32, bf16_native=True)
+
+
+def test_a_bf16_autocast_training_step_keeps_float32_weights_and_the_float32_gradient(smollm2_path):
+    """The same step's LoRA gradient in float32 and under bfloat16 autocast point the same way, and
+    the trainable weights, their gradients and the embeddings stay float32 (only the matmuls drop)."""
+    from mgh_ray.encoder import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    enc = Encoder.from_config(EncoderConfig(backbone=str(smollm2_path), max_length=32), device="cpu")
+    for p in enc.parameters():  # a LoRA B of zeros gives A no gradient: perturb it
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.01)
+    inputs = enc.tokenize(["a headline about the budget", "a reply to a question", "the river bank"])
+    grads = {}
+    for precision in ("float32", "bfloat16"):
+        amp = devices.autocast(precision, enc, "cpu")
+        assert devices.describe(amp) == ("bfloat16 autocast" if precision == "bfloat16" else "the weights' dtype")
+        with amp:
+            emb = enc(**inputs)
+        assert emb.dtype == torch.float32
+        (emb @ emb.T).triu(1).sum().backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in enc.parameters() if p.requires_grad])
+        assert {p.dtype for p in enc.parameters() if p.requires_grad} == {torch.float32}
+        assert grads[precision].dtype == torch.float32
+        enc.zero_grad(set_to_none=True)
+    cos = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
+    assert cos > 0.95, cos
+
+
 def test_this_process_and_its_encoder(smollm2_path):
     from mgh_ray.encoder import Encoder, EncoderConfig
 

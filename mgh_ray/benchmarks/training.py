@@ -1,4 +1,5 @@
-"""Training benchmark: pairs/s of ATA vs mean pooling, and of 1 vs 2 workers, in one run.
+"""Training benchmark: pairs/s of ATA vs mean pooling, of 1 vs 2 workers, and float32 vs bfloat16
+autocast, in one run.
 
 Each variant is a short real `training.train` run (same records, steps, batch and length); its speed
 is the median `pairs_per_s` of metrics.jsonl after the first `warmup` steps (model start-up, first
@@ -6,7 +7,8 @@ allocations). The table holds ratios against the baseline (mean pooling, same wo
 1 worker, same pooling), so it compares like with like on whatever machine runs it. Target: ATA
 costs under 10% over mean pooling (its extra work is one layer's q/k projections and n^2 scores).
 Runs one after another see the machine's load drift: each variant runs twice, in ABBA order, and the
-ATA cost is also measured in-process (`step_times`: the same batch, mean and ATA steps alternating).
+ATA cost is also measured in-process (`step_times`: the same batch, mean and ATA steps alternating),
+and so is `train.precision` (float32 against bfloat16 autocast steps, alternating).
 Every run also gives `input_cost`: how long its steps waited for Ray Data's split shard, over their
 compute (the records reach the workers through Ray Data, as the pipeline's do).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +57,25 @@ def seed_records(n: int, seed: int = 0, levels: int = 4) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _alternating(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step function, run in turns (the order flipped every round) so that load
+    from other processes hits all alike; round 0 warms up."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats + 1):
+        for name in list(steps) if r % 2 else list(steps)[::-1]:
+            t0 = time.perf_counter()
+            steps[name]()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
 def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dict[str, float]:
-    """Median seconds of one forward+backward of the training step, mean vs ATA pooling, in this
-    process on the same batch, alternating the two so that load from other processes hits both alike."""
+    """Median seconds of one forward+backward of the training step in this process on the same batch:
+    mean vs ATA pooling (in `cfg.precision`), and float32 vs bfloat16 autocast (`cfg`'s pooling)."""
     import torch
 
+    from mgh_ray import devices
     from mgh_ray.batch_loss import contrastive_loss
     from mgh_ray.encoder import Encoder
     from mgh_ray.losses import InfoNCE
@@ -68,16 +85,21 @@ def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dic
     batch = records.head(cfg.batch_size)
     levels = np.ones(len(batch), dtype=int)
     loss_fn = InfoNCE(cfg.loss)
-    times: dict[str, list[float]] = {"mean": [], "ata": []}
-    for r in range(repeats + 1):  # round 0 warms up
-        for mode in ("mean", "ata") if r % 2 else ("ata", "mean"):
-            enc.config.pooling = cfg.encoder.pooling.model_copy(update={"mode": mode})
-            t0 = time.perf_counter()
-            contrastive_loss(enc, enc, loss_fn, batch, levels).backward()
+    pooling = cfg.encoder.pooling
+
+    def step(mode: str, precision: str) -> Callable[[], None]:
+        def run() -> None:
+            enc.config.pooling = pooling.model_copy(update={"mode": mode})
+            with devices.autocast(precision, enc, enc.device):
+                loss = contrastive_loss(enc, enc, loss_fn, batch, levels)
+            loss.backward()
             enc.zero_grad(set_to_none=True)
-            if r:
-                times[mode].append(time.perf_counter() - t0)
-    return {mode: float(np.median(ts)) for mode, ts in times.items()}
+        return run
+
+    out = _alternating({m: step(m, cfg.precision) for m in ("mean", "ata")}, repeats)
+    out.update(_alternating({p: step(pooling.mode, p) for p in ("float32", "bfloat16")}, repeats))
+    enc.config.pooling = pooling
+    return out
 
 
 def _speed(out_dir: Path, warmup: int) -> float:
@@ -138,10 +160,14 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                f"{cfg.steps} steps, median after {warmup} warm-up steps. `input_cost`: the time the steps "
                f"waited for their batches from Ray Data's split shards, over the steps' compute without it "
                f"(what streaming costs over rows already in memory; target 10% or less): "
-               f"{table.input_cost.max():.1%} at most.")
+               f"{table.input_cost.max():.1%} at most. Precision, in one process, alternating: a "
+               f"{cfg.encoder.pooling.mode} step under bfloat16 autocast takes "
+               f"{step['bfloat16'] / step['float32']:.2f}x the time of float32 ({step['bfloat16']:.2f} s "
+               f"vs {step['float32']:.2f} s; the runs above compute in precision {cfg.precision!r}).")
     report = {"rows": table.to_dict(orient="records"), "runs": {f"{m}_{w}w": v for (m, w), v in runs.items()},
               "ata_overhead_ray_runs": overhead,
               "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
+              "bf16_vs_float32_step": step["bfloat16"] / step["float32"],
               "config": cfg.model_dump(mode="json")}
     save(out_dir, "training", f"# Training throughput\n\n{md}\n\n{summary}\n", report)
     return table
