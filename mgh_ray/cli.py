@@ -305,11 +305,11 @@ def report(scores_csv: Path = typer.Argument(..., help="an evaluation's scores.c
 def check_cluster(cluster_file: Path = typer.Argument(..., help="cluster launcher file, e.g. cluster.yaml"),
                   config_path: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Does every stage's resource request fit the cluster's node types at their max_workers?"""
-    from mgh_ray import cluster, pipeline
+    from mgh_ray import pipeline, placement
 
     try:
         cfg = config.load(pipeline.PipelineConfig, config_path, overrides or [])
-        problems = cluster.check_file(cfg, cluster_file)
+        problems = placement.check_file(cfg, cluster_file)
     except (ConfigError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

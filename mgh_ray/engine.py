@@ -2,8 +2,8 @@
 
 `Generator` is the `map_batches` class of `synthesis`: each actor starts one vLLM AsyncLLM engine
 (model and vLLM settings from `EngineConfig`, resources from `SynthesisConfig`) and gives every row its own coroutine: render the
-prompt (prompts.py) -> generate (guided JSON where enabled) -> parse; an output that does not parse is
-re-sent, this row only and with a new sampling seed, up to `max_retries` times, so retries interleave
+prompt (prompts.py) -> generate (guided JSON where enabled) -> parse (parsing.py); an output that
+does not parse is re-sent, this row only and with a new sampling seed, up to `max_retries` times, so retries interleave
 with other rows in the running engine and never restart it. In generate mode a row makes two
 dependent calls (brainstorm a task, then write the example). Seeds marked with a `problem` upstream
 pass through as `bad_seed` failures without an LLM call. Every row comes out with a `status`.
@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
-from mgh_ray import prompts
+from mgh_ray import parsing, prompts
 from mgh_ray.config import Section
 
 
@@ -106,7 +106,7 @@ class Generator:
 
         c = self.cfg
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        tokens, text, result = 0, "", prompts.Parsed(False, reason="not_run")
+        tokens, text, result = 0, "", parsing.Parsed(False, reason="not_run")
         for attempt in range(c.max_retries + 1):
             guided = StructuredOutputsParams(json=schema) if c.guided_decoding else None
             sp = SamplingParams(max_tokens=c.example_max_tokens if step == "generate" else c.max_tokens,
@@ -127,8 +127,8 @@ class Generator:
             result = parse(text)
             if result.ok:
                 return {"ok": True, "value": result.value, "attempts": attempt + 1, "tokens": tokens}
-            if completion.finish_reason == "length" and result.reason != prompts.TRUNCATED:
-                result = prompts.Parsed(False, reason=prompts.TRUNCATED,
+            if completion.finish_reason == "length" and result.reason != parsing.TRUNCATED:
+                result = parsing.Parsed(False, reason=parsing.TRUNCATED,
                                         detail=f"hit max_tokens; {result.detail}")
         return {"ok": False, "reason": result.reason, "detail": result.detail[:500], "raw": text,
                 "attempts": c.max_retries + 1, "tokens": tokens}
@@ -147,12 +147,12 @@ class Generator:
         if out["mode"] == "augment":
             steps.append(("augment", lambda _: prompts.augment_messages(ps, row["query"], row["positive"],
                                                                          c.max_input_chars),
-                          prompts.negatives_schema(ps), prompts.parse_negatives))
+                          prompts.negatives_schema(ps), parsing.parse_negatives))
         else:
             steps.append(("brainstorm", lambda _: prompts.brainstorm_messages(ps, row["kind"], row["topic"]),
-                          prompts.task_schema(), prompts.parse_task))
+                          prompts.task_schema(), parsing.parse_task))
             steps.append(("generate", lambda got: prompts.generate_messages(ps, row["kind"], got["task"]),
-                          prompts.example_schema(ps), prompts.parse_example))
+                          prompts.example_schema(ps), parsing.parse_example))
         got: dict[str, Any] = {}
         for step, render, schema, parse in steps:
             res = await self._ask(rid, step, render(got), schema, parse)

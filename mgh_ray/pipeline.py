@@ -116,10 +116,10 @@ def check_cluster(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
     """Refuse, before any stage starts, a config whose stages (all, or `stages`) cannot be placed on the
     connected cluster (its autoscaler's node types at max_workers when known, else its live nodes),
     instead of waiting forever for resources that never come."""
-    from mgh_ray import cluster
+    from mgh_ray import placement
 
-    types, max_workers = cluster.live_node_types()
-    problems = [p for p in cluster.check_placement(cfg, types, max_workers) if stages is None or p.stage in stages]
+    types, max_workers = placement.live_node_types()
+    problems = [p for p in placement.check_placement(cfg, types, max_workers) if stages is None or p.stage in stages]
     if problems:
         raise PlacementError("this config does not fit the cluster:\n  - " + "\n  - ".join(map(str, problems))
                              + "\nlower the stage's counts/resources, or give the cluster bigger node types")

@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+GPU = ROOT / "jobs" / "configs" / "gpu.yaml"
 
 
 def test_cluster_yaml_validates_against_rays_schema():
@@ -71,58 +73,6 @@ def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     paths = json.loads((run_dir / "fetch" / "assets.json").read_text())
     assert Path(paths["smollm2"], "config.json").is_file() and Path(paths["table:seeds"]).is_file()
-
-
-# ---------------------------------------------------------------- the placement check (fast, no Ray)
-
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-GPU = ROOT / "jobs" / "configs" / "gpu.yaml"
-
-
-def test_shipped_configs_fit_their_clusters():
-    from mgh_ray import cluster, config, pipeline
-
-    assert cluster.check_file(config.load(pipeline.PipelineConfig, GPU), ROOT / "cluster.yaml") == []
-    assert cluster.check_file(config.load(pipeline.PipelineConfig, TINY), ROOT / "cluster.yaml") == []
-    types, max_workers = cluster.node_types(cluster.provider_config(cluster.LocalClusterConfig()))
-    tiny = config.load(pipeline.PipelineConfig, TINY, [])
-    assert cluster.check_placement(tiny, types, max_workers) == []
-
-
-def test_too_many_gpus_is_refused_naming_the_stage():
-    from mgh_ray import cluster, config, pipeline
-
-    def check(*overrides: str) -> list:
-        return cluster.check_file(config.load(pipeline.PipelineConfig, GPU, list(overrides)), ROOT / "cluster.yaml")
-
-    problems = check("train.num_workers=9")
-    assert [p.stage for p in problems] == ["train"]
-    text = str(problems[0])
-    assert "9 x {CPU: 4, GPU: 1}" in text and "8 of the 9 train workers" in text and "gpu_worker 8 x" in text
-    problems = check("synthesis.num_gpus_per_actor=2", "evaluate.num_replicas=12")
-    assert [p.stage for p in problems] == ["synthesize", "evaluate"]
-    assert "0 of the 8 vLLM engine actors" in str(problems[0])
-
-
-def test_cluster_wide_max_workers_and_head_resources_count():
-    from mgh_ray import cluster, config, pipeline
-
-    cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=3", "train.cpus_per_worker=2"])
-    local = cluster.provider_config(cluster.LocalClusterConfig(cpu_workers=2, cpus_per_worker=2))
-    types, max_workers = cluster.node_types(local)
-    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]  # head has CPU: 0
-    types = [cluster.NodeType("head", {"CPU": 2}, 1, head=True), cluster.NodeType("w", {"CPU": 2}, 5)]
-    assert cluster.check_placement(cfg, types, max_workers=5) == []
-    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers=1)] == ["train"]
-
-
-def test_node_types_must_declare_resources():
-    from mgh_ray import cluster
-
-    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    cfg["available_node_types"]["gpu_worker"]["resources"] = {}
-    with pytest.raises(ValueError, match="gpu_worker.*declares no resources"):
-        cluster.node_types(cfg)
 
 
 def test_check_cluster_command_exit_codes():
@@ -504,13 +454,13 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
 def test_placement_check_against_the_live_cluster(ray_cluster):
     """On a running cluster without an autoscaler its nodes are the node types: train.num_workers=8 on 4
     CPUs is refused up front (it used to retry the worker group for minutes)."""
-    from mgh_ray import cluster, config, pipeline
+    from mgh_ray import config, pipeline, placement
 
-    types, max_workers = cluster.live_node_types()
+    types, max_workers = placement.live_node_types()
     assert sum(t.resources.get("CPU", 0) for t in types) == 4 and max_workers == 0
-    assert cluster.check_placement(config.load(pipeline.PipelineConfig, TINY, []), types, max_workers) == []
+    assert placement.check_placement(config.load(pipeline.PipelineConfig, TINY, []), types, max_workers) == []
     cfg = config.load(pipeline.PipelineConfig, TINY, ["train.num_workers=8"])
-    assert [p.stage for p in cluster.check_placement(cfg, types, max_workers)] == ["train"]
+    assert [p.stage for p in placement.check_placement(cfg, types, max_workers)] == ["train"]
 
 
 @pytest.mark.integration

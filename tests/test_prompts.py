@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from mgh_ray import parsing
 from mgh_ray import prompts as P
 
 GOOD = {"L1": "A report on farm subsidies in France.", "L2": "Oil prices rose after the OPEC meeting.",
@@ -67,7 +68,7 @@ def test_generate_mode_prompts_name_kind_topic_and_task(ps):
 
 def test_worked_example_is_a_valid_answer_and_v1_has_none(ps):
     msgs = P.augment_messages(ps, "q", "p")
-    shot = P.parse_negatives(msgs[2]["content"])
+    shot = parsing.parse_negatives(msgs[2]["content"])
     assert shot.ok and shot.value == {k: ps.example[k] for k in P.LEVEL_KEYS}
     assert ps.example["query"] in msgs[1]["content"]
     lo, hi = ps.negative_chars
@@ -134,7 +135,7 @@ def test_schemas_require_every_field(ps):
 
 
 def test_parse_valid_json(ps):
-    r = P.parse_negatives(json.dumps(GOOD))
+    r = parsing.parse_negatives(json.dumps(GOOD))
     assert r.ok and r.value == GOOD
 
 
@@ -147,36 +148,36 @@ def test_parse_valid_json(ps):
     json.dumps({"note": "x"}) + " then " + json.dumps(GOOD),  # first object lacks the keys, second is right
 ])
 def test_parse_tolerates_prose_fences_commas_and_key_spellings(text):
-    r = P.parse_negatives(text)
+    r = parsing.parse_negatives(text)
     assert r.ok, r
     assert r.value == GOOD
 
 
 @pytest.mark.parametrize("text, reason", [
-    (json.dumps(GOOD)[:60], P.TRUNCATED),
-    ('{"L1": "a b c", "L2": ', P.TRUNCATED),
-    ("I cannot help with that.", P.NO_JSON),
-    ('{"L1": tomorrow}', P.BAD_JSON),
-    (json.dumps({"L1": GOOD["L1"], "L2": GOOD["L2"], "L3": GOOD["L3"]}), P.WRONG_KEYS),
-    (json.dumps({"a": 1, "b": 2}), P.WRONG_KEYS),
-    (json.dumps({**GOOD, "L2": ["a", "list"]}), P.WRONG_TYPE),
-    (json.dumps({**GOOD, "L3": "   "}), P.EMPTY),
-    (json.dumps({**GOOD, "L3": "L3"}), P.TOO_SHORT),
-    (json.dumps({**GOOD, "L4": GOOD["L1"].upper() + " "}), P.DUPLICATE),
+    (json.dumps(GOOD)[:60], parsing.TRUNCATED),
+    ('{"L1": "a b c", "L2": ', parsing.TRUNCATED),
+    ("I cannot help with that.", parsing.NO_JSON),
+    ('{"L1": tomorrow}', parsing.BAD_JSON),
+    (json.dumps({"L1": GOOD["L1"], "L2": GOOD["L2"], "L3": GOOD["L3"]}), parsing.WRONG_KEYS),
+    (json.dumps({"a": 1, "b": 2}), parsing.WRONG_KEYS),
+    (json.dumps({**GOOD, "L2": ["a", "list"]}), parsing.WRONG_TYPE),
+    (json.dumps({**GOOD, "L3": "   "}), parsing.EMPTY),
+    (json.dumps({**GOOD, "L3": "L3"}), parsing.TOO_SHORT),
+    (json.dumps({**GOOD, "L4": GOOD["L1"].upper() + " "}), parsing.DUPLICATE),
 ])
 def test_parse_rejects_with_reason(text, reason):
-    r = P.parse_negatives(text)
+    r = parsing.parse_negatives(text)
     assert not r.ok and r.value is None
     assert r.reason == reason, r
 
 
 def test_parse_task_and_example():
-    assert P.parse_task('ok {"task": "Given a recipe title, retrieve the recipe"}').value == {
+    assert parsing.parse_task('ok {"task": "Given a recipe title, retrieve the recipe"}').value == {
         "task": "Given a recipe title, retrieve the recipe"}
-    assert P.parse_task('{"tasks": ["Retrieve a match"]}').value == {"task": "Retrieve a match"}
-    assert P.parse_task('{"title": "x"}').reason == P.WRONG_KEYS
+    assert parsing.parse_task('{"tasks": ["Retrieve a match"]}').value == {"task": "Retrieve a match"}
+    assert parsing.parse_task('{"title": "x"}').reason == parsing.WRONG_KEYS
     ex = {"query": "best pasta sauce", "positive": "A slow tomato sauce with basil and garlic.", **GOOD}
-    assert P.parse_example(json.dumps(ex)).value == ex
-    assert P.parse_example(json.dumps({**ex, "query": ""})).reason == P.EMPTY
-    assert P.parse_example(json.dumps({**ex, "positive": ex["query"]})).reason == P.DUPLICATE
-    assert P.parse_example(json.dumps(GOOD)).reason == P.WRONG_KEYS
+    assert parsing.parse_example(json.dumps(ex)).value == ex
+    assert parsing.parse_example(json.dumps({**ex, "query": ""})).reason == parsing.EMPTY
+    assert parsing.parse_example(json.dumps({**ex, "positive": ex["query"]})).reason == parsing.DUPLICATE
+    assert parsing.parse_example(json.dumps(GOOD)).reason == parsing.WRONG_KEYS

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from mgh_ray import config, corpora, prompts, records, seeds, synthesis
+from mgh_ray import config, corpora, parsing, prompts, records, seeds, synthesis
 from mgh_ray.records import TRAIN_COLS
 from mgh_ray.synthesis import SeedError, SynthesisConfig
 
 READ_COLS = TRAIN_COLS
-ALLOWED_REASONS = set(prompts.REASONS) | {"bad_seed", "engine_error"}
+ALLOWED_REASONS = set(parsing.REASONS) | {"bad_seed", "engine_error"}
 
 
 def _tiny(**kw) -> SynthesisConfig:
@@ -175,7 +175,7 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
                                                (corpora.MOVIE_INSTRUCTION, "short-short")}
     for rec in recs.itertuples():
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
-        assert all(isinstance(n, str) and len(n.split()) >= prompts.MIN_NEGATIVE_WORDS for n in negatives)
+        assert all(isinstance(n, str) and len(n.split()) >= parsing.MIN_NEGATIVE_WORDS for n in negatives)
         assert len(set(negatives)) == 4  # the parser rejects repeated negatives
     assert set(failures.get("stage", [])) <= {"brainstorm", "generate", "augment"}
     assert set(failures.get("reason", [])) <= ALLOWED_REASONS

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mgh_ray import assets, prompts, synthesis
+from mgh_ray import assets, parsing, prompts, synthesis
 from mgh_ray.benchmarks import save
 from mgh_ray.seeds import read_seeds
 from mgh_ray.synthesis import SynthesisConfig
@@ -54,7 +54,7 @@ def transformers_loop(cfg: SynthesisConfig, messages: list[list[dict[str, str]]]
                                  temperature=cfg.temperature, top_p=cfg.top_p, pad_token_id=tok.eos_token_id)
         new = out[0, ids["input_ids"].shape[1]:]  # (generated,)
         tokens += int(new.numel())
-        ok += prompts.parse_negatives(tok.decode(new, skip_special_tokens=True)).ok
+        ok += parsing.parse_negatives(tok.decode(new, skip_special_tokens=True)).ok
     seconds = time.time() - t0
     return {"rows": len(messages), "generated_tokens": tokens, "seconds": round(seconds, 2),
             "parse_ok_rate": round(ok / max(len(messages), 1), 3), "torch_threads": torch.get_num_threads()}
