@@ -237,8 +237,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     b = cfg.batch_size
     device = ray.train.torch.get_device()
     amp = devices.autocast(cfg.precision, encoder, device)
+    compute = devices.describe(amp)  # in every step's metrics: what `precision: auto` chose on this node
     if rank == 0:
-        log.info("training computes in %s (precision %s)", devices.describe(amp), cfg.precision)
+        log.info("training computes in %s (precision %s)", compute, cfg.precision)
     for step in range(start, cfg.steps):
         maybe_fail(cfg.fail_at_step, cfg.fail_rank, step, rank, out_dir)
         t0 = time.perf_counter()
@@ -264,7 +265,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "loss": float(mean_loss), "stage": stage + 1,
                    "level": float(np.mean(levels)), "lr": scheduler.get_last_lr()[0],
                    "pairs_per_s": world * b / elapsed, "step_s": elapsed, "input_s": input_s,
-                   "resumed_from": start}
+                   "resumed_from": start, "compute": compute}
         if cfg.log_batch_ids:
             ids = [None] * world
             if world > 1:

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from mgh_ray import config as config_io
+from mgh_ray import devices
 from mgh_ray.batch_loss import concat_inputs, contrastive_loss
 from mgh_ray.benchmarks.training import seed_records
 from mgh_ray.curriculum import Curriculum
@@ -238,6 +239,9 @@ def test_killed_worker_resumes_mid_stage_from_the_checkpoint(ray_cluster, tmp_pa
     assert (m.level == m.stage).all()  # curriculum mode: stage k uses level k
     assert np.isfinite(m.loss).all() and (m.pairs_per_s > 0).all()
     assert ((m.input_s >= 0) & (m.input_s < m.step_s)).all()  # the input wait is part of the step
+    # precision "auto" on a CPU: bf16 autocast where it has bf16 arithmetic (this one does), float32 else
+    want = "bfloat16 autocast" if devices.bf16_native("cpu") else "the weights' dtype"
+    assert cfg.precision == "auto" and set(m.compute) == {want}
     # the restart guarantee (training.py docstring): a new pass starts at the resumed step, so the
     # next 16 / (2 workers x 2) = 4 steps see every record exactly once; within a step no id repeats
     after = [i for ids in m.ids[3:7] for rank in ids for i in rank]
