@@ -115,7 +115,8 @@ def merge_rows(boots: dict[str, dict[str, Any]], rows: dict[str, list[str]],
 def comparisons(study: str, arms: list[str], untrained: list[str]) -> dict[str, list[tuple[str, str]]]:
     """What each study's trained rows are compared with, paired: {what: [(row, reference row)]}.
     "vs untrained": the gain of training (the row's own untrained model); schedule arms "vs curriculum"
-    (the method); pooling arms "vs mean" (mean pooling under the same attention)."""
+    (the method); pooling arms "vs mean" (mean pooling under the same attention) and, with several
+    attentions, causal arms "vs bidirectional" (the same pooling after MNTP)."""
     own_untrained = (lambda a: UNTRAINED) if study == "schedule" else (lambda a: f"{UNTRAINED}-{a}")
     out = {"vs untrained": [(a, own_untrained(a)) for a in arms if own_untrained(a) in untrained]}
     if study == "schedule":
@@ -125,6 +126,9 @@ def comparisons(study: str, arms: list[str], untrained: list[str]) -> dict[str, 
             head, _, _ = a.rpartition("-")
             return f"{head}-mean" if head else "mean"
         out["vs mean"] = [(a, mean_of(a)) for a in arms if mean_of(a) != a and mean_of(a) in arms]
+        # the attention study: each causal arm against the same pooling on the bidirectional backbone
+        out["vs bidirectional"] = [(a, "bidirectional-" + a.removeprefix("causal-")) for a in arms
+                                   if a.startswith("causal-") and "bidirectional-" + a.removeprefix("causal-") in arms]
     return {k: v for k, v in out.items() if v}
 
 

@@ -192,11 +192,11 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     lm_head = lm.get_output_embeddings().to(device)
     lines = _metric_lines(out_dir, start) if rank == 0 else []
-    amp = devices.autocast(cfg.precision, base, device)
+    amp, compute = devices.autocast(cfg.precision, base, device)
     if rank == 0:
         log.info("MNTP: %d steps from step %d, %d texts, mask token %r, %d LoRA tensors, computing in %s",
                  cfg.steps, start, len(texts), tok.convert_ids_to_tokens(mask_id), len(params),
-                 devices.describe(amp))
+                 compute)
     for step in range(start, cfg.steps):
         maybe_fail(cfg.fail_at_step, cfg.fail_rank, step, rank, out_dir)
         # the batch of (rank, step) is a function of the seed: a resumed run draws the same ones

@@ -112,8 +112,8 @@ def pick_autocast(precision: str, weights: torch.dtype, *, bf16_native: bool) ->
     """The dtype a training forward runs in under `torch.autocast`, or None (no autocast).
 
     "auto" picks bfloat16 for float32 weights on a device with native bf16 arithmetic: on this
-    project's 2-core CPU (AVX512-BF16) a SmolLM2 training step takes 0.55x the time of float32
-    (`mgh-ray benchmark --stage training`), with master weights, gradients and the loss in float32.
+    project's 2-core CPU (AVX512-BF16) a SmolLM2 training step takes 0.56-0.60x the time of float32
+    (the training benchmark's `step_times`), with master weights, gradients and the loss in float32.
     Weights already in half precision (GPUs' "auto" dtype) need none."""
     if precision == "float32":
         return None
@@ -134,16 +134,11 @@ def bf16_native(dev: torch.device | str) -> bool:
         return False
 
 
-def autocast(precision: str, model: torch.nn.Module, dev: torch.device | str) -> torch.autocast:
-    """The autocast context a training forward of `model` on `dev` runs in: disabled (a no-op) where
-    `pick_autocast` chooses none, so `is_autocast_enabled` inside it says which."""
+def autocast(precision: str, model: torch.nn.Module, dev: torch.device | str) -> tuple[torch.autocast, str]:
+    """The autocast context a training forward of `model` on `dev` runs in (disabled, a no-op, where
+    `pick_autocast` chooses none) and what it computes in, for logs and metrics ("bfloat16 autocast"
+    or "the weights' dtype")."""
     weights = next(model.parameters()).dtype
     dt = pick_autocast(precision, weights, bf16_native=bf16_native(dev))
-    return torch.autocast(torch.device(dev).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
-
-
-def describe(amp: torch.autocast) -> str:
-    """"bfloat16 autocast", or "the weights' dtype" for a disabled context (for the training log)."""
-    with amp:
-        on = torch.is_autocast_enabled(amp.device)
-    return f"{str(amp.fast_dtype).removeprefix('torch.')} autocast" if on else "the weights' dtype"
+    amp = torch.autocast(torch.device(dev).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
+    return amp, f"{str(dt).removeprefix('torch.')} autocast" if dt is not None else "the weights' dtype"

@@ -107,7 +107,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup: int = Field(4, ge=0, strict=True)  # steps of linear warmup
     # auto: the forward under bfloat16 autocast where the device does bf16 natively and the weights are
-    # float32 (this CPU: 0.55x the step time), else as the weights are (`devices.pick_autocast`)
+    # float32, else as the weights are (`devices.pick_autocast`)
     precision: devices.Precision = "auto"
     # after warmup: constant (LLM2Vec's supervised stage), or linear/cosine decay toward 0 at `steps`.
     # Constant is the default: a decay starves the curriculum's last, hardest stage (linear leaves it
@@ -236,8 +236,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     b = cfg.batch_size
     device = ray.train.torch.get_device()
-    amp = devices.autocast(cfg.precision, encoder, device)
-    compute = devices.describe(amp)  # in every step's metrics: what `precision: auto` chose on this node
+    # `compute` goes into every step's metrics: what `precision: auto` chose on this node
+    amp, compute = devices.autocast(cfg.precision, encoder, device)
     if rank == 0:
         log.info("training computes in %s (precision %s)", compute, cfg.precision)
     for step in range(start, cfg.steps):

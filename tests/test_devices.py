@@ -85,9 +85,10 @@ def test_a_bf16_autocast_training_step_keeps_float32_weights_and_the_float32_gra
     inputs = enc.tokenize(["a headline about the budget", "a reply to a question", "the river bank"])
     grads = {}
     for precision in ("float32", "bfloat16"):
-        amp = devices.autocast(precision, enc, "cpu")
-        assert devices.describe(amp) == ("bfloat16 autocast" if precision == "bfloat16" else "the weights' dtype")
+        amp, compute = devices.autocast(precision, enc, "cpu")
+        assert compute == ("bfloat16 autocast" if precision == "bfloat16" else "the weights' dtype")
         with amp:
+            assert torch.is_autocast_enabled("cpu") == (precision == "bfloat16")
             emb = enc(**inputs)
         assert emb.dtype == torch.float32
         (emb @ emb.T).triu(1).sum().backward()

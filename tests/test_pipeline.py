@@ -143,6 +143,7 @@ def test_ablation_rows_are_compared_with_their_reference_and_their_untrained_mod
     pairs = ablation.comparisons("pooling", arms, [f"untrained-{a}" for a in arms])
     assert pairs["vs mean"] == [("causal-ata", "causal-mean"), ("bidirectional-ata", "bidirectional-mean"),
                                 ("bidirectional-last", "bidirectional-mean")]
+    assert pairs["vs bidirectional"] == [("causal-ata", "bidirectional-ata"), ("causal-mean", "bidirectional-mean")]
     assert ablation.comparisons("pooling", ["ata", "last"], []) == {}  # nothing to compare with
 
     rng = np.random.default_rng(0)

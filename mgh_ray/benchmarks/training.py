@@ -90,7 +90,7 @@ def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dic
     def step(mode: str, precision: str) -> Callable[[], None]:
         def run() -> None:
             enc.config.pooling = pooling.model_copy(update={"mode": mode})
-            with devices.autocast(precision, enc, enc.device):
+            with devices.autocast(precision, enc, enc.device)[0]:
                 loss = contrastive_loss(enc, enc, loss_fn, batch, levels)
             loss.backward()
             enc.zero_grad(set_to_none=True)
