@@ -41,7 +41,8 @@ from pydantic import Field
 
 from mgh_ray import devices, logs, storage
 from mgh_ray.config import MAX_COUNT, Section
-from mgh_ray.encoder import ADAPTED_FILE, EncoderConfig
+from mgh_ray.backbone import ADAPTED_FILE
+from mgh_ray.encoder import EncoderConfig
 from mgh_ray.layout import RunLayout
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from mgh_ray import attention, devices, pooling
+from mgh_ray import attention, backbone, devices, pooling
 from mgh_ray import config as config_io
 from mgh_ray.attention import Attention
+from mgh_ray.backbone import LoraConfig
 from mgh_ray.config import Section
 from mgh_ray.inputs import (  # noqa: F401  (InputTooLong, FORMATS: part of the encoder's interface)
     FORMATS,
@@ -59,18 +60,6 @@ DTYPES = devices.DTYPES
 Truncation = Literal["truncate", "error"]
 CONFIG_FILE = "encoder.yaml"
 BASE_ADAPTER = "base_adapter"  # the folder a saved encoder keeps its adaptation (MNTP) adapter in
-ADAPTED_FILE = "adapted.yaml"  # beside an adaptation adapter: the attention it was adapted under
-
-class LoraConfig(Section):
-    enabled: bool = True
-    r: int = Field(16, ge=1, strict=True)
-    alpha: int = Field(32, ge=1, strict=True)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # "all-linear" works for any backbone (peft skips the output head); or a list of module names
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # adapt only the top N blocks (None: all). Backward then stops at the lowest adapted block, which
-    # makes CPU training several times cheaper; the ATA probe layer should be among them.
-    top_layers: int | None = Field(None, ge=1, strict=True)
 
 
 class EncoderConfig(Section):
@@ -113,64 +102,6 @@ class EncoderConfig(Section):
         return v
 
 
-def _load_backbone(cfg: EncoderConfig, source: str | Path,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Attention]:
-    """The headless backbone under the attention the config asks for (and that attention, resolved).
-
-    A folder that records its attention (`is_causal` in config.json: an export of this project) loads
-    only under that attention: its weights were trained for it."""
-    from transformers import AutoConfig, AutoModel
-
-    hf_config = AutoConfig.from_pretrained(str(source))
-    recorded = attention.recorded_attention(hf_config)
-    if recorded is not None and cfg.attention is not None and cfg.attention != recorded:
-        raise ValueError(f"{source} was trained with {recorded} attention, but encoder.attention is "
-                         f"{cfg.attention}: set encoder.attention={recorded} (or null) to load it")
-    model = AutoModel.from_pretrained(str(source), config=hf_config, dtype=dtype,
-                                      attn_implementation=cfg.attn_implementation)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # BERT's pooler is never used: its LoRA/params would be unused under DDP
-    native = attention.native_attention(model)
-    if not attention.is_decoder(model):
-        if cfg.attention == "causal":
-            raise ValueError(f"{source} is a bidirectional encoder ({type(model).__name__}); "
-                             "encoder.attention=causal applies to decoder LLMs only")
-        return model, "bidirectional"
-    chosen: Attention = cfg.attention or native
-    attention.set_attention(model.config, chosen)
-    attention.mark_modules(model, chosen)
-    return model, chosen
-
-
-def _base_adapter_dir(cfg: EncoderConfig, weights: str | Path | None) -> Path | None:
-    """Local folder of the config's adaptation adapter: relative to a saved folder's `weights`, else a
-    path or URI (copied once into this node's cache)."""
-    if cfg.base_adapter is None:
-        return None
-    from mgh_ray import storage
-
-    relative = not storage.is_uri(cfg.base_adapter) and not Path(cfg.base_adapter).is_absolute()
-    if weights is not None and relative:
-        return Path(weights) / cfg.base_adapter
-    return storage.local_dir(cfg.base_adapter)
-
-
-def _merge_base_adapter(model: torch.nn.Module, folder: Path, chosen: Attention) -> torch.nn.Module:
-    """Merge an adaptation adapter (MNTP) into the backbone's weights; refuse one adapted under the
-    other attention (the adapt stage records it beside the adapter)."""
-    import peft
-    import yaml
-
-    meta = folder / ADAPTED_FILE
-    if not meta.is_file():
-        raise FileNotFoundError(f"{folder} holds no {ADAPTED_FILE}; is it an adapter the adapt stage wrote?")
-    adapted = yaml.safe_load(meta.read_text())["attention"]
-    if adapted != chosen:
-        raise ValueError(f"the adapter in {folder} was adapted with {adapted} attention, but this encoder "
-                         f"runs {chosen} attention: set encoder.attention={adapted}")
-    return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-
-
 class Encoder(torch.nn.Module):
     """Texts -> unit vectors. `forward` is the differentiable path training wraps in DDP.
 
@@ -207,30 +138,17 @@ class Encoder(torch.nn.Module):
         full = Path(weights) / "backbone" if weights is not None else None
         saved_full = full is not None and full.is_dir()  # LoRA off: adaptation already in these weights
         source = full if saved_full else assets.model_path(cfg.backbone)
-        model, chosen = _load_backbone(cfg, source, dtype)
+        model, chosen = backbone.load(source, cfg.attention, cfg.attn_implementation, dtype)
         decoder = attention.is_decoder(model)
-        base_adapter = None if saved_full else _base_adapter_dir(cfg, weights)
+        base_adapter = None if saved_full else backbone.base_adapter_dir(cfg.base_adapter, weights)
         if base_adapter is not None:
-            model = _merge_base_adapter(model, base_adapter, chosen)
+            model = backbone.merge_base_adapter(model, base_adapter, chosen)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
-            import peft
-
-            targets, extra = cfg.lora.target_modules, {}
-            if cfg.lora.top_layers is not None:
-                blocks = attention.backbone_layers(model)
-                n = len(blocks)
-                if targets == "all-linear":  # peft wants names when layers are restricted
-                    targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
-                                      if isinstance(m, torch.nn.Linear)})
-                extra = {"layers_to_transform": list(range(max(0, n - cfg.lora.top_layers), n)),
-                         "layers_pattern": "layers" if hasattr(model, "layers") else "layer"}
-            lcfg = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                   target_modules=targets, bias="none", **extra)
-            model = peft.get_peft_model(model, lcfg)
+            model = backbone.add_lora(model, cfg.lora)
             if weights is not None:
-                _load_adapter(model, Path(weights) / "adapter")
+                backbone.load_adapter(model, Path(weights) / "adapter")
         tok = load_tokenizer(source, decoder, cfg)
         fmt, query, document = resolve_templates(cfg, tok)
         resolved = cfg.model_copy(update={"attention": chosen, "prompt_format": fmt, "query_template": query,
@@ -245,7 +163,7 @@ class Encoder(torch.nn.Module):
 
     def load_adapter(self, folder: str | Path) -> None:
         """Put the LoRA weights of a `save` folder into this encoder (same LoRA config), in place."""
-        _load_adapter(self.backbone, Path(folder) / "adapter")
+        backbone.load_adapter(self.backbone, Path(folder) / "adapter")
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device | None = None,
@@ -411,21 +329,3 @@ class Encoder(torch.nn.Module):
         finally:
             self.train(was_training)
         return out
-
-
-def _load_adapter(model: torch.nn.Module, folder: Path) -> None:
-    """Load adapter weights into a fresh peft model; refuse a silent partial load (peft warns and goes on with
-    missing keys, which would serve an untrained adapter)."""
-    import peft
-    from safetensors.torch import load_file
-
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors; "
-                                "was it written by Encoder.save?")
-    state = load_file(str(path))
-    result = peft.set_peft_model_state_dict(model, state)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if result.unexpected_keys or len(state) != len(expected):
-        raise ValueError(f"adapter in {folder} does not fit this LoRA config: {len(state)} tensors for "
-                         f"{len(expected)} LoRA parameters, unexpected {list(result.unexpected_keys)[:3]}")

@@ -9,7 +9,7 @@ For every named model (an encoder folder, or the URL of a running endpoint), `ev
    the replicas (a `DeploymentHandle` inside the cluster, HTTP outside);
 4. saves each result as it lands, removes the app, and finally writes `report.md` and `scores.png`.
 
-Intervals: each task also saves mteb's predictions, from which `intervals.replicates` draws
+Intervals: each task also saves mteb's predictions, from which `resampling.replicates` draws
 `bootstrap` resamples of the task's rows (queries, pairs, test items, documents) and recomputes the main
 score on each; the replicates are kept in `bootstrap/<model>/<revision>/<task>.json`, and report.md gives
 the 95% interval of every task and of every mean (a mean's replicate is the mean of its tasks'
@@ -111,7 +111,7 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
 
     import mteb
 
-    from mgh_ray import intervals, tasks
+    from mgh_ray import resampling, tasks
 
     task = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
     start = time.perf_counter()
@@ -120,13 +120,13 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
                             show_progress_bar=False, encode_kwargs={"batch_size": cfg.batch_size},
                             prediction_folder=tmp if cfg.bootstrap else None)
         boot = None
-        if cfg.bootstrap and intervals.supports(task):
+        if cfg.bootstrap and resampling.supports(task):
             # a task object mteb has evaluated cannot replay its clustering draws: build it afresh
             fresh = tasks.build(task_name, max_rows=cfg.rows(task_name), seed=cfg.seed)
             try:
-                boot = intervals.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
-                                            cfg.seed).to_json()
-            except intervals.NoBootstrap as exc:  # a registry task's metric or splits: scored, no interval
+                boot = resampling.replicates(fresh, Path(tmp) / task.prediction_file_name, cfg.bootstrap,
+                                             cfg.seed).to_json()
+            except resampling.NoBootstrap as exc:  # a registry task's metric or splits: scored, no interval
                 log.info("%s: no bootstrap interval (%s)", task_name, exc)
         elif cfg.bootstrap:
             log.info("%s: no bootstrap interval for a %s task", task_name, task.metadata.type)

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, v_measure_score
 
-from mgh_ray import intervals, mteb_adapters, tasks
+from mgh_ray import intervals, mteb_adapters, resampling, tasks
 
 SMALL, BIG = 40, 160  # rows per task; a table's 40-row sample is the first rows of its 160-row one
 # Among 40 (even 60) BBC articles MiniLM ranks every headline's article first: ndcg@10 is 1 on every
@@ -73,17 +73,17 @@ def _rows(task) -> int:
 
 def _interval(scored, name: str, rows: int, **kwargs) -> intervals.Interval:
     task, _, path = scored(name, rows)
-    return intervals.task_interval(task, path, **kwargs)
+    return resampling.task_interval(task, path, **kwargs)
 
 
 @pytest.mark.parametrize("name", tasks.NAMES)
 def test_point_is_mteb_score_and_the_interval_holds_it(scored, name):
     task, score, path = scored(name, ROWS[name])
     assert path.is_file()
-    boot = intervals.replicates(task, path, n_boot=1000, seed=0)
+    boot = resampling.replicates(task, path, n_boot=1000, seed=0)
     assert boot.point == pytest.approx(score, abs=1e-6), name
     assert boot.values.shape == (1000,) and np.isfinite(boot.values).all()
-    iv = intervals.task_interval(task, path)
+    iv = resampling.task_interval(task, path)
     assert iv == boot.interval()
     assert iv.low <= iv.point <= iv.high and iv.contains(score)
     assert iv.width > 0.005, iv
@@ -113,7 +113,7 @@ def test_same_seed_same_interval_other_seed_slightly_different(scored):
 
 def test_mean_interval_over_independent_tasks(scored, tmp_path):
     runs = {name: scored(name, ROWS[name]) for name in tasks.NAMES}
-    boots = {name: intervals.replicates(task, path) for name, (task, _, path) in runs.items()}
+    boots = {name: resampling.replicates(task, path) for name, (task, _, path) in runs.items()}
     points = [b.point for b in boots.values()]
     mean = intervals.mean_interval([b.values for b in boots.values()], points,
                                    n_rows=[b.n_rows for b in boots.values()])
@@ -146,7 +146,7 @@ def test_clustering_draws_must_replay(scored):
     stale.load_data()
     stale.seed = 1  # same documents, but not the random state mteb drew its clustering samples from
     with pytest.raises(ValueError, match="replayed"):
-        intervals.replicates(stale, path)
+        resampling.replicates(stale, path)
 
 
 def test_paired_models_resample_the_same_rows(scored):
@@ -155,7 +155,7 @@ def test_paired_models_resample_the_same_rows(scored):
     preds = json.loads(path.read_text())["default"]["test"]
     worse = {k: (np.asarray(v) + np.random.default_rng(0).normal(0, 0.05, len(v))).tolist()
              for k, v in preds.items()}
-    a, b = intervals.replicates(task, preds), intervals.replicates(task, worse)
+    a, b = resampling.replicates(task, preds), resampling.replicates(task, worse)
     assert np.corrcoef(a.values, b.values)[0, 1] > 0.5  # the same resampled pairs in replicate k
 
 
@@ -168,7 +168,7 @@ def test_paired_difference_is_narrower_than_either_interval_and_centred_on_the_d
     # noise of a tenth of the similarities' spread: measured, paired width 0.17 against 0.58 and 0.61
     noisy = {k: (np.asarray(v) + np.random.default_rng(1).normal(0, 0.1 * np.std(v), len(v))).tolist()
              for k, v in preds.items()}
-    a, b = {"LeeSTS": intervals.replicates(task, preds)}, {"LeeSTS": intervals.replicates(task, noisy)}
+    a, b = {"LeeSTS": resampling.replicates(task, preds)}, {"LeeSTS": resampling.replicates(task, noisy)}
     diff = intervals.difference_interval(a, b, ["LeeSTS"])
     assert diff.point == pytest.approx(a["LeeSTS"].point - b["LeeSTS"].point) and diff.low <= diff.point <= diff.high
     assert diff.width < 0.5 * min(a["LeeSTS"].interval().width, b["LeeSTS"].interval().width), diff
@@ -189,7 +189,7 @@ def test_weighted_ap_is_sklearns_on_resampled_pairs():
     labels = rng.integers(0, 2, 50)
     scores = np.round(rng.normal(size=50) + labels, 1)  # rounded: many tied scores
     idx = _resamples(50)
-    fast = intervals._weighted_ap(labels, scores, intervals._counts(idx, 50))
+    fast = resampling._weighted_ap(labels, scores, resampling._counts(idx, 50))
     slow = [average_precision_score(labels[i], scores[i]) for i in idx]
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
 
@@ -199,10 +199,10 @@ def test_weighted_v_measure_is_sklearns_on_resampled_documents():
     classes, clusters = rng.integers(0, 4, 60), rng.integers(0, 5, 60)
     clusters[:30] = classes[:30]  # half agree, so the score is far from 0
     idx = _resamples(60)
-    fast = intervals._weighted_v_measure(classes, clusters, intervals._counts(idx, 60))
+    fast = resampling._weighted_v_measure(classes, clusters, resampling._counts(idx, 60))
     slow = [v_measure_score(classes[i], clusters[i]) for i in idx]
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
-    one_class = intervals._weighted_v_measure(np.zeros(4, int), np.arange(4), np.ones((1, 4)))
+    one_class = resampling._weighted_v_measure(np.zeros(4, int), np.arange(4), np.ones((1, 4)))
     assert one_class[0] == pytest.approx(v_measure_score(np.zeros(4, int), np.arange(4)))
 
 
@@ -212,7 +212,7 @@ def test_resampled_spearman_is_scipys():
     idx = _resamples(40)
     from scipy.stats import rankdata
 
-    fast = intervals._rowwise_pearson(rankdata(gold[idx], axis=1), rankdata(predicted[idx], axis=1))
+    fast = resampling._rowwise_pearson(rankdata(gold[idx], axis=1), rankdata(predicted[idx], axis=1))
     slow = [spearmanr(gold[i], predicted[i])[0] for i in idx]
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
 
@@ -223,7 +223,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="level"):
         boot.interval(level=1.5)
     with pytest.raises(ValueError, match="n_boot"):
-        intervals.replicates(object(), {}, n_boot=0)
+        resampling.replicates(object(), {}, n_boot=0)
 
 
 def test_a_score_it_cannot_resample_is_refused_by_name(scored):
@@ -232,5 +232,5 @@ def test_a_score_it_cannot_resample_is_refused_by_name(scored):
     task, _, path = scored("LeeSTS", SMALL)
     other = tasks.build("LeeSTS", max_rows=SMALL, seed=0)
     other.metadata = other.metadata.model_copy(update={"main_score": "kendall_tau"})
-    with pytest.raises(intervals.NoBootstrap, match="kendall_tau"):
-        intervals.replicates(other, path)
+    with pytest.raises(resampling.NoBootstrap, match="kendall_tau"):
+        resampling.replicates(other, path)

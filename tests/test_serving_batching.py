@@ -71,3 +71,25 @@ def test_a_failing_text_fails_alone(encoder):
         del encoder.encode
     assert isinstance(out[1], RuntimeError)
     np.testing.assert_allclose(np.stack([out[0], out[2]]), real(["good one", "good two"]), atol=1e-5)
+
+
+def test_replicas_on_one_node_claim_different_cores(tmp_path):
+    """The vLLM engine binds its threads to cores no other replica on the node holds: each claim takes
+    free cores, a claim that cannot be met takes none (the engine then runs unbound), and closing a
+    claim's lock files (the replica's end) frees its cores."""
+    import os
+
+    from mgh_ray.serving.engines import claim_cores
+
+    allowed = sorted(os.sched_getaffinity(0))
+    first, fds = claim_cores(1, tmp_path)
+    assert first == allowed[:1] and len(fds) == 1
+    rest, rest_fds = claim_cores(len(allowed) - 1, tmp_path) if len(allowed) > 1 else ([], [])
+    assert rest == allowed[1:]
+    assert claim_cores(1, tmp_path) == ([], [])  # every core held
+    for fd in fds:
+        os.close(fd)
+    again, again_fds = claim_cores(1, tmp_path)
+    assert again == allowed[:1]
+    for fd in rest_fds + again_fds:
+        os.close(fd)

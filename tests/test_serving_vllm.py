@@ -48,6 +48,7 @@ def _vectors(resp: httpx.Response) -> np.ndarray:
 def test_served_on_vllm_equals_the_encoder(http, ata_dir):
     card = http.get("/v1/models").json()["data"][0]
     assert (card["engine"], card["pooling"], card["attention"]) == ("vllm", "ata", "bidirectional")
+    assert len(card["cores"]) == 1  # its engine's one thread bound to a core of its own (num_cpus=1)
     enc = ata_dir[1]
     for instruction in (None, INSTRUCTION):
         got = _vectors(http.post("/v1/embeddings", json={"input": TEXTS, "instruction": instruction}))

@@ -5,7 +5,10 @@ and the same closed-loop clients: for each of clients x texts-per-request, every
 request when the last returned, for `seconds_per_point` seconds or `max_requests_per_client`
 requests. Servers:
 - vLLM's OpenAI server from this venv with `--runner pooling --convert embed` and MEAN pooling on
-  the merged (LoRA folded in) export of the encoder folder, float32, `threads` OMP threads;
+  the merged (LoRA folded in) export of the encoder folder, float32, `threads` OMP threads, sent the
+  raw text (`vllm-mean`) and, on the same server process, the token ids the encoder reads
+  (`vllm-mean-tokens`: its input template included, ~10% more tokens on these texts): the second is
+  the same work as `mgh-ray serve`'s, so its ratio is what the serving path costs;
 - `mgh-ray serve` on the same weights with mean pooling, and with the folder's ATA pooling, one
   replica of `threads` threads, on the torch engine (`mgh-mean`, `mgh-ata`) and on the vLLM engine
   (`mgh-vllm-mean`, `mgh-vllm-ata`: serve.engine=vllm);
@@ -59,8 +62,11 @@ class PeersConfig(Section):
     # vLLM's own server as it ships compiles the model at start (torch.compile, ~85 s on 2 cores): the
     # benchmark's peer. True starts it eager, for a smoke run that checks answers and parity, not speed
     peer_enforce_eager: bool = False
-    # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing)
-    servers: list[str] = ["vllm-mean", "mgh-mean", "mgh-ata", "mgh-vllm-mean", "mgh-vllm-ata"]
+    # mgh-mean-unpacked: mgh-mean with one forward pass per batch (no token-budget packing);
+    # mgh-vllm-mean-compiled (or -ata-): the vLLM engine with serve.vllm_compile, as vLLM's server runs
+    servers: list[str] = ["vllm-mean", "vllm-mean-tokens", "mgh-mean", "mgh-ata", "mgh-vllm-mean", "mgh-vllm-ata"]
+
+PEERS = ("vllm-mean", "vllm-mean-tokens")  # vLLM's own server: one process serves both
 
 
 def sentences(model_dir: Path, cfg: PeersConfig) -> list[str]:
@@ -80,7 +86,7 @@ def sentences(model_dir: Path, cfg: PeersConfig) -> list[str]:
     return out
 
 
-def load(url: str, model: str | None, texts: list[str], clients: int, k: int, cfg: PeersConfig,
+def load(url: str, model: str | None, texts: list[str] | list[list[int]], clients: int, k: int, cfg: PeersConfig,
          api_key: str | None = None) -> dict[str, float]:
     """Closed loop over OpenAI's embeddings API (JSON floats): texts/s and latency percentiles."""
     import httpx
@@ -122,7 +128,7 @@ def load(url: str, model: str | None, texts: list[str], clients: int, k: int, cf
             "p99_ms": float(np.percentile(ms, 99)), "errors": errors[0], "wall_s": wall}
 
 
-def vectors(url: str, model: str | None, texts: list[str]) -> np.ndarray:
+def vectors(url: str, model: str | None, texts: list[str] | list[list[int]]) -> np.ndarray:
     import httpx
 
     body = {"input": texts, **({"model": model} if model else {})}
@@ -218,6 +224,7 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
         ata_dir = with_pooling(model_dir, "ata", tmp / "ata")
         torch.set_num_threads(bench.threads)
         mean_enc = Encoder.load(mean_dir)
+        token_texts = [ids for ids, _ in mean_enc.inputs.token_ids(texts)]  # what the encoder reads
         ref = {"mean": mean_enc.encode(texts[:64]), "ata": Encoder.load(ata_dir).encode(texts[:64])}
         mean_enc.encode(texts[:32], batch_size=serve_cfg.max_batch_size)  # warm-up
         # in-process, one call per request's worth of texts: what a server adds on top of the model
@@ -234,46 +241,54 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
         merged = _as_llama(export.write(mean_enc, tmp / "export") / "merged")
         max_model_len = mean_enc.max_tokens  # what the export's sentence_bert_config.json allows
         del mean_enc
-        for server in bench.servers:
-            log.info("serving-peers: %s", server)
-            proc = None
-            if server == "vllm-mean":
-                proc = start_vllm(merged, bench, out_dir / "vllm_server.log", max_model_len)
-                url, model, pool = f"http://127.0.0.1:{bench.vllm_port}", "peer", "mean"
-            else:
-                engine = "vllm" if server.startswith("mgh-vllm-") else "torch"
-                pool = server.removeprefix("mgh-").removeprefix("vllm-").removesuffix("-unpacked")
-                packing = {"max_batch_tokens": 1 << 30} if server.endswith("-unpacked") else {}
-                cfg = serve_cfg.model_copy(update={**packing, "engine": engine,
-                    "app_name": f"peers-{server}", "route_prefix": f"/peers-{server}", "num_replicas": 1,
-                    "autoscaling": None, "num_cpus": float(bench.threads),
-                    "torch_threads": bench.serve_threads or bench.threads,
-                    "max_inputs": max(256, max(bench.texts_per_request))})
-                url = serving.deploy(cfg, mean_dir if pool == "mean" else ata_dir)
-                model = None
-            try:
-                got = vectors(url, model, texts[:64])
-                parity[server] = float(np.min(np.sum(got * ref[pool], axis=1) /
-                                              np.linalg.norm(got, axis=1) / np.linalg.norm(ref[pool], axis=1)))
-                load(url, model, texts[:32], 4, 4, bench.model_copy(update={"seconds_per_point": 2}))  # warm
-                for c, k in points:
-                    r = load(url, model, texts, c, k, bench, serving.api_key(serve_cfg) if proc is None else None)
-                    results.setdefault(server, {})[f"{c}x{k}"] = r["texts_per_s"]
-                    raw[f"{server} {c}x{k}"] = r
-                    log.info("%s %d clients x %d texts: %.1f texts/s (p50 %.0f ms, errors %d)", server, c, k,
-                             r["texts_per_s"], r["p50_ms"], r["errors"])
-            finally:
-                if proc is not None:
-                    _stop(proc)
+        proc = None
+        try:
+            for server in bench.servers:
+                log.info("serving-peers: %s", server)
+                if server in PEERS:
+                    if proc is None:
+                        proc = start_vllm(merged, bench, out_dir / "vllm_server.log", max_model_len)
+                    url, model, pool, cfg = f"http://127.0.0.1:{bench.vllm_port}", "peer", "mean", None
                 else:
-                    serving.undeploy(cfg.app_name)
+                    engine = "vllm" if server.startswith("mgh-vllm-") else "torch"
+                    pool = server.removeprefix("mgh-").removeprefix("vllm-").split("-")[0]
+                    packing = {"max_batch_tokens": 1 << 30} if server.endswith("-unpacked") else {}
+                    cfg = serve_cfg.model_copy(update={**packing, "engine": engine,
+                        "vllm_compile": server.endswith("-compiled"),
+                        "app_name": f"peers-{server}", "route_prefix": f"/peers-{server}", "num_replicas": 1,
+                        "autoscaling": None, "num_cpus": float(bench.threads),
+                        "torch_threads": bench.serve_threads or bench.threads,
+                        "max_inputs": max(256, max(bench.texts_per_request))})
+                    url = serving.deploy(cfg, mean_dir if pool == "mean" else ata_dir)
+                    model = None
+                inputs = token_texts if server == "vllm-mean-tokens" else texts
+                try:
+                    got = vectors(url, model, inputs[:64])
+                    parity[server] = float(np.min(np.sum(got * ref[pool], axis=1) /
+                                                  np.linalg.norm(got, axis=1) / np.linalg.norm(ref[pool], axis=1)))
+                    load(url, model, inputs[:32], 4, 4, bench.model_copy(update={"seconds_per_point": 2}))  # warm
+                    for c, k in points:
+                        r = load(url, model, inputs, c, k, bench, serving.api_key(serve_cfg) if cfg is not None else None)
+                        results.setdefault(server, {})[f"{c}x{k}"] = r["texts_per_s"]
+                        raw[f"{server} {c}x{k}"] = r
+                        log.info("%s %d clients x %d texts: %.1f texts/s (p50 %.0f ms, errors %d)", server, c, k,
+                                 r["texts_per_s"], r["p50_ms"], r["errors"])
+                finally:
+                    if cfg is not None:
+                        serving.undeploy(cfg.app_name)
+                if proc is not None and not any(s in PEERS for s in bench.servers[bench.servers.index(server) + 1:]):
+                    _stop(proc)  # before `mgh-ray serve` deploys: one server at a time
+                    proc = None
+        finally:
+            if proc is not None:
+                _stop(proc)
     cols = [f"{c}x{k}" for c, k in points]
     table = pd.DataFrame(results).T[cols]
     table["min cosine vs Encoder"] = pd.Series(parity)
     rows = {}
-    if "vllm-mean" in table.index:
-        for server in table.index.drop("vllm-mean"):
-            rows[f"{server} / vllm-mean"] = table.loc[server, cols] / table.loc["vllm-mean", cols]
+    for peer in (p for p in PEERS if p in table.index):
+        for server in table.index.drop(list(PEERS), errors="ignore"):
+            rows[f"{server} / {peer}"] = table.loc[server, cols] / table.loc[peer, cols]
     for ata, mean in (("mgh-ata", "mgh-mean"), ("mgh-vllm-ata", "mgh-vllm-mean")):
         if {ata, mean} <= set(table.index):  # the goal: ATA within 10% of mean
             rows[f"{ata} / {mean}"] = table.loc[ata, cols] / table.loc[mean, cols]
