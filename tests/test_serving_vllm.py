@@ -105,13 +105,16 @@ def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):
 
     folder = Encoder.from_config(EncoderConfig(max_length=64, pooling={"mode": "ata"})).save(tmp_path / "m")
     bench = serving_peers.PeersConfig(clients=[2], texts_per_request=[2], num_texts=16, seconds_per_point=1,
-                                      max_requests_per_client=2, threads=1, servers=["vllm-mean", "mgh-ata"],
+                                      max_requests_per_client=2, threads=1,
+                                      servers=["vllm-mean", "vllm-mean-tokens", "mgh-ata"],
                                       peer_enforce_eager=True)  # a smoke run: answers and parity, not speed
     table = serving_peers.run(serving.ServeConfig(port=PORT, api_key_env=None, vllm_kv_cache_mb=128), folder,
                               tmp_path / "out", bench)
-    assert (table.loc[["vllm-mean", "mgh-ata"], "2x2"] > 0).all()
+    assert (table.loc[["vllm-mean", "vllm-mean-tokens", "mgh-ata"], "2x2"] > 0).all()
     assert table.loc["mgh-ata", "min cosine vs Encoder"] >= 0.9999
-    # vLLM's own server reads the raw text (no input template, every token pooled): near, not equal
+    # vLLM's own server reads the raw text (no input template, every token pooled): near, not equal;
+    # sent the encoder's token ids it reads what the encoder reads, and pools the template's prefix too
     assert 0.9 < table.loc["vllm-mean", "min cosine vs Encoder"] < 1
-    assert {"mgh-ata / vllm-mean", "mgh-ata / in-process"} <= set(table.index)
+    assert 0.9 < table.loc["vllm-mean-tokens", "min cosine vs Encoder"] < 1
+    assert {"mgh-ata / vllm-mean", "mgh-ata / vllm-mean-tokens", "mgh-ata / in-process"} <= set(table.index)
     assert (tmp_path / "out" / "benchmark_serving_peers.md").is_file()
