@@ -74,6 +74,9 @@ class EvalConfig(Section):
     # the replicas' inference engine (ServeConfig.engine: torch or vllm); None: the serve config's
     engine: Literal["torch", "vllm"] | None = None
     task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
+    # tasks running at once (each a Ray task whose worker process imports mteb, seconds of CPU):
+    # None: one per replica, enough to keep the replicas busy; the next task reuses a finished one's worker
+    tasks_in_flight: int | None = Field(None, ge=1, strict=True)
     overwrite: bool = False  # True: rerun tasks that already have results
     # texts longer than the model's token limit: cut there, or fail the task naming the text
     truncation: Literal["truncate", "error"] = "truncate"
@@ -246,8 +249,12 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
             encoder = mteb_adapters.ServedEncoder(name, revision, int(info["dim"]), app=app, batch_size=cfg.batch_size,
                                     concurrency=cfg.concurrency)
         remote = ray.remote(run_task).options(num_cpus=cfg.task_num_cpus, max_retries=1)
-        pending = {remote.remote(encoder, t, cfg): t for t in todo}
-        while pending:  # save each result as it lands, so an interrupted run keeps what it finished
+        waiting, pending = list(todo), {}
+        in_flight = cfg.tasks_in_flight or cfg.num_replicas
+        while waiting or pending:  # save each result as it lands, so an interrupted run keeps what it finished
+            while waiting and len(pending) < in_flight:
+                t = waiting.pop(0)
+                pending[remote.remote(encoder, t, cfg)] = t
             done, _ = ray.wait(list(pending), num_returns=1)
             task_name = pending.pop(done[0])
             result, seen, boot = ray.get(done[0])
