@@ -292,7 +292,7 @@ def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]
            models: dict[str, str], sources: dict[str, str], records: dict[str, Any], index: _Index,
            root: Path) -> pd.DataFrame:
     """Evaluate a study's models (each folder once, in the shared evaluation folder) and write its tables."""
-    from mgh_ray import evaluation, report, serving
+    from mgh_ray import evaluation, report
 
     ab = cfg.ablation
     run = RunLayout(cfg.run_dir)
@@ -301,7 +301,7 @@ def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]
     out_dir = root / "evaluate"
     table_scores = evaluation.evaluate(eval_cfg, folders, out_dir, cfg.serve, like_seeds=like)
     per_model = {row: table_scores[names[row]] for row in models}
-    boots = {names[row]: evaluation.bootstraps(out_dir, names[row], serving.model_revision(m), eval_cfg.tasks)
+    boots = {names[row]: evaluation.bootstraps(out_dir, names[row], evaluation.result_revision(eval_cfg, m), eval_cfg.tasks)
              for row, m in models.items()}
     table = summarize(per_model, list(arms), ab.seeds, untrained=list(untrained))
     rows = {**{u: [names[u]] for u in untrained},

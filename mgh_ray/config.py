@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 # the most workers, actors or replicas a config may ask for: beyond any cluster a launcher file here
 # describes (cluster.yaml's max_workers); within it, the placement check names what does not fit
 MAX_COUNT = 1024
+
+# how a forward computes (training, adaptation, the torch serving engine): under bfloat16 autocast
+# (float32 weights; training keeps optimizer state and the loss in float32) or in the weights' own
+# dtype; "auto": bfloat16 where the device does bf16 arithmetic natively (devices.pick_autocast)
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 class ConfigError(ValueError):

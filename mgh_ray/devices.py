@@ -28,13 +28,12 @@ from typing import Literal
 
 import torch
 
+from mgh_ray.config import Precision  # noqa: F401  (the precision a forward computes in)
+
 log = logging.getLogger(__name__)
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# how training computes: under bfloat16 autocast (weights, optimizer state and the loss stay float32)
-# or in the weights' own dtype
-Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def pick_device(requested: str | None, *, ray_gpu_ids: list[str] | None, visible: list[str] | None,
@@ -109,7 +108,8 @@ def dtype(configured: str, dev: torch.device | str) -> torch.dtype:
 
 
 def pick_autocast(precision: str, weights: torch.dtype, *, bf16_native: bool) -> torch.dtype | None:
-    """The dtype a training forward runs in under `torch.autocast`, or None (no autocast).
+    """The dtype a forward (training, or the torch serving engine) runs in under `torch.autocast`, or
+    None (no autocast).
 
     "auto" picks bfloat16 for float32 weights on a device with native bf16 arithmetic: on this
     project's 2-core CPU (AVX512-BF16) a SmolLM2 training step takes 0.56-0.60x the time of float32
@@ -135,7 +135,7 @@ def bf16_native(dev: torch.device | str) -> bool:
 
 
 def autocast(precision: str, model: torch.nn.Module, dev: torch.device | str) -> tuple[torch.autocast, str]:
-    """The autocast context a training forward of `model` on `dev` runs in (disabled, a no-op, where
+    """The autocast context a forward of `model` on `dev` runs in (disabled, a no-op, where
     `pick_autocast` chooses none) and what it computes in, for logs and metrics ("bfloat16 autocast"
     or "the weights' dtype")."""
     weights = next(model.parameters()).dtype

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from mgh_ray.config import MAX_COUNT, Section
+from mgh_ray.config import MAX_COUNT, Precision, Section
 from mgh_ray.report import MEAN_LIKE, MEAN_UNLIKE, TASK_NAMES
 from mgh_ray.serving import ServeConfig
 
@@ -73,6 +73,11 @@ class EvalConfig(Section):
     replica_num_cpus: float | None = Field(0.5, ge=0)
     # the replicas' inference engine (ServeConfig.engine: torch or vllm); None: the serve config's
     engine: Literal["torch", "vllm"] | None = None
+    # how the torch engine's replicas compute (ServeConfig.precision): "auto" is bfloat16 autocast where
+    # the replica's device does bf16 natively (this CPU: half the encoding time; a trained tiny model's
+    # scores within the bootstrap intervals of float32's, docs/method.md), float32 weights either way.
+    # Results are kept per precision. `score_in_process` computes in the weights' dtype
+    precision: Precision = "auto"
     task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
     # tasks running at once (each a Ray task whose worker process imports mteb, seconds of CPU):
     # None: one per replica, enough to keep the replicas busy; the next task reuses a finished one's worker
@@ -139,7 +144,8 @@ def run_task(encoder: MtebAdapter, task_name: str, cfg: EvalConfig
 
 
 def score_in_process(cfg: EvalConfig, encoder: Any, name: str = "local") -> dict[str, float]:
-    """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions."""
+    """Main score per task of an in-process encoder (no Serve, no Ray), same tasks and instructions, in
+    the weights' dtype (`cfg.precision` is the replicas'): the reference a float32 evaluation matches."""
     from mgh_ray.mteb_adapters import LocalEncoder
 
     adapter = LocalEncoder(encoder, name, batch_size=cfg.batch_size, truncation=cfg.truncation)
@@ -181,7 +187,8 @@ def endpoint_url(model: Path | str) -> str | None:
 
 def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
     """The serve config of an evaluation deployment: `num_replicas` fixed replicas of `replica_num_cpus`,
-    with the evaluation's truncation policy (a full BBC article is longer than any model reads)."""
+    with the evaluation's truncation policy (a full BBC article is longer than any model reads) and
+    precision (the vLLM engine computes in its own dtype whatever the precision: "auto" leaves it that)."""
     update: dict[str, Any] = {
         "num_replicas": cfg.num_replicas, "autoscaling": None,
         "num_cpus": serve_cfg.num_cpus if cfg.replica_num_cpus is None else cfg.replica_num_cpus}
@@ -189,7 +196,19 @@ def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
         update["truncation"] = cfg.truncation
     if cfg.engine is not None:
         update["engine"] = cfg.engine
-    return serve_cfg.model_copy(update=update)
+    if "precision" in type(serve_cfg).model_fields:
+        update["precision"] = cfg.precision
+    # validated as a whole: precision=bfloat16 on the vLLM engine is refused, naming the fix
+    return type(serve_cfg).model_validate({**serve_cfg.model_dump(), **update})
+
+
+def result_revision(cfg: EvalConfig, folder: Path | str) -> str:
+    """The key of an encoder folder's results and replicates: the folder's revision, with the precision
+    unless float32 (scores computed under bf16 autocast are other numbers, never reused for float32's)."""
+    from mgh_ray import serving
+
+    revision = serving.model_revision(folder)
+    return revision if cfg.precision == "float32" else f"{revision}-{cfg.precision}"
 
 
 def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
@@ -210,7 +229,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
             card = client.models()[0]
         revision = card["revision"]
     else:
-        revision = serving.model_revision(model)
+        revision = result_revision(cfg, model)
     cache = ResultCache(out_dir)
     results, todo, built = {}, [], {}
     for t in cfg.tasks:
@@ -243,9 +262,11 @@ def evaluate_model(cfg: EvalConfig, name: str, model: Path | str, out_dir: Path,
             from ray import serve
 
             info = serve.get_app_handle(app).info.remote().result()
-            if info["revision"] != revision:
+            log.info("%s: %d replica(s) of the %s engine on %s, computing in %s", name, cfg.num_replicas,
+                     info["engine"], info["device"], info["compute"])
+            if info["revision"] != (folder_revision := serving.model_revision(model)):
                 raise ValueError(f"Serve app {app!r} serves revision {info['revision']}, not {model} "
-                                 f"({revision})")
+                                 f"({folder_revision})")
             encoder = mteb_adapters.ServedEncoder(name, revision, int(info["dim"]), app=app, batch_size=cfg.batch_size,
                                     concurrency=cfg.concurrency)
         remote = ray.remote(run_task).options(num_cpus=cfg.task_num_cpus, max_retries=1)
@@ -337,7 +358,9 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
     sizes = ", ".join(f"{t} {cfg.rows(t) or 'all'}" for t in cfg.tasks if cfg.rows(t) != cfg.max_rows)
     note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}{f' ({sizes})' if sizes else ''}, "
             f"seed={cfg.seed}, truncation={cfg.truncation} (texts longer than the model's token limit are "
-            f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}); {time.perf_counter() - start:.0f} s.")
+            f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}), precision={cfg.precision}"
+            f"{' (bfloat16 autocast where the device does bf16 natively)' if cfg.precision == 'auto' else ''}; "
+            f"{time.perf_counter() - start:.0f} s.")
     if MEAN_LIKE in table.index:
         like = ", ".join(t for t in cfg.tasks if t in like_seeds)
         note += f" Shaped like the training seeds (held out of the same corpora): {like}; the rest are unlike them."

@@ -73,6 +73,21 @@ def test_row_caps_per_task():
         evaluation.EvalConfig(max_rows_per_task={"LeeSTS": 0})
 
 
+def test_evaluation_replicas_compute_in_the_evaluations_precision(tmp_path):
+    serve_cfg = serving.ServeConfig()
+    assert serve_cfg.precision == "float32"  # an endpoint's vectors equal in-process ones (the parity check)
+    assert evaluation.eval_serve_config(evaluation.EvalConfig(), serve_cfg).precision == "auto"
+    assert evaluation.eval_serve_config(evaluation.EvalConfig(engine="vllm"), serve_cfg).engine == "vllm"
+    with pytest.raises(ValueError, match="use engine=torch"):
+        evaluation.eval_serve_config(evaluation.EvalConfig(engine="vllm", precision="bfloat16"), serve_cfg)
+    with pytest.raises(ValueError, match="use engine=torch"):
+        serving.ServeConfig(engine="vllm", precision="bfloat16")
+    (tmp_path / "encoder.yaml").write_text("backbone: minilm\n")
+    revision = serving.model_revision(tmp_path)
+    assert evaluation.result_revision(evaluation.EvalConfig(precision="float32"), tmp_path) == revision
+    assert evaluation.result_revision(evaluation.EvalConfig(), tmp_path) == f"{revision}-auto"
+
+
 def test_unknown_task_fails_before_deploying(tmp_path):
     cfg = evaluation.EvalConfig(tasks=["LeeSTS", "NoSuchTask"])
     with pytest.raises(KeyError, match="NoSuchTask"):
@@ -83,8 +98,9 @@ def test_unknown_task_fails_before_deploying(tmp_path):
 def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, minilm_dir, tmp_path):
     from ray import serve
 
+    # float32: equal to the in-process scores (bf16 autocast, the default on this CPU, rounds by batch shape)
     cfg = evaluation.EvalConfig(tasks=TASKS, max_rows=24, batch_size=8, concurrency=4, num_replicas=2,
-                                replica_num_cpus=1)
+                                replica_num_cpus=1, precision="float32")
     serve_cfg = serving.ServeConfig(port=PORT, api_key_env=None)
     out = tmp_path / "eval"
     local = evaluation.score_in_process(cfg, minilm_encoder)
@@ -128,6 +144,12 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24), meta) is not None
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=20), meta) is None
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24, seed=1), meta) is None
+
+    # the default precision: bf16 autocast here, its results kept apart from float32's (not reused for them)
+    auto = cfg.model_copy(update={"precision": "auto", "tasks": ["LeeSTS"]})
+    results, _, revision = evaluation.evaluate_model(auto, "minilm", minilm_dir, out, serve_cfg)
+    assert revision == f"{folder.name}-auto" and (out / "results" / "mgh-ray__minilm" / revision / "LeeSTS.json").is_file()
+    assert results["LeeSTS"].get_score() == pytest.approx(local["LeeSTS"], abs=0.02)
 
 
 @pytest.mark.integration

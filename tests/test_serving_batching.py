@@ -18,12 +18,15 @@ def encoder(minilm_path):
 
 
 def _forward(encoder, items, **cfg):
-    """The torch engine's forward step on its own: no Serve context, no HTTP."""
+    """The torch engine's forward step on its own: no Serve context, no HTTP; in float32, serve.precision's
+    default (the engine's autocast for another precision is tested over HTTP in tests/test_serving.py)."""
+    import contextlib
     from types import SimpleNamespace
 
     from mgh_ray.serving.engines import TorchEngine
 
-    return TorchEngine._forward(SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg)), items)
+    engine = SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg), _autocast=contextlib.nullcontext)
+    return TorchEngine._forward(engine, items)
 
 
 def _items(encoder, texts, instruction=None):

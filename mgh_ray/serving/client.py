@@ -102,14 +102,18 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_parity(cfg: ServeConfig, model_dir: Path, texts: list[str], url: str | None = None) -> float:
-    """Min cosine between served and in-process vectors of `texts`, as documents and as queries."""
+    """Min cosine between served and in-process vectors of `texts`, as documents and as queries; the
+    in-process side computes as the torch engine does (`cfg.precision`), the vLLM engine's float32 on CPUs."""
+    from mgh_ray import devices
     from mgh_ray.encoder import Encoder
 
     encoder = Encoder.load(model_dir)
+    precision = cfg.precision if cfg.engine == "torch" else "float32"
     worst = 1.0
     with EmbeddingClient(url or base_url(cfg), api_key(cfg)) as client:
         for instruction in (None, PARITY_INSTRUCTION):
-            local = encoder.encode(texts, instruction=instruction)
+            with devices.autocast(precision, encoder, encoder.device)[0]:
+                local = encoder.encode(texts, instruction=instruction)
             served, _ = client.embed(texts, instruction=instruction)
             worst = min(worst, min_cosine(local, served))
     log.info("parity of %d texts (documents and queries): min cosine %.6f", len(texts), worst)

@@ -15,9 +15,9 @@ import ipaddress
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from mgh_ray.config import MAX_COUNT, Section
+from mgh_ray.config import MAX_COUNT, Precision, Section
 
 # A token of the tiny models' BPE/WordPiece vocabularies spans at most a few dozen characters; cutting
 # at this many characters per allowed token never removes a token the model would have read.
@@ -74,6 +74,12 @@ class ServeConfig(Section):
     # CPU, for ~90 s more at a node's first start (vLLM caches the compiled graph); off for the
     # pipeline's short deployments, on for an endpoint that stays up
     vllm_compile: bool = False
+    # how the torch engine computes: float32 (served vectors equal `Encoder.encode`'s, which the pipeline's
+    # parity check asks of an endpoint), or under bfloat16 autocast with float32 weights: "bfloat16", or
+    # "auto" where the device does bf16 natively (this CPU: about half the time a text, cosine >= 0.9998
+    # to float32). Evaluation's replicas take `evaluate.precision`. The vLLM engine has its own dtype
+    # (float32 on CPUs, bfloat16 on GPUs), which "auto" and "float32" leave to it
+    precision: Precision = "float32"
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: num_cpus rounded, at least 1
@@ -83,6 +89,14 @@ class ServeConfig(Section):
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
     deploy_timeout_s: float = Field(300.0, gt=0)
     access_log: bool = False  # Serve's per-request log line in each replica (costs CPU on every request)
+
+    @model_validator(mode="after")
+    def _engine_precision(self) -> ServeConfig:
+        if self.engine == "vllm" and self.precision == "bfloat16":
+            raise ValueError("precision=bfloat16 is the torch engine's autocast; the vLLM engine computes in "
+                             "its own dtype (float32 on CPUs, bfloat16 on GPUs): use engine=torch for "
+                             "bfloat16 on a CPU, or precision=auto")
+        return self
 
     @property
     def threads(self) -> int:

@@ -53,6 +53,8 @@ class TorchEngine:
 
         from mgh_ray.encoder import Encoder
 
+        from mgh_ray import devices
+
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.encoder = Encoder.load(model_dir)
@@ -60,6 +62,10 @@ class TorchEngine:
         self.max_tokens = self.encoder.max_tokens
         param = next(self.encoder.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
+        # `serve.precision`; a fresh context per pass, entered in the pass's own thread (`asyncio.to_thread`):
+        # autocast state is per thread
+        self._autocast = lambda: devices.autocast(cfg.precision, self.encoder, param.device)[0]
+        self.compute = devices.autocast(cfg.precision, self.encoder, param.device)[1]  # for /v1/models
         self.batches, self.recent_batches = 0, deque(maxlen=256)  # sizes of the last forward passes
         self._observe = observe_batch
         self._batched = serve.batch(max_batch_size=cfg.max_batch_size,
@@ -81,15 +87,17 @@ class TorchEngine:
                     stop += 1
                 part = idx[start:stop]
                 try:
-                    vecs = self.encoder.encode([items[k][0] for k in part], instruction=instruction,
-                                               batch_size=len(part))  # (len(part), dim)
+                    with self._autocast():
+                        vecs = self.encoder.encode([items[k][0] for k in part], instruction=instruction,
+                                                   batch_size=len(part))  # (len(part), dim)
                     for k, v in zip(part, vecs):
                         out[k] = v
                 except Exception:  # find the text at fault; the others still get vectors
                     log.exception("a forward pass of %d texts failed; retrying them one by one", len(part))
                     for k in part:
                         try:
-                            out[k] = self.encoder.encode([items[k][0]], instruction=instruction)[0]
+                            with self._autocast():
+                                out[k] = self.encoder.encode([items[k][0]], instruction=instruction)[0]
                         except Exception as exc:
                             out[k] = exc
                 start = stop
@@ -142,6 +150,7 @@ class VllmEngine:
         # vLLM's CUDA build runs there in bfloat16; a CPU replica runs float32 on its own threads
         gpu = cfg.num_gpus > 0
         self.device, self.dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
+        self.compute = "the weights' dtype"  # serve.precision's autocast is the torch engine's (ServeConfig)
         self.cores: list[int] = []
         self._claims: list[int] = []  # lock files held while this replica lives
         if not gpu:

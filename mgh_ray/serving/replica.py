@@ -113,9 +113,10 @@ class Embedder:
         self.pooling = str(self.engine.config.pooling.mode)
         self.max_length = int(self.engine.config.max_length)
         self.max_chars = self.cfg.chars_limit(self.max_length)
-        log.info("replica %s serves %s (rev %s, dim %d, pooling %s, %s engine, %s %s, %d threads)",
-                 self.replica, self.name, self.revision, self.engine.dim, self.pooling, self.engine.kind,
-                 self.engine.device, self.engine.dtype, self.engine.threads())
+        log.info("replica %s serves %s (rev %s, dim %d, pooling %s, %s engine, %s %s, computing in %s, "
+                 "%d threads)", self.replica, self.name, self.revision, self.engine.dim, self.pooling,
+                 self.engine.kind, self.engine.device, self.engine.dtype, self.engine.compute,
+                 self.engine.threads())
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -278,5 +279,6 @@ class Embedder:
         return {"model": self.name, "revision": self.revision, "dim": self.engine.dim,
                 "pooling": self.pooling, "attention": self.engine.config.attention,
                 "engine": self.engine.kind, "device": self.engine.device, "dtype": self.engine.dtype,
+                "compute": self.engine.compute,
                 "max_length": self.max_length, "replica": self.replica,
                 "torch_threads": self.engine.threads(), **self.engine.stats()}
