@@ -226,6 +226,11 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     # arms are only evaluated: no merged / sentence-transformers export for each of them
     base_over = ["train.export=false", *([f"train.steps={ab.steps}"] if ab.steps else [])]
     eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
+    if "precision" not in cfg.evaluate.model_fields_set:
+        # float32 unless asked: bf16 autocast (evaluate.precision's default) moved a tiny model's mean score
+        # by up to 0.004 against float32 (docs/method.md), the size of the differences the arms are read for
+        eval_cfg = eval_cfg.model_copy(update={"precision": "float32"})
+        log.info("ablation: evaluating in float32 (set evaluate.precision to choose)")
     like = pipeline.like_seeds(cfg, eval_cfg.tasks)
     studies = {"pooling": pooling_arms(cfg), "schedule": {arm: schedule_overrides(arm) for arm in ab.schedules}}
     tables: dict[str, pd.DataFrame] = {}

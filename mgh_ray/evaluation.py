@@ -74,9 +74,10 @@ class EvalConfig(Section):
     # the replicas' inference engine (ServeConfig.engine: torch or vllm); None: the serve config's
     engine: Literal["torch", "vllm"] | None = None
     # how the torch engine's replicas compute (ServeConfig.precision): "auto" is bfloat16 autocast where
-    # the replica's device does bf16 natively (this CPU: half the encoding time; a trained tiny model's
-    # scores within the bootstrap intervals of float32's, docs/method.md), float32 weights either way.
-    # Results are kept per precision. `score_in_process` computes in the weights' dtype
+    # the replica's device does bf16 natively (this CPU: 1.7x faster evaluation; the tiny demo's scores
+    # moved by up to 0.013 a task, 0.004 on the mean, docs/benchmarks.md), float32 weights either way.
+    # Results are kept per precision; the ablation uses float32 unless this is set. `score_in_process`
+    # computes in the weights' dtype
     precision: Precision = "auto"
     task_num_cpus: float = Field(0.0, ge=0)  # per Ray task: they mostly wait on replicas, so never block
     # tasks running at once (each a Ray task whose worker process imports mteb, seconds of CPU):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 GPU = ROOT / "jobs" / "configs" / "gpu.yaml"
@@ -254,12 +257,16 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
 
     def finish(job: str, until=lambda: False) -> tuple[str, str]:
         """Wait for the job's end (or `until()`); returns (status, logs). Counts worker nodes meanwhile."""
-        deadline = time.time() + 1200
+        start = time.time()
+        deadline = start + 1200
         while (status := str(client.get_job_status(job).value)) not in TERMINAL and not until():
             assert time.time() < deadline, f"job {job} still {status}"
             most[0] = max(most[0], sum(n["alive"] and not n["head"] for n in cluster.nodes(url, local_cluster.headers())))
             time.sleep(1)
-        return status, client.get_job_logs(job)
+        logs = client.get_job_logs(job)
+        log.info("job %s: %s after %.0f s (%d worker nodes at most so far); %s", job, status, time.time() - start,
+                 most[0], "; ".join(re.findall(r"stage \S+: finished in \d+ s", logs)))
+        return status, logs
 
     before_files = local_files()  # jobs run in the repo (local://): a path written by mistake lands here
     # 1. stopped once the first shard of synthesized rows is in the bucket, then resumed by a new job
@@ -325,6 +332,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
                                  "ablation.tasks=[LeeSTS]", "evaluate.bootstrap=200"))
     assert status == "SUCCEEDED" and "stage synthesize: done earlier" in logs, logs[-4000:]
     assert "stage adapt: running" in logs and "stage pooling:bidirectional-ata-s0: running" in logs, logs[-4000:]
+    assert "ablation: evaluating in float32" in logs  # evaluate.precision unset: the arms' scores in float32
     assert "schedule:curriculum-s0 trains exactly like" in logs and "stage schedule:curriculum" not in logs, \
         logs[-4000:]
     adapted = yaml.safe_load(storage.read_text(storage.join(run.adapter, "adapted.yaml")))
@@ -357,6 +365,7 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
         assert time.time() < gone, "idle worker nodes were not removed"
         time.sleep(3)
+    log.info("idle worker nodes gone %.0f s after the last job", time.time() - gone + 180)
 
 
 def serve_replicas(lc, app: str) -> int:
