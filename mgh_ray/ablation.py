@@ -227,8 +227,8 @@ def run_ablation(cfg) -> dict[str, pd.DataFrame]:
     base_over = ["train.export=false", *([f"train.steps={ab.steps}"] if ab.steps else [])]
     eval_cfg = config.override(cfg.evaluate, [f"tasks={ab.tasks}"]) if ab.tasks else cfg.evaluate
     if "precision" not in cfg.evaluate.model_fields_set:
-        # float32 unless asked: bf16 autocast (evaluate.precision's default) moved a tiny model's mean score
-        # by up to 0.004 against float32 (docs/method.md), the size of the differences the arms are read for
+        # float32 unless asked: bf16 autocast (evaluate.precision's default) moved a tiny model's mean
+        # score by up to 0.004 against float32 (docs/benchmarks.md), the size of the arms' differences
         eval_cfg = eval_cfg.model_copy(update={"precision": "float32"})
         log.info("ablation: evaluating in float32 (set evaluate.precision to choose)")
     like = pipeline.like_seeds(cfg, eval_cfg.tasks)
@@ -306,7 +306,8 @@ def _score(cfg, eval_cfg, like: list[str], study: str, arms: dict[str, list[str]
     out_dir = root / "evaluate"
     table_scores = evaluation.evaluate(eval_cfg, folders, out_dir, cfg.serve, like_seeds=like)
     per_model = {row: table_scores[names[row]] for row in models}
-    boots = {names[row]: evaluation.bootstraps(out_dir, names[row], evaluation.result_revision(eval_cfg, m), eval_cfg.tasks)
+    boots = {names[row]: evaluation.bootstraps(out_dir, names[row], evaluation.result_revision(eval_cfg, m),
+                                               eval_cfg.tasks)
              for row, m in models.items()}
     table = summarize(per_model, list(arms), ab.seeds, untrained=list(untrained))
     rows = {**{u: [names[u]] for u in untrained},

@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # mteb loads where tasks run, not where configs are read
     from mgh_ray.mteb_adapters import MtebAdapter
 
 log = logging.getLogger(__name__)
+# what precision=auto means, in report.md
+AUTO_NOTE = " (bfloat16 autocast where the device does bf16 natively)"
 
 class EvalConfig(Section):
     """Which tasks, how big, and how the work spreads over the cluster.
@@ -360,8 +362,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, Path], out_dir: Path,
     note = (f"{len(cfg.tasks)} offline tasks, max_rows={cfg.max_rows}{f' ({sizes})' if sizes else ''}, "
             f"seed={cfg.seed}, truncation={cfg.truncation} (texts longer than the model's token limit are "
             f"{'cut there' if cfg.truncation == 'truncate' else 'an error'}), precision={cfg.precision}"
-            f"{' (bfloat16 autocast where the device does bf16 natively)' if cfg.precision == 'auto' else ''}; "
-            f"{time.perf_counter() - start:.0f} s.")
+            f"{AUTO_NOTE if cfg.precision == 'auto' else ''}; {time.perf_counter() - start:.0f} s.")
     if MEAN_LIKE in table.index:
         like = ", ".join(t for t in cfg.tasks if t in like_seeds)
         note += f" Shaped like the training seeds (held out of the same corpora): {like}; the rest are unlike them."

@@ -264,8 +264,8 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
             most[0] = max(most[0], sum(n["alive"] and not n["head"] for n in cluster.nodes(url, local_cluster.headers())))
             time.sleep(1)
         logs = client.get_job_logs(job)
-        log.info("job %s: %s after %.0f s (%d worker nodes at most so far); %s", job, status, time.time() - start,
-                 most[0], "; ".join(re.findall(r"stage \S+: finished in \d+ s", logs)))
+        log.info("job %s: %s after %.0f s (%d worker nodes at most so far); %s", job, status,
+                 time.time() - start, most[0], "; ".join(re.findall(r"stage \S+: finished in \d+ s", logs)))
         return status, logs
 
     before_files = local_files()  # jobs run in the repo (local://): a path written by mistake lands here

@@ -148,7 +148,8 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     # the default precision: bf16 autocast here, its results kept apart from float32's (not reused for them)
     auto = cfg.model_copy(update={"precision": "auto", "tasks": ["LeeSTS"]})
     results, _, revision = evaluation.evaluate_model(auto, "minilm", minilm_dir, out, serve_cfg)
-    assert revision == f"{folder.name}-auto" and (out / "results" / "mgh-ray__minilm" / revision / "LeeSTS.json").is_file()
+    assert revision == f"{folder.name}-auto"
+    assert (out / "results" / "mgh-ray__minilm" / revision / "LeeSTS.json").is_file()
     assert results["LeeSTS"].get_score() == pytest.approx(local["LeeSTS"], abs=0.02)
 
 

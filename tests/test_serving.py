@@ -313,7 +313,8 @@ def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smoll
     finally:
         serving.undeploy(f"test-{mode}")
     if attention == "causal":  # serve.precision=bfloat16 (evaluation's "auto" on this CPU): another number
-        bf16 = cfg.model_copy(update={"app_name": "test-bf16", "route_prefix": "/bf16", "precision": "bfloat16"})
+        bf16 = cfg.model_copy(update={"app_name": "test-bf16", "route_prefix": "/bf16",
+                                      "precision": "bfloat16"})
         url = serving.deploy(bf16, folder)
         try:
             card = httpx.get(f"{url}/v1/models", timeout=60, trust_env=False).json()["data"][0]
@@ -322,8 +323,10 @@ def test_smollm2_parity_with_a_perturbed_adapter(served, tmp_path_factory, smoll
                 f"{url}/v1/embeddings", json={"input": texts, "encoding_format": "base64"}, timeout=120,
                 trust_env=False).json()["data"][1]["embedding"])
             f32 = Encoder.load(folder).encode(texts)[1]
-            assert 0.999 <= float(served_vec @ f32) and np.abs(served_vec - f32).max() > 1e-4  # bf16 arithmetic
-            assert serving.check_parity(bf16, folder, texts) >= 0.999  # against in-process under the same autocast
+            # bf16 arithmetic: close to float32's vector, not equal to it
+            assert 0.999 <= float(served_vec @ f32) and np.abs(served_vec - f32).max() > 1e-4
+            # against in-process under the same autocast
+            assert serving.check_parity(bf16, folder, texts) >= 0.999
         finally:
             serving.undeploy("test-bf16")
 

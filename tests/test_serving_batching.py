@@ -25,7 +25,8 @@ def _forward(encoder, items, **cfg):
 
     from mgh_ray.serving.engines import TorchEngine
 
-    engine = SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg), _autocast=contextlib.nullcontext)
+    engine = SimpleNamespace(encoder=encoder, cfg=serving.ServeConfig(**cfg),
+                             _autocast=contextlib.nullcontext)
     return TorchEngine._forward(engine, items)
 
 

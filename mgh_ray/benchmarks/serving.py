@@ -156,8 +156,9 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
             finally:
                 serving.undeploy(app)
             walls[engine, replicas] = time.perf_counter() - t1
-            what = (f"{engine} engine, {replicas} replica(s), {len(eval_cfg.tasks)} tasks, max_rows={eval_cfg.max_rows}, "
-                    f"precision {ecfg.precision if engine == 'torch' else 'float32 (vLLM on CPU)'}")
+            precision = ecfg.precision if engine == "torch" else "float32 (vLLM on CPU)"
+            what = (f"{engine} engine, {replicas} replica(s), {len(eval_cfg.tasks)} tasks, "
+                    f"max_rows={eval_cfg.max_rows}, precision {precision}")
             rows += [(f"deploy time, {engine} engine, {replicas} replica(s)", t1 - t0, "s"),
                      (f"evaluation wall time (deployed), {what}", walls[engine, replicas], "s")]
     for engine in bench.eval_engines:

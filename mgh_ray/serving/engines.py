@@ -51,9 +51,8 @@ class TorchEngine:
         import torch
         from ray import serve
 
-        from mgh_ray.encoder import Encoder
-
         from mgh_ray import devices
+        from mgh_ray.encoder import Encoder
 
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -65,7 +64,7 @@ class TorchEngine:
         # `serve.precision`; a fresh context per pass, entered in the pass's own thread (`asyncio.to_thread`):
         # autocast state is per thread
         self._autocast = lambda: devices.autocast(cfg.precision, self.encoder, param.device)[0]
-        self.compute = devices.autocast(cfg.precision, self.encoder, param.device)[1]  # for /v1/models
+        _, self.compute = devices.autocast(cfg.precision, self.encoder, param.device)  # for /v1/models
         self.batches, self.recent_batches = 0, deque(maxlen=256)  # sizes of the last forward passes
         self._observe = observe_batch
         self._batched = serve.batch(max_batch_size=cfg.max_batch_size,
