@@ -22,8 +22,10 @@ module imports neither ray nor CUDA.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -134,11 +136,20 @@ def bf16_native(dev: torch.device | str) -> bool:
         return False
 
 
+def autocast_maker(precision: str, model: torch.nn.Module, dev: torch.device | str
+                   ) -> tuple[Callable[[], torch.autocast], str]:
+    """What `autocast` returns, with a maker of fresh contexts instead of one context: for code that
+    enters one per forward pass, possibly in another thread each time (autocast state is per thread)."""
+    weights = next(model.parameters()).dtype
+    dt = pick_autocast(precision, weights, bf16_native=bf16_native(dev))
+    make = functools.partial(torch.autocast, torch.device(dev).type, dtype=dt or torch.bfloat16,
+                             enabled=dt is not None)
+    return make, f"{str(dt).removeprefix('torch.')} autocast" if dt is not None else "the weights' dtype"
+
+
 def autocast(precision: str, model: torch.nn.Module, dev: torch.device | str) -> tuple[torch.autocast, str]:
     """The autocast context a forward of `model` on `dev` runs in (disabled, a no-op, where
     `pick_autocast` chooses none) and what it computes in, for logs and metrics ("bfloat16 autocast"
     or "the weights' dtype")."""
-    weights = next(model.parameters()).dtype
-    dt = pick_autocast(precision, weights, bf16_native=bf16_native(dev))
-    amp = torch.autocast(torch.device(dev).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
-    return amp, f"{str(dt).removeprefix('torch.')} autocast" if dt is not None else "the weights' dtype"
+    make, label = autocast_maker(precision, model, dev)
+    return make(), label

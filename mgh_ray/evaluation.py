@@ -199,8 +199,7 @@ def eval_serve_config(cfg: EvalConfig, serve_cfg: ServeConfig) -> ServeConfig:
         update["truncation"] = cfg.truncation
     if cfg.engine is not None:
         update["engine"] = cfg.engine
-    if "precision" in type(serve_cfg).model_fields:
-        update["precision"] = cfg.precision
+    update["precision"] = cfg.precision
     # validated as a whole: precision=bfloat16 on the vLLM engine is refused, naming the fix
     return type(serve_cfg).model_validate({**serve_cfg.model_dump(), **update})
 

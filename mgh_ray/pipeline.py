@@ -297,8 +297,8 @@ def serve(cfg: PipelineConfig, model_dir: str | None = None, keep: bool = False)
     info = {"url": url, "model": str(model_dir), "parity_min_cosine": cos, "kept_running": keep}
     storage.write_text(run.serve_info, json.dumps(info, indent=1))
     save_config(cfg.serve, run.serve)
-    if cos < 0.9999:
-        raise RuntimeError(f"served vectors differ from in-process ones (min cosine {cos:.6f} < 0.9999)")
+    if cos < (floor := serving.parity_floor(cfg.serve)):
+        raise RuntimeError(f"served vectors differ from in-process ones (min cosine {cos:.6f} < {floor})")
     return info
 
 

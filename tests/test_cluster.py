@@ -361,11 +361,12 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
 
     launched = [n for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]]
     assert most[0] >= 1 and {n["kind"] for n in launched} == {"cpu_worker"}  # started from zero for the work
-    gone = time.time() + 180  # idle timeout 30 s, then the autoscaler's next pass
+    last_job = time.time()
     while any(n["alive"] for n in cluster.nodes(url, local_cluster.headers()) if not n["head"]):
-        assert time.time() < gone, "idle worker nodes were not removed"
+        # idle timeout 30 s, then the autoscaler's next pass
+        assert time.time() < last_job + 180, "idle worker nodes were not removed"
         time.sleep(3)
-    log.info("idle worker nodes gone %.0f s after the last job", time.time() - gone + 180)
+    log.info("idle worker nodes gone %.0f s after the last job", time.time() - last_job)
 
 
 def serve_replicas(lc, app: str) -> int:

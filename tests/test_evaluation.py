@@ -82,6 +82,10 @@ def test_evaluation_replicas_compute_in_the_evaluations_precision(tmp_path):
         evaluation.eval_serve_config(evaluation.EvalConfig(engine="vllm", precision="bfloat16"), serve_cfg)
     with pytest.raises(ValueError, match="use engine=torch"):
         serving.ServeConfig(engine="vllm", precision="bfloat16")
+    # the serve stage's parity gate: exact arithmetic unless the torch engine computes under autocast
+    assert serving.parity_floor(serve_cfg) == 0.9999
+    assert serving.parity_floor(serve_cfg.model_copy(update={"precision": "auto"})) == 0.999
+    assert serving.parity_floor(serving.ServeConfig(engine="vllm", precision="auto")) == 0.9999
     (tmp_path / "encoder.yaml").write_text("backbone: minilm\n")
     revision = serving.model_revision(tmp_path)
     assert evaluation.result_revision(evaluation.EvalConfig(precision="float32"), tmp_path) == revision

@@ -156,7 +156,7 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
             finally:
                 serving.undeploy(app)
             walls[engine, replicas] = time.perf_counter() - t1
-            precision = ecfg.precision if engine == "torch" else "float32 (vLLM on CPU)"
+            precision = ecfg.precision if engine == "torch" else "the vLLM engine's dtype"
             what = (f"{engine} engine, {replicas} replica(s), {len(eval_cfg.tasks)} tasks, "
                     f"max_rows={eval_cfg.max_rows}, precision {precision}")
             rows += [(f"deploy time, {engine} engine, {replicas} replica(s)", t1 - t0, "s"),

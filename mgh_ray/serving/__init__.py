@@ -34,7 +34,7 @@ by Serve's controller; clients should retry refused connections.
 """
 
 from mgh_ray.serving.app import ServeArgs, application, build_app, deploy, start_app, undeploy, wait_running
-from mgh_ray.serving.client import PARITY_INSTRUCTION, EmbeddingClient, check_parity, min_cosine
+from mgh_ray.serving.client import PARITY_INSTRUCTION, EmbeddingClient, check_parity, min_cosine, parity_floor
 from mgh_ray.serving.config import (
            CLUSTER_ENV,
            AutoscalingSection,
@@ -62,5 +62,5 @@ __all__ = ["PARITY_INSTRUCTION", "AutoscalingSection", "EmbeddingClient", "Embed
            "EmbeddingResponse", "RequestError", "ServeArgs", "ServeConfig", "CLUSTER_ENV", "api_key",
            "application", "apply_cluster_env",
            "base_url", "build_app", "check_parity", "check_public", "decode_b64", "deploy", "encode_b64",
-           "is_loopback", "min_cosine", "model_revision", "parse_request", "served_name",
+           "is_loopback", "min_cosine", "parity_floor", "model_revision", "parse_request", "served_name",
            "serving_until_signal", "shorten", "start_app", "undeploy", "wait_running"]

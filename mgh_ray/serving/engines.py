@@ -61,10 +61,9 @@ class TorchEngine:
         self.max_tokens = self.encoder.max_tokens
         param = next(self.encoder.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
-        # `serve.precision`; a fresh context per pass, entered in the pass's own thread (`asyncio.to_thread`):
-        # autocast state is per thread
-        self._autocast = lambda: devices.autocast(cfg.precision, self.encoder, param.device)[0]
-        _, self.compute = devices.autocast(cfg.precision, self.encoder, param.device)  # for /v1/models
+        # `serve.precision`, decided once; a fresh context per pass, entered in the pass's own thread
+        # (`asyncio.to_thread`). `compute` goes into /v1/models
+        self._autocast, self.compute = devices.autocast_maker(cfg.precision, self.encoder, param.device)
         self.batches, self.recent_batches = 0, deque(maxlen=256)  # sizes of the last forward passes
         self._observe = observe_batch
         self._batched = serve.batch(max_batch_size=cfg.max_batch_size,
