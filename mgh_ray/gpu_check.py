@@ -13,6 +13,11 @@ speed, memory and CPU-vs-GPU parity, not for quality. Checks, each a row of the 
              peak memory (torch.cuda.max_memory_allocated; RSS on CPU) and time
 4. encode    texts/s of Encoder.encode, ATA vs mean pooling, same texts
 5. parity    the same weights on the CPU (float32) and the device (its dtype): cosine >= 0.999
+6. pooler    the vLLM engine's pooler (`vllm_model.pool_sequence`, ATA) on the device, per whole prompt
+             as vLLM's flat batch hands it over, against `Encoder.encode` on the CPU in float32:
+             cosine >= 0.9999 with the device in float32, >= 0.999 in its dtype. vLLM is not on the
+             GPU image, so the probe layer's queries and keys come from the encoder's own projection
+             (`AttentionProbe.project`), which the vLLM model's forward mirrors with vLLM's layers
 
     make gpu-check-inputs        # here: SmolLM2's config + tokenizer, pydantic wheels (runs/gpu_check_inputs)
     make gpu-check               # on the GPU machine (see the Makefile for the device call)
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgh_ray import devices
+from mgh_ray import attention, devices, vllm_model
 from mgh_ray.benchmarks import pooling as pooling_bench
 from mgh_ray.encoder import Encoder, EncoderConfig, LoraConfig
 from mgh_ray.losses import InfoNCE, LossConfig
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 INPUT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja")
 MIN_COSINE = 0.999
+MIN_COSINE_FP32 = 0.9999  # the vLLM engine's parity goal, float32 on both sides
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,53 @@ def check_parity(backbone: Path, dev: torch.device, sizes: Sizes) -> dict[str, A
     return out
 
 
+@torch.no_grad()
+def pooled_like_vllm(enc: Encoder, docs: list[str], instruction: str | None) -> np.ndarray:
+    """(n, dim) vectors from `vllm_model.pool_sequence`, fed as the vLLM engine feeds it: each text's token
+    ids unpadded (`token_ids`: the same tokens and prefix count the engine sends), positions 0..n-1, the
+    final states and the probe layer's q/k flattened to (seq, heads * head_dim)."""
+    index = enc.config.pooling.layer % enc.num_layers
+    probe = attention.probe_for(enc.base_model, index, enc.causal)
+    out = []
+    for ids, prefix in enc.inputs.token_ids(docs, instruction):
+        n = len(ids)
+        input_ids = torch.tensor([ids], device=enc.device)  # (1, seq)
+        mask = torch.ones_like(input_ids)
+        positions = torch.arange(n, device=enc.device)[None]  # (1, seq)
+        res = enc.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           output_hidden_states=True, return_dict=True)
+        q, k = probe.project(res.hidden_states[index], mask, positions)  # (1, heads|kv_heads, seq, d)
+        flat_q = q[0].transpose(0, 1).reshape(n, -1)  # (seq, heads * d), vLLM's layout
+        flat_k = k[0].transpose(0, 1).reshape(n, -1)
+        out.append(vllm_model.pool_sequence(enc.config, res.last_hidden_state[0], flat_q, flat_k, prefix,
+                                            probe.heads, probe.kv_heads, probe.head_dim))
+    return torch.stack(out).cpu().numpy()
+
+
+def check_pooler(backbone: Path, dev: torch.device, sizes: Sizes) -> dict[str, Any]:
+    """The vLLM pooler's ATA path on `dev`, float32 and the device's dtype, against the CPU's float32
+    `Encoder.encode` on the same weights, for documents and for queries (whose instruction is not pooled)."""
+    docs = texts(sizes.parity_texts, sizes.encode_len // 2, 11)
+    dtype = "auto" if dev.type == "cuda" else "bfloat16"
+    cfg = _encoder_cfg(backbone, sizes.encode_len, "ata", dtype)
+    out: dict[str, Any] = {"texts": len(docs)}
+    for name, instruction in (("documents", None), ("queries", "Retrieve the passage")):
+        torch.manual_seed(0)
+        ref = Encoder.from_config(cfg.model_copy(update={"dtype": "float32"}), device="cpu").encode(
+            docs, instruction=instruction)
+        for label, run_dtype in (("float32", "float32"), ("dtype", dtype)):
+            torch.manual_seed(0)  # the same (no-op) fresh LoRA as the reference
+            there = Encoder.from_config(cfg.model_copy(update={"dtype": run_dtype}), device=dev)
+            got = pooled_like_vllm(there, docs, instruction)
+            out[f"{label}_name"] = str(there.base_model.dtype).removeprefix("torch.")
+            del there
+            out[f"{name}_{label}_min_cosine"] = float((ref * got).sum(-1).min())
+    out["float32_min_cosine"] = min(out["documents_float32_min_cosine"], out["queries_float32_min_cosine"])
+    out["dtype_min_cosine"] = min(out["documents_dtype_min_cosine"], out["queries_dtype_min_cosine"])
+    out["ok"] = bool(out["float32_min_cosine"] >= MIN_COSINE_FP32 and out["dtype_min_cosine"] >= MIN_COSINE)
+    return out
+
+
 def run(inputs: Path, out_dir: Path, device: str = "auto", tiny: bool = False) -> dict[str, Any]:
     """All checks; writes gpu_check.json in out_dir and returns it (`ok` per check and overall)."""
     dev = devices.device(device)
@@ -215,7 +268,8 @@ def run(inputs: Path, out_dir: Path, device: str = "auto", tiny: bool = False) -
     for name, fn in (("train", lambda: check_train_step(backbone, dev, sizes)),
                      ("ata_mem", lambda: check_ata_memory(dev, sizes)),
                      ("encode", lambda: check_encode(backbone, dev, sizes)),
-                     ("parity", lambda: check_parity(backbone, dev, sizes))):
+                     ("parity", lambda: check_parity(backbone, dev, sizes)),
+                     ("pooler", lambda: check_pooler(backbone, dev, sizes))):
         t0 = time.perf_counter()
         try:
             report[name] = fn()
@@ -233,7 +287,7 @@ def run(inputs: Path, out_dir: Path, device: str = "auto", tiny: bool = False) -
 
 def table(report: dict[str, Any]) -> str:
     """The report as a markdown table (one line per figure)."""
-    e, t, m, c, p = (report.get(k, {}) for k in ("encoder", "train", "ata_mem", "encode", "parity"))
+    e, t, m, c, p, v = (report.get(k, {}) for k in ("encoder", "train", "ata_mem", "encode", "parity", "pooler"))
     lines = [f"GPU check on {report.get('gpu', report['device'])} (torch {report['torch']}, "
              f"{report['date']}{', tiny sizes' if report['tiny'] else ''})", "",
              "| check | figure | ok |", "|---|---|---|",
@@ -258,7 +312,11 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"| parity CPU fp32 vs {report['device']} {p['documents_dtype']} | min cosine "
                      f"{p['documents_min_cosine']:.5f} (documents), {p['queries_min_cosine']:.5f} (queries) "
                      f"| {p['ok']} |")
-    for name in ("train", "ata_mem", "encode", "parity"):
+    if "float32_min_cosine" in v:
+        lines.append(f"| vLLM pooler (ATA) on {report['device']} vs CPU fp32 Encoder | min cosine "
+                     f"{v['float32_min_cosine']:.6f} in {v['float32_name']}, {v['dtype_min_cosine']:.5f} in "
+                     f"{v['dtype_name']} (documents and queries, {v['texts']} texts) | {v['ok']} |")
+    for name in ("train", "ata_mem", "encode", "parity", "pooler"):
         if "error" in report.get(name, {}):
             lines.append(f"| {name} | {report[name]['error'][:200]} | False |")
     lines.append(f"\nall ok: {report['ok']}")

@@ -30,12 +30,47 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mgh_ray import attention, pooling
+
+if TYPE_CHECKING:
+    from mgh_ray.encoder import EncoderConfig
 
 ARCH = "MghRayEncoder"  # the architecture name an export writes into config.json
 CONFIG_FILE = "mgh_ray_encoder.yaml"  # the encoder's resolved config, beside the merged weights
 
 log = logging.getLogger(__name__)
+
+
+def pool_sequence(cfg: EncoderConfig, h: torch.Tensor, q: torch.Tensor | None, k: torch.Tensor | None,
+                  prefix_len: int, heads: int, kv_heads: int, head_dim: int,
+                  normalize: bool = True) -> torch.Tensor:
+    """One whole prompt's vector, as the pooler computes it in vLLM's flat batch: `pooling.pool` over the
+    sequence's final states `h` (seq, hidden), ATA weighing tokens by the probe layer's received attention
+    from its queries `q` (seq, heads * head_dim) and keys `k` (seq, kv_heads * head_dim), the first
+    `prefix_len` tokens (the template's prefix) left out, then L2 normalisation where the encoder
+    normalises. Pure torch (no vLLM), so the GPU check runs this very function. Returns (hidden,) float32."""
+    pcfg = cfg.pooling
+    causal = cfg.attention != "bidirectional"
+    n = h.shape[0]
+    mask = torch.ones(1, n, dtype=torch.long, device=h.device)  # (1, seq): one whole prompt
+    pool_mask = pooling.prefix_mask(mask, torch.tensor([prefix_len], device=h.device)) if prefix_len else None
+    if pool_mask is not None and not pool_mask.any():
+        pool_mask = None  # a text cut away by truncation: the whole sequence, as Encoder does
+    if pcfg.mode == "last" and pcfg.last_token == "text" and cfg.append_eos:
+        pool_mask = pooling.without_final(mask if pool_mask is None else pool_mask)
+    received = None
+    if pcfg.mode == "ata":
+        qh = q.float().view(n, heads, head_dim).transpose(0, 1)[None]  # (1, heads, seq, d)
+        kh = k.float().view(n, kv_heads, head_dim).transpose(0, 1)[None]  # (1, kv_heads, seq, d)
+        received = attention.received_from_qk(qh, kh, mask, causal, pcfg.causal_norm,
+                                              pcfg.ata_chunk_mb)  # (1, seq)
+    vec = pooling.pool(pcfg, h.float()[None], mask, pool_mask, None, causal, received=received)[0]  # (hidden,)
+    return F.normalize(vec, dim=-1) if cfg.normalize and normalize else vec
 
 
 def register() -> None:
@@ -48,7 +83,7 @@ def register() -> None:
 
 def __getattr__(name: str) -> Any:
     # the classes subclass vLLM's and are built on first use, so importing this module (the plugin
-    # entry point does, in every vLLM process) costs nothing before vLLM asks for the model
+    # entry point does, in every vLLM process; the GPU check does, without vLLM) imports no vLLM
     if name in ("MghRayEncoder", "EncoderPooler"):
         model_cls, pooler_cls = _build()
         globals().update(MghRayEncoder=model_cls, EncoderPooler=pooler_cls)
@@ -57,14 +92,11 @@ def __getattr__(name: str) -> Any:
 
 
 def _build() -> tuple[type, type]:
-    import torch
-    import torch.nn.functional as F
     from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
     from vllm.model_executor.models.adapters import as_embedding_model
     from vllm.model_executor.models.interfaces_base import default_pooling_type
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
-    from mgh_ray import attention, pooling
     from mgh_ray import config as config_io
     from mgh_ray.encoder import EncoderConfig
 
@@ -76,8 +108,6 @@ def _build() -> tuple[type, type]:
             super().__init__()
             self.cfg, self.pcfg = cfg, cfg.pooling
             self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
-            self.causal = cfg.attention != "bidirectional"
-            self.eos_appended = cfg.append_eos
 
         def get_supported_tasks(self) -> set[str]:
             return {"embed"}
@@ -100,25 +130,11 @@ def _build() -> tuple[type, type]:
             out = []
             for h, q, k, params in zip(states.split(lens), q_all.split(lens), k_all.split(lens),
                                        pooling_metadata.pooling_params, strict=True):
-                n = h.shape[0]
-                mask = torch.ones(1, n, dtype=torch.long, device=h.device)  # (1, seq): one whole prompt
-                prefix = int(((params.extra_kwargs or {}) if params is not None else {}).get("prefix_len", 0))
-                pool_mask = pooling.prefix_mask(mask, torch.tensor([prefix], device=h.device)) if prefix else None
-                if pool_mask is not None and not pool_mask.any():
-                    pool_mask = None  # a text cut away by truncation: the whole sequence, as Encoder does
-                if self.pcfg.mode == "last" and self.pcfg.last_token == "text" and self.eos_appended:
-                    pool_mask = pooling.without_final(mask if pool_mask is None else pool_mask)
-                received = None
-                if ata:
-                    qh = q.float().view(n, self.heads, self.head_dim).transpose(0, 1)[None]  # (1, heads, seq, d)
-                    kh = k.float().view(n, self.kv_heads, self.head_dim).transpose(0, 1)[None]  # (1, kv, seq, d)
-                    received = attention.received_from_qk(qh, kh, mask, self.causal, self.pcfg.causal_norm,
-                                                          self.pcfg.ata_chunk_mb)  # (1, seq)
-                vec = pooling.pool(self.pcfg, h.float()[None], mask, pool_mask, None, self.causal,
-                                   received=received)[0]  # (dim,)
-                if self.cfg.normalize and (params is None or params.use_activation is not False):
-                    vec = F.normalize(vec, dim=-1)
-                out.append(vec)
+                extra = (params.extra_kwargs or {}) if params is not None else {}
+                normalize = params is None or params.use_activation is not False
+                out.append(pool_sequence(self.cfg, h, q if ata else None, k if ata else None,
+                                         int(extra.get("prefix_len", 0)), self.heads, self.kv_heads,
+                                         self.head_dim, normalize))
             return out
 
     @default_pooling_type(seq_pooling_type="MEAN")  # vLLM then keeps chunked prefill and prefix caching off
