@@ -287,7 +287,8 @@ def run(inputs: Path, out_dir: Path, device: str = "auto", tiny: bool = False) -
 
 def table(report: dict[str, Any]) -> str:
     """The report as a markdown table (one line per figure)."""
-    e, t, m, c, p, v = (report.get(k, {}) for k in ("encoder", "train", "ata_mem", "encode", "parity", "pooler"))
+    names = ("encoder", "train", "ata_mem", "encode", "parity", "pooler")
+    e, t, m, c, p, v = (report.get(k, {}) for k in names)
     lines = [f"GPU check on {report.get('gpu', report['device'])} (torch {report['torch']}, "
              f"{report['date']}{', tiny sizes' if report['tiny'] else ''})", "",
              "| check | figure | ok |", "|---|---|---|",
@@ -316,7 +317,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"| vLLM pooler (ATA) on {report['device']} vs CPU fp32 Encoder | min cosine "
                      f"{v['float32_min_cosine']:.6f} in {v['float32_name']}, {v['dtype_min_cosine']:.5f} in "
                      f"{v['dtype_name']} (documents and queries, {v['texts']} texts) | {v['ok']} |")
-    for name in ("train", "ata_mem", "encode", "parity", "pooler"):
+    for name in names[1:]:
         if "error" in report.get(name, {}):
             lines.append(f"| {name} | {report[name]['error'][:200]} | False |")
     lines.append(f"\nall ok: {report['ok']}")

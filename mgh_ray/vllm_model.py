@@ -69,7 +69,8 @@ def pool_sequence(cfg: EncoderConfig, h: torch.Tensor, q: torch.Tensor | None, k
         kh = k.float().view(n, kv_heads, head_dim).transpose(0, 1)[None]  # (1, kv_heads, seq, d)
         received = attention.received_from_qk(qh, kh, mask, causal, pcfg.causal_norm,
                                               pcfg.ata_chunk_mb)  # (1, seq)
-    vec = pooling.pool(pcfg, h.float()[None], mask, pool_mask, None, causal, received=received)[0]  # (hidden,)
+    vec = pooling.pool(pcfg, h.float()[None], mask, pool_mask, None, causal,
+                       received=received)[0]  # (hidden,)
     return F.normalize(vec, dim=-1) if cfg.normalize and normalize else vec
 
 
