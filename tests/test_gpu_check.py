@@ -36,9 +36,9 @@ def test_gpu_check_runs_on_cpu_without_ray(smollm2_path, tmp_path):
     assert report["parity"]["documents_dtype"] == "bfloat16"
     assert report["parity"]["documents_min_cosine"] >= gpu_check.MIN_COSINE
     pooler = report["pooler"]  # the vLLM engine's pooler function, fed as vLLM feeds it
-    assert pooler["float32_name"] == "float32" and pooler["dtype_name"] == "bfloat16"
+    assert pooler["float32_dtype"] == "float32" and pooler["native_dtype"] == "bfloat16"
     assert pooler["float32_min_cosine"] >= gpu_check.MIN_COSINE_FP32
-    assert pooler["dtype_min_cosine"] >= gpu_check.MIN_COSINE
+    assert pooler["native_min_cosine"] >= gpu_check.MIN_COSINE
     assert report["encode"]["ata_texts_per_s"] > 0 and report["encode"]["mean_texts_per_s"] > 0
 
 
