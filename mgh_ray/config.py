@@ -29,6 +29,9 @@ MAX_COUNT = 1024
 # (float32 weights; training keeps optimizer state and the loss in float32) or in the weights' own
 # dtype; "auto": bfloat16 where the device does bf16 arithmetic natively (devices.pick_autocast)
 Precision = Literal["auto", "float32", "bfloat16"]
+# a model's weights (an encoder, a vLLM engine); what "auto" means depends on where the model loads
+# (devices.pick_dtype for an encoder, devices.pick_engine_dtype for a vLLM engine)
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ConfigError(ValueError):

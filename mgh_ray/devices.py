@@ -26,15 +26,13 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-from mgh_ray.config import Precision  # noqa: F401  (the precision a forward computes in)
+from mgh_ray.config import DTypeName, Precision  # noqa: F401  (the weights' dtype, what a forward computes in)
 
 log = logging.getLogger(__name__)
 
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,6 +132,28 @@ def bf16_native(dev: torch.device | str) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return False
+
+
+def pick_engine_dtype(configured: str, *, cuda: bool, bf16_native: bool) -> str:
+    """The dtype to hand a vLLM engine for a configured one.
+
+    "auto": vLLM's own choice on a GPU (the model's dtype); on a CPU, bfloat16 only where it does bf16
+    arithmetic natively (AVX512-BF16 or AMX: 1.6x float32's tokens/s there), else float32. Without
+    it vLLM's CPU kernels emulate bf16: on an AVX2-only AMD EPYC (2026-12-04) SmolLM2's decode steps
+    took over a minute each. An explicit dtype is honoured, even if emulated."""
+    if configured != "auto":
+        if configured not in DTYPES:
+            raise ValueError(f"unknown dtype {configured!r}; use one of auto, {', '.join(DTYPES)}")
+        return configured
+    if cuda:
+        return "auto"
+    return "bfloat16" if bf16_native else "float32"
+
+
+def engine_dtype(configured: str) -> str:
+    """`pick_engine_dtype` on this machine (call it where the engine runs: the actor's node)."""
+    cuda = torch.cuda.is_available()
+    return pick_engine_dtype(configured, cuda=cuda, bf16_native=not cuda and bf16_native("cpu"))
 
 
 def autocast_maker(precision: str, model: torch.nn.Module, dev: torch.device | str

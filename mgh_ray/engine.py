@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 import weakref
 from typing import Any
@@ -22,7 +23,9 @@ import pandas as pd
 from pydantic import Field
 
 from mgh_ray import parsing, prompts
-from mgh_ray.config import Section
+from mgh_ray.config import DTypeName, Section
+
+log = logging.getLogger(__name__)
 
 
 def sampling_seed(cfg: Any, rid: str, step: str, attempt: int) -> int:
@@ -38,8 +41,9 @@ class EngineConfig(Section):
     max_input_chars: int = Field(500, ge=1, strict=True)  # query/positive are clipped to this in prompts (longer hurt SmolLM2)
     # engine (one vLLM engine per actor)
     model: str = "smollm2"  # assets name, local folder, or hub id on a cluster
-    # bfloat16: 1.6x float32 on this CPU (AMX/avx512_bf16); use float32 on CPUs without bf16 support
-    dtype: str = "bfloat16"
+    # auto: bfloat16 on a CPU with bf16 arithmetic (AVX512-BF16/AMX; 1.6x float32 there) and float32 on
+    # one without (emulated bf16 is unusable there), vLLM's choice on a GPU (devices.engine_dtype)
+    dtype: DTypeName = "auto"
     max_model_len: int = Field(2048, ge=1, strict=True)
     max_num_seqs: int = Field(64, ge=1, strict=True)
     max_num_batched_tokens: int | None = Field(8192, ge=1, strict=True)
@@ -78,12 +82,18 @@ class Generator:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.config import StructuredOutputsConfig
 
+        from mgh_ray import devices, logs  # torch: on the actor, not where configs are read
+
+        logs.setup()  # this actor's lines (the dtype chosen) reach the driver's output
+
         # the engine's own fields of the synthesis config it is given
         self.cfg = EngineConfig.model_validate({k: v for k, v in cfg.items() if k in EngineConfig.model_fields})
         self.ps = prompts.load(self.cfg.prompt_version)
         c = self.cfg
+        dtype = devices.engine_dtype(c.dtype)
+        log.info("vLLM engine for %s in %s (synthesis.dtype=%s)", c.model, dtype, c.dtype)
         kwargs: dict[str, Any] = dict(
-            model=model_path, dtype=c.dtype, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
+            model=model_path, dtype=dtype, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
             gpu_memory_utilization=c.gpu_memory_utilization, enforce_eager=c.enforce_eager,
             enable_chunked_prefill=c.enable_chunked_prefill, seed=c.seed, disable_log_stats=True)
         if c.max_num_batched_tokens:

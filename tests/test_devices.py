@@ -56,6 +56,25 @@ def test_unknown_dtype_is_named():
         pick_dtype("fp8", "cpu", bf16_supported=True)
 
 
+@pytest.mark.parametrize("configured,cuda,native,want", [
+    ("auto", False, True, "bfloat16"),  # a CPU with AVX512-BF16/AMX
+    ("auto", False, False, "float32"),  # an AVX2-only CPU: vLLM would emulate bf16
+    ("auto", True, True, "auto"),  # a GPU: vLLM's own choice (the model's dtype)
+    ("bfloat16", False, False, "bfloat16"),  # asked for: honoured, even if emulated
+    ("float32", True, True, "float32"),
+])
+def test_engine_dtype_choice(configured, cuda, native, want):
+    assert devices.pick_engine_dtype(configured, cuda=cuda, bf16_native=native) == want
+
+
+def test_an_unknown_engine_dtype_is_refused_in_the_config():
+    from mgh_ray.config import ConfigError
+    from mgh_ray.synthesis import SynthesisConfig
+
+    with pytest.raises((ConfigError, ValueError), match="dtype"):
+        SynthesisConfig(dtype="fp8")
+
+
 @pytest.mark.parametrize("precision,weights,native,want", [
     ("auto", torch.float32, True, torch.bfloat16),  # this machine's CPU (AVX512-BF16)
     ("auto", torch.float32, False, None),  # a CPU without bf16 arithmetic: float32 as it is

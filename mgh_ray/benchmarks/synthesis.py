@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mgh_ray import assets, parsing, prompts, synthesis
+from mgh_ray import assets, devices, parsing, prompts, synthesis
 from mgh_ray.benchmarks import save
 from mgh_ray.seeds import read_seeds
 from mgh_ray.synthesis import SynthesisConfig
@@ -44,7 +44,8 @@ def transformers_loop(cfg: SynthesisConfig, messages: list[list[dict[str, str]]]
 
     path = str(assets.model_path(cfg.model))
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).eval()
+    dt = devices.engine_dtype(cfg.dtype)  # what the engine arms run in on this machine
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt if dt == "auto" else getattr(torch, dt)).eval()
     torch.manual_seed(cfg.seed)
     tokens, ok, t0 = 0, 0, time.time()
     for msgs in messages:
