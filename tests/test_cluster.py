@@ -206,6 +206,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 @pytest.mark.integration
+# more than `make test`'s 20 minutes: it takes 13-15 (786-885 s, an Intel CPU with bf16 arithmetic and an
+# AVX2-only AMD one, float32 throughout there); each job still has its own 20-minute deadline below
+@pytest.mark.timeout(1800)
 def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(local_cluster, tmp_path,
                                                                                  s3_bucket):
     """The user's path, end to end: `ray start --head` with token auth and the autoscaler (an
