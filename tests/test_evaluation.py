@@ -149,7 +149,8 @@ def test_distributed_evaluation_equals_in_process(ray_cluster, minilm_encoder, m
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=20), meta) is None
     assert evaluation.finished(ResultCache(out), tasks.build("LeeSTS", max_rows=24, seed=1), meta) is None
 
-    # the default precision (bf16 autocast on a CPU with bf16 arithmetic), its results kept apart from float32's (not reused for them)
+    # the default precision (bf16 autocast on a CPU with bf16 arithmetic), its results kept apart from
+    # float32's (not reused for them)
     auto = cfg.model_copy(update={"precision": "auto", "tasks": ["LeeSTS"]})
     results, _, revision = evaluation.evaluate_model(auto, "minilm", minilm_dir, out, serve_cfg)
     assert revision == f"{folder.name}-auto"
