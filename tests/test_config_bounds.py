@@ -18,6 +18,7 @@ BAD = [
     "synthesis.num_seeds=-5", "synthesis.num_seeds=0", "synthesis.batch_size=0", "synthesis.batch_size=-3",
     "synthesis.max_retries=-1", "synthesis.num_actors=0", "synthesis.max_concurrent_batches=0",
     "synthesis.rows_per_shard=0", "synthesis.temperature=-1", "synthesis.top_p=7", "synthesis.top_p=0",
+    "synthesis.top_k=-1",
     "synthesis.max_tokens=0", "synthesis.num_cpus_per_actor=-1", "synthesis.num_gpus_per_actor=-1",
     "synthesis.max_input_chars=-10", "synthesis.gpu_memory_utilization=1.5", "synthesis.max_num_seqs=0",
     "synthesis.quality.batch_size=0", "synthesis.quality.num_cpus=-1", "synthesis.quality.copy_sim=2",

@@ -123,6 +123,8 @@ def test_resume_refuses_a_folder_written_with_other_settings(tmp_path):
     config.save(SynthesisConfig(), tmp_path / "config.yaml")
     with pytest.raises(config.ConfigError, match="temperature"):
         synthesis._check_same_run(SynthesisConfig(temperature=1.0), str(tmp_path))
+    with pytest.raises(config.ConfigError, match="top_k: 40 -> 0"):
+        synthesis._check_same_run(SynthesisConfig(top_k=0), str(tmp_path))
     synthesis._check_same_run(SynthesisConfig(num_seeds=500, num_actors=2), str(tmp_path))  # scale may change
 
 
@@ -174,6 +176,7 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
         assert (rec.instruction, rec.kind) in {(synthesis.DEFAULT_INSTRUCTION, "short-long"),
                                                (corpora.MOVIE_INSTRUCTION, "short-short")}
     for rec in recs.itertuples():
+        assert json.loads(rec.sampling)["top_k"] == 40 and json.loads(rec.sampling)["top_p"] == 1.0  # the defaults
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
         assert all(isinstance(n, str) and len(n.split()) >= parsing.MIN_NEGATIVE_WORDS for n in negatives)
         assert len(set(negatives)) == 4  # the parser rejects repeated negatives

