@@ -76,6 +76,17 @@ def sampling_json(cfg: Any) -> str:
                                                     "guided_decoding")}, sort_keys=True)
 
 
+def sampling_params(cfg: Any, rid: str, step: str, attempt: int, schema: dict) -> Any:
+    """vLLM's `SamplingParams` of one try of one row's step: the settings `sampling_json` records."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(max_tokens=cfg.example_max_tokens if step == "generate" else cfg.max_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          seed=sampling_seed(cfg, rid, step, attempt),
+                          structured_outputs=StructuredOutputsParams(json=schema) if cfg.guided_decoding else None)
+
+
 class Generator:
     """Ray Data stage: one vLLM AsyncLLM engine per actor, loaded once; one coroutine per row.
 
@@ -116,18 +127,13 @@ class Generator:
 
     async def _ask(self, rid: str, step: str, messages: list[dict[str, str]], schema: dict, parse) -> dict:
         """Generate until `parse` accepts (bounded); returns parsed value or failure, with counts."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         c = self.cfg
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         tokens, text, result = 0, "", parsing.Parsed(False, reason="not_run")
         for attempt in range(c.max_retries + 1):
-            guided = StructuredOutputsParams(json=schema) if c.guided_decoding else None
-            sp = SamplingParams(max_tokens=c.example_max_tokens if step == "generate" else c.max_tokens,
-                                temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                seed=sampling_seed(c, rid, step, attempt), structured_outputs=guided)
+            sp = sampling_params(c, rid, step, attempt, schema)
             try:
                 final = None
                 async for out in self.engine.generate(prompt, sp, request_id=f"{rid}-{step}-{attempt}"):

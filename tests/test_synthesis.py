@@ -140,6 +140,21 @@ def test_row_ids_depend_on_seed_and_prompt_version_only():
 # --------------------------------------------------------------------------- real engine
 
 
+@pytest.mark.integration  # imports vLLM
+@pytest.mark.parametrize("overrides", [{}, {"top_k": 0, "top_p": 0.95, "guided_decoding": False}])
+def test_the_engine_samples_with_the_settings_each_record_names(overrides):
+    """What `SamplingParams` gets is what a record's `sampling` column says (top_k, top_p, ...)."""
+    from mgh_ray.engine import sampling_json, sampling_params
+
+    cfg = SynthesisConfig(**overrides)
+    recorded = json.loads(sampling_json(cfg))
+    for step, limit in (("augment", "max_tokens"), ("generate", "example_max_tokens")):
+        sp = sampling_params(cfg, "r1", step, 0, {"type": "object"})
+        assert (sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (
+            recorded["temperature"], recorded["top_p"], recorded["top_k"], recorded[limit])
+        assert (sp.structured_outputs is not None) == recorded["guided_decoding"]
+
+
 @pytest.mark.integration
 def test_work_rows_mix_seeds_of_several_sources_with_generate_mode_rows(ray_cluster):
     cfg = _tiny(seed_sources=["bbc", "moviedialog"], num_seeds=4, generate_examples=3, kinds=["short-long", "sts"])
