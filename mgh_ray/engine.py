@@ -70,10 +70,13 @@ class EngineConfig(Section):
     max_retries: int = Field(2, ge=0, strict=True)  # extra attempts for a row whose output does not parse, each with a new seed
 
 
+# how a row is sampled: each record carries these (its `sampling` column), and a run keeps them fixed
+SAMPLING = ("temperature", "top_p", "top_k", "max_tokens", "example_max_tokens", "seed", "max_retries",
+            "guided_decoding")
+
+
 def sampling_json(cfg: Any) -> str:
-    return json.dumps({k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens",
-                                                    "example_max_tokens", "seed", "max_retries",
-                                                    "guided_decoding")}, sort_keys=True)
+    return json.dumps({k: getattr(cfg, k) for k in SAMPLING}, sort_keys=True)
 
 
 def sampling_params(cfg: Any, rid: str, step: str, attempt: int, schema: dict) -> Any:

@@ -35,9 +35,8 @@ outputs parse), 128 sequences 85, llguidance backend 108 with half the parse rat
 cores 82. Guided decoding costs ~35% and is worth it.
 End to end through Ray Data (32 seeds, the scorer beside the engine; `--stage synthesis-levers`)
 guided vs unguided 37 vs 31 tokens/s (100% vs 34% parsed), prefix caching off 0.94x, 128 sequences
-in batches of 16 0.76x, float32 0.49x, two engines 0.59x. One lever wins: top_k 40 with top_p 1
-instead of top_p 0.95, 1.23x on 64 seeds (vLLM's CPU sampler sorts the vocabulary for top_p < 1),
-with the same parse and gate rates: the default.
+in batches of 16 0.76x, float32 0.49x, two engines 0.59x. One lever won and is the default: top_k
+instead of top_p (see `engine.EngineConfig`).
 
 Seed file policy: see seeds.py (file-level problems fail before any engine starts; row-level ones
 become `bad_seed` failures; a repeated id keeps one row and the report counts the rest).
@@ -54,7 +53,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from mgh_ray import assets, config, logs, prompts, quality, records, seeds, storage
-from mgh_ray.engine import EngineConfig, sampling_json
+from mgh_ray.engine import SAMPLING, EngineConfig, sampling_json
 from mgh_ray.layout import RunLayout, check_same_settings, save_config
 from mgh_ray.quality import QualityConfig
 from mgh_ray.records import DEFAULT_INSTRUCTION, FAILURE_COLS, RECORD_COLS, SIM_COLS  # noqa: F401
@@ -63,8 +62,7 @@ from mgh_ray.seeds import SeedError  # noqa: F401  (raised by synthesize; re-exp
 log = logging.getLogger(__name__)
 
 # Fields that define what a row *is*; a rerun into the same folder must not change them.
-IDENTITY = ("mode", "seeds", "seed_sources", "prompt_version", "model", "instruction", "kinds", "temperature",
-            "top_p", "top_k", "max_tokens", "example_max_tokens", "seed", "max_retries", "guided_decoding",
+IDENTITY = ("mode", "seeds", "seed_sources", "prompt_version", "model", "instruction", "kinds", *SAMPLING,
             "max_input_chars")
 
 

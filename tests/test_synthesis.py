@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mgh_ray import config, corpora, parsing, prompts, records, seeds, synthesis
+from mgh_ray.engine import sampling_json
 from mgh_ray.records import TRAIN_COLS
 from mgh_ray.synthesis import SeedError, SynthesisConfig
 
@@ -144,7 +145,7 @@ def test_row_ids_depend_on_seed_and_prompt_version_only():
 @pytest.mark.parametrize("overrides", [{}, {"top_k": 0, "top_p": 0.95, "guided_decoding": False}])
 def test_the_engine_samples_with_the_settings_each_record_names(overrides):
     """What `SamplingParams` gets is what a record's `sampling` column says (top_k, top_p, ...)."""
-    from mgh_ray.engine import sampling_json, sampling_params
+    from mgh_ray.engine import sampling_params
 
     cfg = SynthesisConfig(**overrides)
     recorded = json.loads(sampling_json(cfg))
@@ -190,8 +191,8 @@ def test_one_run_writes_seeded_rows_and_brainstormed_tasks_then_examples(tmp_pat
     for rec in seeded.itertuples():  # the seeds' own instruction and task family, from their source
         assert (rec.instruction, rec.kind) in {(synthesis.DEFAULT_INSTRUCTION, "short-long"),
                                                (corpora.MOVIE_INSTRUCTION, "short-short")}
+    assert set(recs["sampling"]) == {sampling_json(cfg)}  # each record names the run's settings (top_k 40 ...)
     for rec in recs.itertuples():
-        assert json.loads(rec.sampling)["top_k"] == 40 and json.loads(rec.sampling)["top_p"] == 1.0  # the defaults
         negatives = [getattr(rec, f"gen_{k}") for k in range(1, 5)]
         assert all(isinstance(n, str) and len(n.split()) >= parsing.MIN_NEGATIVE_WORDS for n in negatives)
         assert len(set(negatives)) == 4  # the parser rejects repeated negatives
