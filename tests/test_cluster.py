@@ -288,6 +288,8 @@ def test_pipeline_jobs_on_the_local_autoscaling_cluster_resume_reuse_and_ablate(
     assert "num_cpus and num_gpus must not be provided" not in logs
     assert "Reporting training result" not in logs  # Ray Train's line per step per worker (logs.py)
     assert "stage fetch: done earlier" in logs and "stage synthesize: running into" in logs
+    # one host: one HTTP proxy (a proxy per node bound the same port twice and failed the deploy)
+    assert "one HTTP proxy, on the head (HeadOnly)" in logs
     ids = record_ids(run.synthesize)
     assert len(ids) == len(set(ids)) == 16 and set(first) <= set(ids)  # no duplicate, no gap
     assert all(storage.read_bytes(f) == data for f, data in shards.items())  # earlier shards untouched
@@ -404,7 +406,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
     with autoscaling_cluster(tmp_path, cpu_workers=3, gpu_workers=0, idle_timeout_minutes=0.25) as lc:
         client = JobSubmissionClient(lc.dashboard_url, headers=lc.headers())
         overrides = [f"run_dir={tmp_path / 'run'}", f"serve.app_name={app}", f"serve.port={port}",
-                     "serve.proxy_location=HeadOnly", "serve.num_cpus=2", "serve.max_batch_size=4",
+                     "serve.num_cpus=2", "serve.max_batch_size=4",
                      "serve.max_ongoing_requests=4",
                      "serve.autoscaling={min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1, "
                      "upscale_delay_s: 0, downscale_delay_s: 2, look_back_period_s: 5}"]
@@ -422,6 +424,7 @@ def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, m
                 assert status not in {JobStatus.FAILED, JobStatus.STOPPED}, client.get_job_logs(job)[-4000:]
                 assert time.time() < deadline, client.get_job_logs(job)[-4000:]
                 time.sleep(2)
+            assert "one HTTP proxy, on the head (HeadOnly)" in client.get_job_logs(job)  # serve.proxy_location unset
 
             def workers() -> int:
                 return sum(n["alive"] and not n["head"] for n in cluster.nodes(lc.dashboard_url, lc.headers()))

@@ -345,3 +345,14 @@ def test_serving_benchmark_smoke(ray_cluster, minilm_dir, tmp_path):
     assert values.filter(like="HTTP texts/s").iloc[0] > 0
     assert values.filter(like="evaluation wall time (deployed), torch engine, 1 replica").iloc[0] > 0
     assert (tmp_path / "benchmark_serving.md").is_file()
+
+
+def test_the_local_cluster_gets_one_http_proxy(monkeypatch):
+    """On Ray's fake multi-node cluster every node is one host: a proxy per node would bind one port twice."""
+    from mgh_ray.serving.app import proxy_location
+
+    monkeypatch.delenv("RAY_FAKE_CLUSTER", raising=False)
+    assert proxy_location(serving.ServeConfig()) == "EveryNode"
+    monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")
+    assert proxy_location(serving.ServeConfig()) == "HeadOnly"
+    assert proxy_location(serving.ServeConfig(proxy_location="HeadOnly")) == "HeadOnly"

@@ -10,6 +10,7 @@ and `build_app` refuse before anything starts, and each replica checks Serve's H
 # no `from __future__ import annotations`: Ray Serve reads build_app's annotation as a class to
 # validate `args` into ServeArgs
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,26 @@ def wait_running(name: str, timeout_s: float) -> None:
                        "num_replicas).")
 
 
+def proxy_location(cfg: ServeConfig) -> str:
+    """Where Serve runs its HTTP proxies: `cfg.proxy_location`, except on the local autoscaling cluster
+    (`mgh-ray cluster up --local`, Ray's fake multi-node provider: RAY_FAKE_CLUSTER=1 in the environment
+    of every process it starts, job drivers included). There every node is the same host, so a proxy per
+    node would bind the same port twice: the second fails ("Failed to bind to address") and the deploy
+    with it, depending on which nodes are up when Serve starts. One proxy, on the head, serves them all."""
+    if cfg.proxy_location == "EveryNode" and os.environ.get("RAY_FAKE_CLUSTER") == "1":
+        log.info("every node of this local cluster is one host: one HTTP proxy, on the head (HeadOnly), "
+                 "on port %d", cfg.port)
+        return "HeadOnly"
+    return cfg.proxy_location
+
+
 def start_app(cfg: ServeConfig, model_dir: Path, name: str, route_prefix: str | None) -> Any:
     """Deploy `model_dir` as app `name` (HTTP at `route_prefix`, handle-only when None); its handle."""
     from ray import serve
 
     key = api_key(cfg)
     check_public(cfg, cfg.host, key)
-    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=proxy_location(cfg), http_options={"host": cfg.host, "port": cfg.port})
     app = application(cfg, model_dir, key)
     serve.run_many([serve.RunTarget(app, name=name, route_prefix=route_prefix)],
                    wait_for_applications_running=False)
