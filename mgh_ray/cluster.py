@@ -149,7 +149,11 @@ def up(lc: LocalClusterConfig | None = None) -> LocalCluster:
     env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
     if lc.token_path:
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(lc.token_path).expanduser())
-    env.pop("RAY_ADDRESS", None)
+    # every process of the cluster (Ray's own actors included) finds it by this address: without it, what
+    # calls Ray's state API with no address (Ray Train's PlacementGroupCleaner) scans the host's processes,
+    # finds the head's GCS under this host's IP and the worker nodes' under 127.0.0.1, refuses with
+    # "Found multiple active Ray instances", and its monitor thread dies with a traceback in the job's log
+    env["RAY_ADDRESS"] = f"127.0.0.1:{lc.port}"
     token = _token(lc, env)
     cmd = [_ray_cli(), "start", "--head", f"--port={lc.port}", "--num-cpus=0", f"--temp-dir={temp}",
            f"--autoscaling-config={config_path}", "--dashboard-host=127.0.0.1",
