@@ -27,7 +27,10 @@ class EmbeddingClient:
 
     `embed` retries a refused or reset connection and a 5xx every 0.25 s for up to `retry_s` seconds (a
     replica or the HTTP proxy being replaced), so such an outage costs latency, not the caller's work;
-    a 4xx is the caller's mistake and raises at once."""
+    a 4xx is the caller's mistake and raises at once. One 404 is retried too: the proxy's own (plain text,
+    not this API's JSON error) on a route that has answered this client before. Behind Serve's HAProxy
+    ingress a restarted proxy takes traffic for about half a second before it has its routes, and
+    answers 404 for an app that is there (docs/serving.md)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0,
                  retry_s: float = 60.0) -> None:
@@ -36,6 +39,7 @@ class EmbeddingClient:
         self.retry_s = retry_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
+        self._routed: set[str] = set()  # URLs that have reached the app (any answer of the API's own)
         self.http = httpx.Client(headers=headers, timeout=timeout_s, trust_env=False,
                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
 
@@ -73,9 +77,13 @@ class EmbeddingClient:
         while True:
             try:
                 resp = self.http.post(url, json=body)
-                if resp.status_code not in RETRY_STATUS or time.monotonic() > deadline:
+                lost_route = resp.status_code == 404 and url in self._routed and not _api_error(resp)
+                if resp.status_code not in RETRY_STATUS and not lost_route or time.monotonic() > deadline:
+                    if resp.status_code == 200 or _api_error(resp):
+                        self._routed.add(url)
                     return resp
-                why = f"HTTP {resp.status_code}"
+                why = f"HTTP {resp.status_code}" + (" from the proxy on a route that answered before"
+                                                    if lost_route else "")
             except httpx.TransportError as e:
                 if time.monotonic() > deadline:
                     raise
@@ -93,6 +101,14 @@ class EmbeddingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _api_error(resp: Any) -> bool:
+    """Whether a response is this API's own error (JSON with an `error` object), not the proxy's."""
+    try:
+        return isinstance(resp.json().get("error"), dict)
+    except Exception:
+        return False
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
