@@ -82,19 +82,23 @@ def minilm_path():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(request):
     """A fresh local Ray cluster (never an existing one) with fixed logical CPUs and a dashboard
     on loopback, so Jobs, Data, Train and Serve tests all run against a real cluster. One per test
     module: a single cluster that lived through every module's Train runs, Serve apps and datasets
     stopped granting a Ray Data read its task after ~200 tests (never when those modules ran alone),
-    and a new cluster costs a few seconds."""
+    and a new cluster costs a few seconds. A module's `RAY_CLUSTER_ENV` (a dict) is the environment its
+    cluster's processes get on top of this one's (not this process: later modules never see it)."""
     import ray
 
     from mgh_ray.serving import apply_cluster_env
 
     apply_cluster_env()  # as the project starts its clusters
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=False, ignore_reinit_error=False)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in getattr(request.module, "RAY_CLUSTER_ENV", {}).items():
+            env.setenv(key, value)
+        ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                       log_to_driver=False, ignore_reinit_error=False)
     yield ctx
     try:
         from ray import serve

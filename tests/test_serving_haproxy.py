@@ -4,48 +4,22 @@ half a second before its routes arrive; the client retries that 404 on a route t
 
 from __future__ import annotations
 
-import os
-
+import psutil
 import pytest
 
 from mgh_ray import serving
 from mgh_ray.benchmarks import outage
 
 PORT = 18733  # a port of its own: no other module's Serve app can answer here
+# read where Serve starts: this module's cluster (conftest's ray_cluster) gives it to its processes
+RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def haproxy_cluster():
-    """A local Ray cluster whose processes (Serve's controller and proxy included) have the HAProxy flag."""
-    import ray
-
-    from mgh_ray.serving import apply_cluster_env
-
-    apply_cluster_env()
-    before = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read where Serve starts: the cluster's processes inherit it
-    try:
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
-    finally:
-        if before is None:
-            os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY")
-        else:
-            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = before
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-def test_a_killed_proxy_behind_haproxy_costs_a_retrying_client_nothing(haproxy_cluster, minilm_dir, tmp_path):
+def test_a_killed_proxy_behind_haproxy_costs_a_retrying_client_nothing(ray_cluster, minilm_dir, tmp_path):
     bench = outage.OutageConfig(clients=4, warmup_s=2, after_s=20, retry_budget_s=60, scenarios=[("proxy", 2)])
     cfg = serving.ServeConfig(port=PORT, api_key_env=None, num_cpus=1, max_batch_size=4)
     table = outage.run(cfg, minilm_dir, tmp_path, bench)
-    import psutil
-
     assert any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"])), "no HAProxy in front"
     row = table.loc["proxy killed, 2 replica(s)"]
     assert row["requests"] > 0 and row["recovered"], table

@@ -77,9 +77,10 @@ class EmbeddingClient:
         while True:
             try:
                 resp = self.http.post(url, json=body)
-                lost_route = resp.status_code == 404 and url in self._routed and not _api_error(resp)
+                own = resp.status_code == 200 or _api_error(resp)  # the app answered, not the proxy
+                lost_route = resp.status_code == 404 and not own and url in self._routed
                 if resp.status_code not in RETRY_STATUS and not lost_route or time.monotonic() > deadline:
-                    if resp.status_code == 200 or _api_error(resp):
+                    if own:
                         self._routed.add(url)
                     return resp
                 why = f"HTTP {resp.status_code}" + (" from the proxy on a route that answered before"
