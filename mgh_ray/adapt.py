@@ -296,9 +296,8 @@ def adapt(cfg: AdaptConfig, encoder: EncoderConfig, seeds: str, out_dir: str) ->
 
     import ray
     import yaml
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from mgh_ray import trainer
     from mgh_ray.layout import check_same_settings, save_config
 
     out_dir = storage.normalize(out_dir)
@@ -313,20 +312,12 @@ def adapt(cfg: AdaptConfig, encoder: EncoderConfig, seeds: str, out_dir: str) ->
     if not ray.is_initialized():
         ray.init()
     start = time.time()
-    trainer = TorchTrainer(
-        adapt_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "encoder": encoder.model_dump(mode="json"),
-                           "seeds": storage.normalize(seeds), "out_dir": out_dir},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name="adapt", storage_path=out_dir,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     log.info("MNTP adaptation of %s: %d workers, %d steps x %d texts; storage %s", encoder.backbone,
              cfg.num_workers, cfg.steps, cfg.batch_size, out_dir)
-    result = trainer.fit()
+    result = trainer.fit(adapt_loop, {"cfg": cfg.model_dump(mode="json"), "encoder": encoder.model_dump(mode="json"),
+                                      "seeds": storage.normalize(seeds), "out_dir": out_dir},
+                         name="adapt", storage_path=out_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, keep_checkpoints=2)
     if result.checkpoint is None:
         raise RuntimeError(f"MNTP adaptation under {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

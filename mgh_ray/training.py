@@ -167,10 +167,12 @@ def maybe_fail(fail_at_step: int | None, fail_rank: int, step: int, rank: int, o
     if at is None or int(at) != step or rank != fail_rank or storage.exists(marker):
         return
     storage.write_text(marker, f"step {step} rank {rank}\n")
-    # Ray's controller collects reports every health-check interval; a death right after a report
+    # Ray's controller collects reports every poll of its workers (`trainer`); a death right after a report
     # can lose that report's checkpoint (Ray then resumes from the one before, also correct). Wait
     # so that the test sees the deterministic case.
-    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
+    from mgh_ray.trainer import poll_interval_s
+
+    time.sleep(2 * poll_interval_s() + 1)
     log.warning("injected failure: worker %d exits at step %d", rank, step)
     os._exit(17)  # a hard death, as an OOM kill or a lost node would look to Ray
 
@@ -327,8 +329,8 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     location of `out_dir/model` (an `Encoder.save` folder, also exported to `out_dir/export`)."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mgh_ray import trainer
 
     out_dir = storage.normalize(out_dir)
     _check_same_run(cfg, out_dir)
@@ -344,22 +346,14 @@ def train(cfg: TrainConfig, records: Any, out_dir: str | Path) -> str:
     ds = training_dataset(records)
     counts = check_dataset(ds, cfg.curriculum.levels, cfg.num_workers, cfg.batch_size)
     n = sum(counts.values())
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=cfg.run_name, storage_path=out_dir,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets={"train": ds},
-    )
+    backend = trainer.resolve_backend(cfg.backend, cfg.use_gpu)
     log.info("training: %d workers (%s), %d steps x %d pairs per worker over %d records; storage %s",
              cfg.num_workers, backend, cfg.steps, cfg.batch_size, n, storage.join(out_dir, cfg.run_name))
     before, start = _steps_written(out_dir), time.time()
-    result = trainer.fit()
+    result = trainer.fit(train_loop, {"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir}, name=cfg.run_name,
+                         storage_path=out_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                         keep_checkpoints=cfg.keep_checkpoints, backend=backend, datasets={"train": ds})
     _log_time(out_dir, before, time.time() - start)
     if result.checkpoint is None:
         raise RuntimeError(f"training under {out_dir} finished without a checkpoint")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -69,6 +70,22 @@ def test_lr_schedule():
     # the default keeps the rate after warmup: the curriculum's last stage trains at the full rate
     const = [lr_factor(s, TrainConfig(steps=10, warmup=2)) for s in range(10)]
     assert const[0] < const[1] < const[2] == 1.0 and const[2:] == [1.0] * 8
+
+
+def test_ray_train_polls_its_workers_often_unless_the_user_chose(monkeypatch):
+    """A worker's report waits for the controller's next poll (trainer.py): runs poll every 0.25 s
+    while they last, not Ray's 2 s; a value the user set stays, and nothing outlives the run."""
+    from mgh_ray import trainer
+
+    monkeypatch.delenv(trainer.POLL_ENV, raising=False)
+    assert trainer.poll_interval_s() == 2.0  # Ray's default
+    with trainer.polling():
+        assert os.environ[trainer.POLL_ENV] == "0.25" and trainer.poll_interval_s() == trainer.POLL_INTERVAL_S
+    assert trainer.POLL_ENV not in os.environ
+    monkeypatch.setenv(trainer.POLL_ENV, "3")
+    with trainer.polling():
+        assert trainer.poll_interval_s() == 3.0
+    assert os.environ[trainer.POLL_ENV] == "3"
 
 
 def test_concat_pads_on_the_tokenizer_side():

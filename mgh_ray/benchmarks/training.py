@@ -10,7 +10,9 @@ Runs one after another see the machine's load drift: each variant runs twice, in
 ATA cost is also measured in-process (`step_times`: the same batch, mean and ATA steps alternating),
 and so is `train.precision` (float32 against bfloat16 autocast steps, alternating).
 Every run also gives `input_cost`: how long its steps waited for Ray Data's split shard, over their
-compute (the records reach the workers through Ray Data, as the pipeline's do).
+compute (the records reach the workers through Ray Data, as the pipeline's do). `poll_cost` times whole
+runs (`train` from call to return: start-up, steps, checkpoints, shutdown) with Ray Train's controller
+polling at Ray's default 2 s against `trainer.POLL_INTERVAL_S`, alternating.
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage training
     python -c "from mgh_ray.benchmarks import training as b; from mgh_ray.training import TrainConfig; \\
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mgh_ray import config as config_io
+from mgh_ray import trainer
 from mgh_ray.benchmarks import save
 from mgh_ray.records import DEFAULT_INSTRUCTION
 from mgh_ray.training import TrainConfig, read_metrics, train
@@ -115,6 +118,30 @@ def input_cost(out_dir: Path) -> float:
     return float(m.input_s.sum() / (m.step_s - m.input_s).sum())
 
 
+def poll_cost(cfg: TrainConfig, records: pd.DataFrame, out_dir: Path, repeats: int = 2) -> dict[str, float]:
+    """Median wall seconds of one whole one-worker run with the controller polling every 2 s (Ray's
+    default, set as a user would) and every `trainer.POLL_INTERVAL_S` (what `trainer.fit` sets), in
+    ABBA order."""
+    import os
+
+    if trainer.POLL_ENV in os.environ:
+        raise ValueError(f"unset {trainer.POLL_ENV}: this benchmark compares Ray's default with the project's")
+    variant = config_io.override(cfg, ["num_workers=1", "export=false", "fail_at_step=null"])
+    walls: dict[str, list[float]] = {"ray_default_2s": [], "project": []}
+    for r in range(repeats):
+        for name in walls if r % 2 == 0 else list(walls)[::-1]:
+            if name == "ray_default_2s":
+                os.environ[trainer.POLL_ENV] = "2.0"
+            try:
+                t0 = time.perf_counter()
+                train(variant, records, out_dir / f"poll_{name}_r{r}")
+                walls[name].append(time.perf_counter() - t0)
+            finally:
+                os.environ.pop(trainer.POLL_ENV, None)
+            log.info("benchmark poll %s, run %d: %.1f s", name, r, walls[name][-1])
+    return {name: float(np.median(v)) for name, v in walls.items()}
+
+
 def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
         warmup: int = 2, repeats: int = 2) -> pd.DataFrame:
     """Train each variant briefly and tabulate pairs/s; writes benchmark_training.{md,json} in out_dir.
@@ -150,6 +177,7 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
     overhead = {w: speed[("mean", w)] / speed[("ata", w)] - 1 for w in (1, 2)}
     step = step_times(cfg, records)
     step_overhead = step["ata"] / step["mean"] - 1
+    polls = poll_cost(cfg, records, out_dir, repeats)
     md = table.to_markdown(index=False, floatfmt=".3f")
     summary = (f"ATA cost over mean pooling (target < 10%): {step_overhead:+.1%} per training step in one "
                f"process, alternating ({step['mean']:.2f} s mean vs {step['ata']:.2f} s ATA, the cleaner "
@@ -163,11 +191,15 @@ def run(cfg: TrainConfig, out_dir: Path, records: pd.DataFrame | None = None,
                f"{table.input_cost.max():.1%} at most. Precision, in one process, alternating: a "
                f"{cfg.encoder.pooling.mode} step under bfloat16 autocast takes "
                f"{step['bfloat16'] / step['float32']:.2f}x the time of float32 ({step['bfloat16']:.2f} s "
-               f"vs {step['float32']:.2f} s; the runs above compute in precision {cfg.precision!r}).")
+               f"vs {step['float32']:.2f} s; the runs above compute in precision {cfg.precision!r}). A whole "
+               f"one-worker run of {cfg.steps} steps, call to return: {polls['project']:.1f} s with Ray Train's "
+               f"controller polling every {trainer.POLL_INTERVAL_S} s (`trainer.fit`), {polls['ray_default_2s']:.1f} s at "
+               f"Ray's default 2 s: {polls['project'] / polls['ray_default_2s']:.2f}x ({repeats} each, ABBA).")
     report = {"rows": table.to_dict(orient="records"), "runs": {f"{m}_{w}w": v for (m, w), v in runs.items()},
               "ata_overhead_ray_runs": overhead,
               "step_seconds_in_process": step, "ata_overhead_step": step_overhead,
               "bf16_vs_float32_step": step["bfloat16"] / step["float32"],
+              "run_wall_seconds_by_poll": polls,
               "config": cfg.model_dump(mode="json")}
     save(out_dir, "training", f"# Training throughput\n\n{md}\n\n{summary}\n", report)
     return table
