@@ -99,13 +99,13 @@ def init_ray(cfg: RayConfig) -> None:
         if cfg.num_cpus is not None:
             log.info("connecting to the running cluster at %s: ray.num_cpus=%d applies to new local clusters "
                      "only and is ignored", address, cfg.num_cpus)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=logs.RUNTIME_ENV)
         return
     from mgh_ray.serving import apply_cluster_env
 
     apply_cluster_env()  # the new cluster's processes (Serve's controller among them) inherit it
-    ray.init(address="local", num_cpus=cfg.num_cpus,
-             include_dashboard=cfg.include_dashboard, log_to_driver=True)
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+             log_to_driver=True, runtime_env=logs.RUNTIME_ENV)
 
 
 class PlacementError(RuntimeError):

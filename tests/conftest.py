@@ -91,14 +91,15 @@ def ray_cluster(request):
     cluster's processes get on top of this one's (not this process: later modules never see it)."""
     import ray
 
+    from mgh_ray import logs
     from mgh_ray.serving import apply_cluster_env
 
-    apply_cluster_env()  # as the project starts its clusters
+    apply_cluster_env()  # as the project starts its clusters (and with its workers' setup hook)
     with pytest.MonkeyPatch.context() as env:
         for key, value in getattr(request.module, "RAY_CLUSTER_ENV", {}).items():
             env.setenv(key, value)
         ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                       log_to_driver=False, ignore_reinit_error=False)
+                       log_to_driver=False, ignore_reinit_error=False, runtime_env=logs.RUNTIME_ENV)
     yield ctx
     try:
         from ray import serve

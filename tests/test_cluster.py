@@ -48,34 +48,61 @@ def test_working_dir_stays_small():
     assert total < 20 * 2**20
 
 
-@pytest.mark.integration
-def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
-    run_dir = tmp_path / "run"
+def submit_when_ready(client, entrypoint: str, **runtime_env) -> str:
+    """Submit a job to the session's `ray_cluster`; a cluster seconds old may not have its job agent yet
+    ("No available agent"): Ray says retry."""
     deadline = time.time() + 120
-    while True:  # a cluster seconds old may not have its job agent yet ("No available agent"): Ray says retry
+    while True:
         try:
-            job = client.submit_job(
-                entrypoint=f"{sys.executable} -m jobs.fetch jobs/configs/tiny.yaml run_dir={run_dir}",
-                runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"],
-                             "env_vars": {"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
-                                                                          str(Path.home() / ".cache/mgh_ray"))}},
-            )
-            break
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "runs"], **runtime_env})
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.time() > deadline:
                 raise
             time.sleep(2)
+
+
+def finish_job(client, job: str) -> tuple[str, str]:
+    from ray.job_submission import JobStatus
+
     deadline = time.time() + 600
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job {job} still {status}"
         time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return str(status.value), client.get_job_logs(job)
+
+
+@pytest.mark.integration
+def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+    run_dir = tmp_path / "run"
+    job = submit_when_ready(client, f"{sys.executable} -m jobs.fetch jobs/configs/tiny.yaml run_dir={run_dir}",
+                            env_vars={"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
+                                                                      str(Path.home() / ".cache/mgh_ray"))})
+    status, logs = finish_job(client, job)
+    assert status == "SUCCEEDED", logs[-3000:]
     paths = json.loads((run_dir / "fetch" / "assets.json").read_text())
     assert Path(paths["smollm2"], "config.json").is_file() and Path(paths["table:seeds"]).is_file()
+
+
+@pytest.mark.integration
+def test_a_jobs_ray_workers_run_the_projects_setup_hook(ray_cluster):
+    """A job's driver joins the cluster through `pipeline.init_ray`, as every stage command does: the
+    project's runtime env (`logs.RUNTIME_ENV`) merges with the job's own (its working_dir), and the
+    job's workers run `logs.worker_setup` (which keeps Ray Data's known thread race out of the log)."""
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    code = ("import threading, ray; from mgh_ray import pipeline; pipeline.init_ray(pipeline.RayConfig()); "
+            "hooked = ray.get(ray.remote(lambda: getattr(threading.excepthook, '_drops_known_race', False))"
+            ".options(num_cpus=0).remote()); print('worker hook', hooked)")
+    client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+    status, logs = finish_job(client, submit_when_ready(client, f"{sys.executable} -c {shlex.quote(code)}"))
+    assert status == "SUCCEEDED" and "worker hook True" in logs, logs[-3000:]
 
 
 def test_check_cluster_command_exit_codes():

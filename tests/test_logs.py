@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 
 from mgh_ray import logs
 
@@ -29,3 +30,37 @@ def test_ray_trains_path_named_loggers_are_quiet_below_warning(monkeypatch):
     out = stream.getvalue()
     assert "Reporting training result" not in out
     assert "worker lagging" in out and "step 5/40" in out
+
+
+def _listing_race(capsys) -> str:
+    """Ray Data's own completion thread of its parquet listing, with the consumer shutting the pool down
+    as soon as it has the end marker (the order the race takes in a job); what the thread printed."""
+    from ray.data._internal import dynamic_work_queue as dwq
+
+    pool = dwq._WorkerPool()
+    put = pool.output_queue.put
+
+    def put_then_shut_down(item, *args, **kwargs):
+        put(item, *args, **kwargs)
+        pool.shutdown()
+
+    pool.output_queue.put = put_then_shut_down
+    pool.start_thread(target=dwq._signal_completion, args=(pool, 2), name="completion-signaler").join()
+    return capsys.readouterr().err
+
+
+def test_worker_setup_drops_ray_datas_listing_race_and_nothing_else(capsys, monkeypatch):
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    printed = _listing_race(capsys)
+    assert "Traceback" in printed and "InterruptedError" in printed  # Ray Data as pinned prints it
+    logs.worker_setup()
+    logs.worker_setup()  # idempotent: one wrapper
+    assert _listing_race(capsys) == ""
+
+    def elsewhere():
+        raise InterruptedError("another thread's error")
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert "another thread's error" in capsys.readouterr().err
