@@ -238,8 +238,7 @@ def adapt_loop(loop_config: dict[str, Any]) -> None:
                     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "step": step + 1}, Path(tmp) / "train_state.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        # no report between checkpoints: each would wait for the controller's next poll (`trainer`)
 
 
 def _metric_lines(out_dir: str, resume_step: int) -> list[str]:

@@ -280,13 +280,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if (step + 1) % cfg.log_every == 0 or step == start:
                 log.info("step %d/%d stage %d loss %.4f lr %.2e %.1f pairs/s", step + 1, cfg.steps, stage + 1,
                          metrics["loss"], metrics["lr"], metrics["pairs_per_s"])
-        report = {k: v for k, v in metrics.items() if k != "ids"}
+        # Only checkpoints go to Ray Train: a report waits for its controller's next poll of the workers
+        # (`trainer`), which would hold every step shorter than the poll interval; the step lines are
+        # metrics.jsonl's
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             if rank == 0:  # the metrics of every step so far, written with the checkpoint that ends them
                 storage.write_text(RunLayout.metrics(out_dir), "\n".join(metric_lines) + "\n")
+            report = {k: v for k, v in metrics.items() if k != "ids"}
             _report_with_checkpoint(report, encoder, optimizer, scheduler, curriculum, rank)
-        else:
-            ray.train.report(report)
 
 
 def _report_with_checkpoint(metrics: dict[str, Any], encoder: Encoder, optimizer, scheduler,
