@@ -156,6 +156,22 @@ def test_models_and_health(http):
     assert (card["pooling"], card["device"], card["dtype"], card["torch_threads"]) == ("mean", "cpu", "float32", 1)
 
 
+@pytest.mark.integration
+def test_replicas_run_with_the_configs_health_and_shutdown_timing(served, ray_cluster):
+    """What Serve itself runs (its REST API on the dashboard, through Ray's client, which sends the token): the health checks and the graceful-shutdown
+    timing of ServeConfig, whose wait loop of 0.2 s (Serve's default: 2 s) lets an idle replica stop
+    in about a second."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    cfg = served[0]
+    apps = ServeSubmissionClient(f"http://{ray_cluster.dashboard_url}").get_serve_details()["applications"]
+    run = apps[cfg.app_name]["deployments"]["Embedder"]["deployment_config"]
+    assert run["graceful_shutdown_wait_loop_s"] == cfg.graceful_shutdown_wait_loop_s == 0.2
+    assert run["graceful_shutdown_timeout_s"] == cfg.graceful_shutdown_timeout_s
+    assert (run["health_check_period_s"], run["health_check_timeout_s"]) == (cfg.health_check_period_s,
+                                                                           cfg.health_check_timeout_s)
+
+
 BAD = [
     ({"input": []}, 400, "empty"),
     ({"input": ""}, 400, "empty string"),

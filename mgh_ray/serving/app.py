@@ -47,6 +47,7 @@ def application(cfg: ServeConfig, model_dir: str | Path, key: str | None = None)
         "health_check_period_s": cfg.health_check_period_s,
         "health_check_timeout_s": cfg.health_check_timeout_s,
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": cfg.graceful_shutdown_wait_loop_s,
         "logging_config": {"enable_access_log": cfg.access_log},
     }
     if cfg.autoscaling is not None:
