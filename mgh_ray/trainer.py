@@ -11,10 +11,10 @@ and the controller sees the last checkpoint and the end of the training function
 late each. The loops report only their checkpoints for the same reason: a report per step held
 every step shorter than the interval. A one-worker tiny run of 16 steps (about 1.2 s each) on the
 2-core CI machine, call to return (the training benchmark's `poll_cost`, 2026-12-05): reporting every
-step, 48.4 s at a 2 s poll and 34.3 s at 0.25 s; reporting checkpoints only, 33.8 s and 30.4 s.
-A missed poll costs nothing: Ray marks a worker dead only after its health
-check has hung for 10 minutes. A user who sets the variable keeps their value (Ray propagates it from
-the driver to the controller and the workers, which is why it is set here, around `fit`).
+step, 48.4 s at a 2 s poll and 34.3 s at 0.25 s; reporting checkpoints only, 33.8 s and 30.4 s. A
+missed poll costs nothing: Ray marks a worker dead only after its health check has hung for 10
+minutes. A user who sets the variable keeps their value (Ray propagates it from the driver to the
+controller and the workers, which is why it is set here, around `fit`).
 """
 
 from __future__ import annotations
