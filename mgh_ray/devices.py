@@ -22,10 +22,11 @@ module imports neither ray nor CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -172,3 +173,18 @@ def autocast(precision: str, model: torch.nn.Module, dev: torch.device | str) ->
     or "the weights' dtype")."""
     make, label = autocast_maker(precision, model, dev)
     return make(), label
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a block, then back to what they were, on error too.
+
+    `torch.set_num_threads` holds for the whole process: a benchmark that measures at a replica's thread
+    count in its caller's process left the caller there (the test suite ran every later in-process
+    training on one of its two cores, at half speed, after the serving-peers smoke)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

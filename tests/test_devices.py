@@ -92,6 +92,18 @@ def test_unknown_precision_is_named():
         devices.pick_autocast("fp8", torch.float32, bf16_native=True)
 
 
+def test_threads_are_given_back_after_the_block_even_when_it_fails():
+    """torch's thread count is process-wide: a benchmark measuring at a replica's count in the caller's
+    process must leave the caller as it was (it once left the test suite at one thread of two)."""
+    before = torch.get_num_threads()
+    with devices.threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"), devices.threads(before + 2):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
 def test_a_bf16_autocast_training_step_keeps_float32_weights_and_the_float32_gradient(smollm2_path):
     """The same step's LoRA gradient in float32 and under bfloat16 autocast point the same way, and
     the trainable weights, their gradients and the embeddings stay float32 (only the matmuls drop)."""

@@ -100,10 +100,13 @@ def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):
     vectors, and the table holds their rows and ratios. `mgh-ray serve` runs here on the torch engine,
     which starts in seconds: the module's other tests serve the vLLM engine, and the benchmark deploys
     both engines through the same code."""
+    import torch
+
     from mgh_ray.benchmarks import serving_peers
     from mgh_ray.encoder import Encoder, EncoderConfig
 
     folder = Encoder.from_config(EncoderConfig(max_length=64, pooling={"mode": "ata"})).save(tmp_path / "m")
+    threads = torch.get_num_threads()
     bench = serving_peers.PeersConfig(clients=[2], texts_per_request=[2], num_texts=16, seconds_per_point=1,
                                       max_requests_per_client=2, threads=1,
                                       servers=["vllm-mean", "vllm-mean-tokens", "mgh-ata"],
@@ -118,3 +121,4 @@ def test_serving_peers_benchmark_smoke(ray_cluster, smollm2_path, tmp_path):
     assert 0.9 < table.loc["vllm-mean-tokens", "min cosine vs Encoder"] < 1
     assert {"mgh-ata / vllm-mean", "mgh-ata / vllm-mean-tokens", "mgh-ata / in-process"} <= set(table.index)
     assert (tmp_path / "out" / "benchmark_serving_peers.md").is_file()
+    assert torch.get_num_threads() == threads  # it measured at 1 thread, and gave this process its own back

@@ -96,7 +96,7 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
     """All three measurements on the running cluster; returns (and saves) the table."""
     import torch
 
-    from mgh_ray import evaluation, serving
+    from mgh_ray import devices, evaluation, serving
     from mgh_ray.encoder import Encoder
 
     bench = bench or ServingBenchmarkConfig()
@@ -121,11 +121,10 @@ def run(serve_cfg: ServeConfig, eval_cfg: EvalConfig, model_dir: Path, out_dir: 
     replica_threads = serve_cfg.threads
     local_tps = {}
     for threads in dict.fromkeys([replica_threads, own_threads]):
-        torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        encoder.encode(texts[: int(http["texts"])], batch_size=serve_cfg.max_batch_size)
-        local_tps[threads] = http["texts"] / (time.perf_counter() - t0)
-    torch.set_num_threads(own_threads)
+        with devices.threads(threads):
+            t0 = time.perf_counter()
+            encoder.encode(texts[: int(http["texts"])], batch_size=serve_cfg.max_batch_size)
+            local_tps[threads] = http["texts"] / (time.perf_counter() - t0)
     del encoder
 
     rows = [

@@ -204,9 +204,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConfig | None = None) -> pd.DataFrame:
     """Every server in turn under every load point; returns (and saves) the texts/s table."""
-    import torch
-
-    from mgh_ray import export, serving
+    from mgh_ray import devices, export, serving
     from mgh_ray.encoder import Encoder
 
     bench = bench or PeersConfig()
@@ -218,11 +216,10 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path, bench: PeersConf
     results: dict[str, dict[str, float]] = {}
     parity: dict[str, float] = {}
     raw: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with devices.threads(bench.threads), tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp = Path(tmp)
         mean_dir = with_pooling(model_dir, "mean", tmp / "mean")
         ata_dir = with_pooling(model_dir, "ata", tmp / "ata")
-        torch.set_num_threads(bench.threads)
         mean_enc = Encoder.load(mean_dir)
         token_texts = [ids for ids, _ in mean_enc.inputs.token_ids(texts)]  # what the encoder reads
         ref = {"mean": mean_enc.encode(texts[:64]), "ata": Encoder.load(ata_dir).encode(texts[:64])}

@@ -76,33 +76,31 @@ def _alternating(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str
 def step_times(cfg: TrainConfig, records: pd.DataFrame, repeats: int = 6) -> dict[str, float]:
     """Median seconds of one forward+backward of the training step in this process on the same batch:
     mean vs ATA pooling (in `cfg.precision`), and float32 vs bfloat16 autocast (`cfg`'s pooling)."""
-    import torch
-
     from mgh_ray import devices
     from mgh_ray.batch_loss import contrastive_loss
     from mgh_ray.encoder import Encoder
     from mgh_ray.losses import InfoNCE
 
-    torch.set_num_threads(cfg.threads)
-    enc = Encoder.from_config(cfg.encoder).train()
-    batch = records.head(cfg.batch_size)
-    levels = np.ones(len(batch), dtype=int)
-    loss_fn = InfoNCE(cfg.loss)
-    pooling = cfg.encoder.pooling
+    with devices.threads(cfg.threads):  # this process's threads, given back after
+        enc = Encoder.from_config(cfg.encoder).train()
+        batch = records.head(cfg.batch_size)
+        levels = np.ones(len(batch), dtype=int)
+        loss_fn = InfoNCE(cfg.loss)
+        pooling = cfg.encoder.pooling
 
-    def step(mode: str, precision: str) -> Callable[[], None]:
-        def run() -> None:
-            enc.config.pooling = pooling.model_copy(update={"mode": mode})
-            with devices.autocast(precision, enc, enc.device)[0]:
-                loss = contrastive_loss(enc, enc, loss_fn, batch, levels)
-            loss.backward()
-            enc.zero_grad(set_to_none=True)
-        return run
+        def step(mode: str, precision: str) -> Callable[[], None]:
+            def run() -> None:
+                enc.config.pooling = pooling.model_copy(update={"mode": mode})
+                with devices.autocast(precision, enc, enc.device)[0]:
+                    loss = contrastive_loss(enc, enc, loss_fn, batch, levels)
+                loss.backward()
+                enc.zero_grad(set_to_none=True)
+            return run
 
-    out = _alternating({m: step(m, cfg.precision) for m in ("mean", "ata")}, repeats)
-    out.update(_alternating({p: step(pooling.mode, p) for p in ("float32", "bfloat16")}, repeats))
-    enc.config.pooling = pooling
-    return out
+        out = _alternating({m: step(m, cfg.precision) for m in ("mean", "ata")}, repeats)
+        out.update(_alternating({p: step(pooling.mode, p) for p in ("float32", "bfloat16")}, repeats))
+        enc.config.pooling = pooling
+        return out
 
 
 def _speed(out_dir: Path, warmup: int) -> float:
