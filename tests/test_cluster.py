@@ -73,11 +73,24 @@ def finish_job(client, job: str) -> tuple[str, str]:
     return str(status.value), client.get_job_logs(job)
 
 
+@pytest.fixture
+def job_cluster(ray_cluster):
+    """The module's cluster with the address file that `ray start` writes and `ray.init` does not. A job's
+    supervisor looks its cluster up there; without it Ray's "auto" takes any GCS it finds on the host,
+    which is another cluster's when `make test` runs the own_cluster tests beside this one."""
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray_cluster.address_info["gcs_address"])
+    yield ray_cluster
+    reset_ray_address()
+
+
 @pytest.mark.integration
-def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
+def test_job_submission_runs_a_real_job(job_cluster, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+    client = JobSubmissionClient(f"http://{job_cluster.dashboard_url}")
     run_dir = tmp_path / "run"
     job = submit_when_ready(client, f"{sys.executable} -m jobs.fetch jobs/configs/tiny.yaml run_dir={run_dir}",
                             env_vars={"MGH_RAY_CACHE": os.environ.get("MGH_RAY_CACHE",
@@ -89,7 +102,7 @@ def test_job_submission_runs_a_real_job(ray_cluster, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_jobs_ray_workers_run_the_projects_setup_hook(ray_cluster):
+def test_a_jobs_ray_workers_run_the_projects_setup_hook(job_cluster):
     """A job's driver joins the cluster through `pipeline.init_ray`, as every stage command does: the
     project's runtime env (`logs.RUNTIME_ENV`) merges with the job's own (its working_dir), and the
     job's workers run `logs.worker_setup` (which keeps Ray Data's known thread race out of the log)."""
@@ -100,7 +113,7 @@ def test_a_jobs_ray_workers_run_the_projects_setup_hook(ray_cluster):
     code = ("import threading, ray; from mgh_ray import pipeline; pipeline.init_ray(pipeline.RayConfig()); "
             "hooked = ray.get(ray.remote(lambda: getattr(threading.excepthook, '_drops_known_race', False))"
             ".options(num_cpus=0).remote()); print('worker hook', hooked)")
-    client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+    client = JobSubmissionClient(f"http://{job_cluster.dashboard_url}")
     status, logs = finish_job(client, submit_when_ready(client, f"{sys.executable} -c {shlex.quote(code)}"))
     assert status == "SUCCEEDED" and "worker hook True" in logs, logs[-3000:]
 
@@ -239,6 +252,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 @pytest.mark.integration
+@pytest.mark.own_cluster  # `make test` runs it beside the others: its cluster has its own ports and temp dir
 # more than `make test`'s 20 minutes: it takes 13-15 (786-885 s, an Intel CPU with bf16 arithmetic and an
 # AVX2-only AMD one, float32 throughout there); each job still has its own 20-minute deadline below
 @pytest.mark.timeout(1800)
@@ -423,6 +437,7 @@ def serve_replicas(lc, app: str) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.own_cluster
 def test_serve_autoscaling_adds_nodes_under_load_and_gives_them_back(tmp_path, minilm_path):
     """`mgh-ray serve` submitted as a job to the local autoscaling cluster with serve.autoscaling: a
     bounded load (at most 2000 requests or 120 s, loopback) raises the replica count, the autoscaler

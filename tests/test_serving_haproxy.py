@@ -13,7 +13,7 @@ from mgh_ray.benchmarks import outage
 PORT = 18733  # a port of its own: no other module's Serve app can answer here
 # read where Serve starts: this module's cluster (conftest's ray_cluster) gives it to its processes
 RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # `make test` runs it with nothing beside it
 
 
 def test_a_killed_proxy_behind_haproxy_costs_a_retrying_client_nothing(ray_cluster, minilm_dir, tmp_path):
@@ -23,5 +23,7 @@ def test_a_killed_proxy_behind_haproxy_costs_a_retrying_client_nothing(ray_clust
     assert any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"])), "no HAProxy in front"
     row = table.loc["proxy killed, 2 replica(s)"]
     assert row["requests"] > 0 and row["recovered"], table
-    assert row["failed (no retry)"] > 0, table  # the proxy was down for a while: the kill took effect
+    # the kill took effect (a client that never retries may still lose nothing here: whether one of its
+    # requests meets the restarted proxy in the half second before its routes arrive is timing)
+    assert row["killed process gone"], table
     assert row["failed (with retry)"] == 0, table

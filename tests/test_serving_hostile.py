@@ -16,7 +16,7 @@ import pytest
 from mgh_ray import serving
 
 PORT = 18731  # the session's Serve HTTP port (tests/test_serving.py)
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # `make test` runs it with nothing beside it
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from mgh_ray import serving
 from mgh_ray.benchmarks import outage
 
 PORT = 18731  # the session's Serve HTTP port (tests/test_serving.py)
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # `make test` runs it with nothing beside it
 
 
 def test_a_killed_replica_or_proxy_costs_a_retrying_client_nothing(ray_cluster, minilm_dir, tmp_path):
@@ -20,5 +20,6 @@ def test_a_killed_replica_or_proxy_costs_a_retrying_client_nothing(ray_cluster, 
     table = outage.run(cfg, minilm_dir, tmp_path, bench)
     assert list(table.index) == ["replica killed, 2 replica(s)", "proxy killed, 2 replica(s)"]
     assert (table["requests"] > 0).all() and table["recovered"].all(), table
+    assert table["killed process gone"].all(), table  # each kill took effect
     assert (table["failed (with retry)"] == 0).all(), table
     assert (tmp_path / "benchmark_outage.md").is_file()

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.integration
+@pytest.mark.alone  # it times the stop: `make test` runs it with nothing beside it
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_stops_on_signal_and_leaves_nothing(tmp_path, minilm_path, sig):
     from mgh_ray.encoder import Encoder, EncoderConfig

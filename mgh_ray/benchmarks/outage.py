@@ -12,8 +12,10 @@ Half the clients send each request once (what a naive client sees); the other ha
 Per scenario: requests sent; failed requests without retry, how many of those were in flight at the
 kill, the outage (from the kill to the end of the last failed request, 0 when none failed) and the
 longest request (requests queued for a replacement replica wait rather than fail); with retry, the
-failures left and the longest request; and whether every client's last request succeeded (the service
-came back). The table goes to the log and to out_dir/benchmark_outage.{md,json}.
+failures left and the longest request; whether the killed process is gone (the kill took effect:
+behind HAProxy a client that never retries may lose nothing, since whether a request meets the
+restarted proxy before its routes is timing); and whether every client's last request succeeded (the
+service came back). The table goes to the log and to out_dir/benchmark_outage.{md,json}.
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage serving-outage
 """
@@ -21,6 +23,7 @@ came back). The table goes to the log and to out_dir/benchmark_outage.{md,json}.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -114,6 +117,7 @@ def scenario(serve_cfg: ServeConfig, model_dir: Path, what: str, replicas: int, 
             t.start()
         time.sleep(bench.warmup_s)
         victim = _victim(app, what)
+        pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         killed = time.perf_counter()
         ray.kill(victim, no_restart=False)
         log.info("%s: killed one %s at t=%.1f s", app, what, bench.warmup_s)
@@ -135,7 +139,19 @@ def scenario(serve_cfg: ServeConfig, model_dir: Path, what: str, replicas: int, 
             "longest request s (no retry)": max((r.end - r.start for r in naive), default=0.0),
             "failed (with retry)": sum(not r.ok for r in retried),
             "longest request s (with retry)": max((r.end - r.start for r in retried), default=0.0),
+            "killed process gone": not _alive(pid),
             "recovered": all(r.ok for r in last.values())}  # every client's last request succeeded
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (the benchmark's cluster is local: loopback only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process took the pid
+        return True
+    return True
 
 
 def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path,
