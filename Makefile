@@ -21,26 +21,22 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/mgh-ray pipeline $(CONFIG)
 
-# Every test (plain `pytest` deselects the integration tests: pyproject addopts), in two lanes, then a
-# third run. In the background: the tests marked own_cluster (a local autoscaling cluster with its own
-# ports and temp dir, mostly waiting on its jobs), then BESIDE_MODULES, which even the lanes' lengths;
-# their output is shown when they end. In the foreground, the rest. Last, with nothing beside them, the
-# tests marked alone: they time outages, signals and stalled clients.
+# Every test (plain `pytest` deselects the integration tests: pyproject addopts), in three parts. The
+# tests marked own_cluster start a local autoscaling cluster of their own (ports, temp dir) and mostly
+# wait on it: they run beside the rest, their output shown when they end. The tests marked alone time
+# outages, signals and stalled clients: they run last, with nothing beside them.
 # --timeout: a test that hangs fails after 20 minutes (the slowest passes in under 10) and the run goes on
 PYTEST := $(PY) -m pytest -q --timeout=1200 --durations=10
-BESIDE_MODULES := tests/test_training.py tests/test_adapt.py
-BESIDE_LOG := .pytest_cache/beside.log
+BESIDE_LOG := .pytest_cache/own_cluster.log
 test: install
 	@mkdir -p .pytest_cache; \
-	{ $(PYTEST) -m "own_cluster"; a=$$?; \
-	  $(PYTEST) -m "integration or not integration" $(BESIDE_MODULES); b=$$?; \
-	  [ $$a = 0 ] && [ $$b = 0 ]; } > $(BESIDE_LOG) 2>&1 & beside=$$!; \
+	$(PYTEST) -m "own_cluster" > $(BESIDE_LOG) 2>&1 & beside=$$!; \
 	trap 'kill $$beside 2>/dev/null' INT TERM; \
-	$(PYTEST) -m "not own_cluster and not alone" $(addprefix --ignore=,$(BESIDE_MODULES)); rest=$$?; \
+	$(PYTEST) -m "not own_cluster and not alone"; rest=$$?; \
 	wait $$beside; own=$$?; \
-	echo "=== run beside the above: the own_cluster tests, then $(BESIDE_MODULES)"; cat $(BESIDE_LOG); \
+	echo "=== the own_cluster tests, run beside the above:"; cat $(BESIDE_LOG); \
 	$(PYTEST) -m "alone"; alone=$$?; \
-	echo "=== make test: $$rest (the rest), $$own (beside it), $$alone (alone): 0 is a pass"; \
+	echo "=== make test: pytest exit codes $$rest (most tests), $$own (own_cluster), $$alone (alone)"; \
 	[ $$rest = 0 ] && [ $$own = 0 ] && [ $$alone = 0 ]
 
 test-fast: install

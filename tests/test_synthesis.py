@@ -28,17 +28,21 @@ def _tiny(**kw) -> SynthesisConfig:
 def _map_worker_logs(timeout: float = 90.0) -> dict[str, str]:
     """The stderr of every Ray Data map actor (generator, scorer) of this cluster, once all have exited:
     what their teardown printed (Ray's log API; it raises when an actor has no log)."""
+    import ray
     from ray.util.state import get_log, list_actors
 
+    # this cluster's address: without one the state API takes the only GCS process on the host, and
+    # refuses when `make test` runs another cluster beside this one
+    address = ray.get_runtime_context().gcs_address
     deadline = time.time() + timeout
     while True:
-        every = list_actors(limit=1000)  # the state API filters by equality only: Ray names these
+        every = list_actors(address=address, limit=1000)  # filters by equality only: Ray names these
         actors = [a for a in every if "MapWorker" in a.class_name]  # MapWorker(MapBatches(<fn>))
         if actors and all(a.state == "DEAD" for a in actors) or time.time() > deadline:
             break
         time.sleep(2)
     assert actors and all(a.state == "DEAD" for a in actors), [(a.class_name, a.pid, a.state) for a in every]
-    return {f"{a.class_name} pid {a.pid}": "".join(get_log(actor_id=a.actor_id, suffix="err",
+    return {f"{a.class_name} pid {a.pid}": "".join(get_log(address=address, actor_id=a.actor_id, suffix="err",
                                                              errors="replace")) for a in actors}
 
 
