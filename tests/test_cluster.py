@@ -77,7 +77,9 @@ def finish_job(client, job: str) -> tuple[str, str]:
 def job_cluster(ray_cluster):
     """The module's cluster with the address file that `ray start` writes and `ray.init` does not. A job's
     supervisor looks its cluster up there; without it Ray's "auto" takes any GCS it finds on the host,
-    which is another cluster's when `make test` runs the own_cluster tests beside this one."""
+    which is another cluster's when `make test` runs the own_cluster tests beside this one. Written only
+    around a job test, not by conftest for every module: a run stopped before the teardown leaves the
+    file behind, and every later `ray.init()` on the host would then dial a cluster that is gone."""
     from ray._common.utils import reset_ray_address
     from ray._private.utils import write_ray_address
 
