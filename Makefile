@@ -23,21 +23,20 @@ demo: install
 
 # Every test (plain `pytest` deselects the integration tests: pyproject addopts), in three parts. The
 # tests marked own_cluster start a local autoscaling cluster of their own (ports, temp dir) and mostly
-# wait on it; those marked beside wait on vLLM engines and servers of their own: they run beside the
-# rest, their output shown when they end. The tests marked alone time outages, signals and stalled
-# clients: they run last, with nothing beside them.
+# wait on it: they run beside the rest, their output shown when they end. The tests marked alone time
+# outages, signals and stalled clients: they run last, with nothing beside them.
 # --timeout: a test that hangs fails after 20 minutes (the slowest passes in under 10) and the run goes on
 PYTEST := $(PY) -m pytest -q --timeout=1200 --durations=10
-BESIDE_LOG := .pytest_cache/beside.log
+BESIDE_LOG := .pytest_cache/own_cluster.log
 test: install
 	@mkdir -p .pytest_cache; \
-	$(PYTEST) -m "own_cluster or beside" > $(BESIDE_LOG) 2>&1 & beside=$$!; \
+	$(PYTEST) -m "own_cluster" > $(BESIDE_LOG) 2>&1 & beside=$$!; \
 	trap 'kill $$beside 2>/dev/null' INT TERM; \
-	$(PYTEST) -m "not own_cluster and not beside and not alone"; rest=$$?; \
+	$(PYTEST) -m "not own_cluster and not alone"; rest=$$?; \
 	wait $$beside; own=$$?; \
-	echo "=== the own_cluster and beside tests, run beside the above:"; cat $(BESIDE_LOG); \
+	echo "=== the own_cluster tests, run beside the above:"; cat $(BESIDE_LOG); \
 	$(PYTEST) -m "alone"; alone=$$?; \
-	echo "=== make test: pytest exit codes $$rest (most tests), $$own (own_cluster and beside), $$alone (alone)"; \
+	echo "=== make test: pytest exit codes $$rest (most tests), $$own (own_cluster), $$alone (alone)"; \
 	[ $$rest = 0 ] && [ $$own = 0 ] && [ $$alone = 0 ]
 
 test-fast: install

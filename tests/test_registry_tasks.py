@@ -98,7 +98,6 @@ def test_a_registry_task_without_its_data_fails_saying_what_to_do(tmp_path, monk
 
 
 @pytest.mark.integration
-@pytest.mark.beside  # a CLI run on a cluster and Serve port of its own, mostly waiting: beside the rest
 def test_a_registry_task_evaluates_end_to_end_offline_from_a_built_cache(tmp_path, minilm_dir):
     from mgh_ray.encoder import Encoder
 

@@ -11,10 +11,8 @@ import pytest
 
 from mgh_ray import serving
 
-# a Serve port of its own: `make test` runs this module beside the rest (mostly it waits on vLLM engines
-# and servers starting), whose Serve apps hold 18731 on another cluster
-PORT = 18735
-pytestmark = [pytest.mark.integration, pytest.mark.beside]
+PORT = 18731  # the session's Serve HTTP port (tests/test_serving.py)
+pytestmark = pytest.mark.integration
 
 INSTRUCTION = "Given a news headline, retrieve the news article it refers to"
 TEXTS = ["Hi", "Kenya wins the London marathon", "Oil prices fall sharply in Asian trading " * 3,
