@@ -42,8 +42,8 @@ def _map_worker_logs(timeout: float = 90.0) -> dict[str, str]:
             break
         time.sleep(2)
     assert actors and all(a.state == "DEAD" for a in actors), [(a.class_name, a.pid, a.state) for a in every]
-    return {f"{a.class_name} pid {a.pid}": "".join(get_log(address=address, actor_id=a.actor_id, suffix="err",
-                                                             errors="replace")) for a in actors}
+    return {f"{a.class_name} pid {a.pid}": "".join(get_log(address=address, actor_id=a.actor_id,
+                                                           suffix="err", errors="replace")) for a in actors}
 
 
 # --------------------------------------------------------------------------- seeds and config (fast)
