@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU wheel of torch first, so that nothing below pulls a CUDA build: pip, which knows where
 	# that wheel lies on this machine (pip's own config); and uv, which installs the rest
 	$(PY) -m pip install --quiet torch==2.13.0 uv==0.13.9
-	# uv resolves, downloads and byte-compiles in parallel: the same pins in ~40 s where pip took ~80
+	# uv resolves, downloads and byte-compiles in parallel: the same pins in ~40 s where pip took ~75
 	# (docs/development.md). Bytecode at install: where PYTHONDONTWRITEBYTECODE is set nothing else
 	# writes it, and every process of a run imports torch, vLLM and Ray (~2x the import time without)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode -e '.[cpu,test]'
