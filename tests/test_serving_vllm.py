@@ -30,7 +30,7 @@ def ata_dir(tmp_path_factory, perturbed_encoder):
 @pytest.fixture(scope="module")
 def served(serve_app, ata_dir):
     cfg = serving.ServeConfig(port=PORT, app_name="test-vllm", route_prefix="/vllm", model_name="smol",
-                              api_key_env=None, engine="vllm", max_inputs=256, num_cpus=1, truncation="error",
+                              api_key_env=None, engine="vllm", max_inputs=256, num_cpus=1,
                               vllm_kv_cache_mb=256)
     return serve_app(cfg, ata_dir[0])
 
@@ -56,9 +56,13 @@ def test_served_on_vllm_equals_the_encoder(http, ata_dir):
         assert float((got * want).sum(-1).min()) >= 0.9999, instruction
 
 
-def test_limits_and_errors_are_the_endpoints(http):
-    too_long = http.post("/v1/embeddings", json={"input": "word " * 200})
-    assert too_long.status_code == 413 and "the model reads at most 128" in too_long.json()["error"]["message"]
+def test_limits_and_errors_are_the_endpoints(http, ata_dir):
+    # past the model's 128 tokens the text is cut (the default truncation; the 413 of truncation=error is
+    # the replica's own check, the same for either engine: tests/test_serving.py): the engine reads the
+    # cut ids at its max_model_len and pools them as Encoder does
+    long_text = "word " * 200
+    got = _vectors(http.post("/v1/embeddings", json={"input": [long_text]}))
+    assert float((got * ata_dir[1].encode([long_text])).sum(-1).min()) >= 0.9999
     assert http.post("/v1/embeddings", json={"input": []}).status_code == 400
     assert http.post("/v1/embeddings", json={"input": "x", "model": "other"}).status_code == 404
     assert http.post("/v1/embeddings/", json={"input": "with a slash"}).status_code == 200
@@ -80,15 +84,18 @@ def test_a_cancelled_request_is_dropped_from_the_engine(http, served):
     assert aborted > 0 and finished < len(texts), (aborted, finished)  # the abandoned texts were not all run
 
 
-def test_evaluation_on_the_vllm_engine_scores_as_the_encoder_in_process(ray_cluster, ata_dir, tmp_path):
-    """Evaluation replicas deployed on the vLLM engine score what the same encoder scores in process (the
-    torch engine's replicas equal the in-process encoder: tests/test_evaluation.py)."""
+def test_evaluation_on_the_vllm_engine_scores_as_the_encoder_in_process(served, ata_dir, tmp_path):
+    """Evaluation through replicas on the vLLM engine scores what the same encoder scores in process (the
+    torch engine's replicas equal the in-process encoder: tests/test_evaluation.py). It evaluates through
+    the module's vLLM app (`evaluate_model(app=...)`, what `evaluate.engine=vllm` deploys for itself through
+    the same `start_app`; its serve config: tests/test_evaluation.py): a second vLLM replica here
+    would cost the suite another engine start."""
     from mgh_ray.evaluation import EvalConfig, evaluate_model, score_in_process
 
     cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1, engine="vllm")
-    results, seen, _ = evaluate_model(cfg, "smol-vllm", ata_dir[0], tmp_path / "vllm",
-                                      serving.ServeConfig(port=PORT, api_key_env=None))
-    assert sum(seen.values()) > 0  # the replicas answered
+    results, seen, _ = evaluate_model(cfg, "smol-vllm", ata_dir[0], tmp_path / "vllm", served[0],
+                                      app=served[0].app_name)
+    assert sum(seen.values()) > 0  # the replica answered
     local = score_in_process(cfg, ata_dir[1])
     for task, score in local.items():
         assert results[task].get_score() == pytest.approx(score, abs=2e-3), task
