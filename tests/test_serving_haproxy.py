@@ -11,8 +11,11 @@ from mgh_ray import serving
 from mgh_ray.benchmarks import outage
 
 PORT = 18733  # a port of its own: no other module's Serve app can answer here
-# read where Serve starts: this module's cluster (conftest's ray_cluster) gives it to its processes
-RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# read where Serve starts: this module's cluster (conftest's ray_cluster) gives it to its processes.
+# Behind HAProxy Serve holds each replica it stops for at least 30 s (by default), so that a load balancer
+# in front of HAProxy can deregister it: undeploying the test's app took 31 s instead of 1. Nothing stands
+# in front of this HAProxy, and the kill the test times is the proxy's, not a replica's stop.
+RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 pytestmark = [pytest.mark.integration, pytest.mark.alone]  # `make test` runs it with nothing beside it
 
 
