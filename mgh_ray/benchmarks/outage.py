@@ -14,8 +14,10 @@ kill, the outage (from the kill to the end of the last failed request, 0 when no
 longest request (requests queued for a replacement replica wait rather than fail); with retry, the
 failures left and the longest request; whether the killed process is gone (the kill took effect:
 behind HAProxy a client that never retries may lose nothing, since whether a request meets the
-restarted proxy before its routes is timing); and whether every client's last request succeeded (the
-service came back). The table goes to the log and to out_dir/benchmark_outage.{md,json}.
+restarted proxy before its routes is timing); how long the traffic ran after the kill (until every
+client's requests of the last `settle_s` succeeded, at most `after_s`); and whether every client's last
+request succeeded (the service came back). The table goes to the log and to
+out_dir/benchmark_outage.{md,json}.
 
     mgh-ray benchmark jobs/configs/tiny.yaml --stage serving-outage
 """
@@ -44,7 +46,10 @@ log = logging.getLogger(__name__)
 class OutageConfig(Section):
     clients: int = Field(4, ge=2)  # half send once, half retry
     warmup_s: float = Field(3.0, ge=0)  # traffic before the kill
-    after_s: float = Field(30.0, gt=0)  # traffic after the kill
+    # traffic after the kill: until every client's requests of the last `settle_s` succeeded (the service
+    # is back), at least `settle_s`, at most `after_s`
+    after_s: float = Field(30.0, gt=0)
+    settle_s: float = Field(5.0, gt=0)
     retry_budget_s: float = Field(60.0, gt=0)  # how long a retrying client keeps retrying one request
     scenarios: list[tuple[str, int]] = [("replica", 1), ("replica", 2), ("proxy", 2)]
 
@@ -121,7 +126,11 @@ def scenario(serve_cfg: ServeConfig, model_dir: Path, what: str, replicas: int, 
         killed = time.perf_counter()
         ray.kill(victim, no_restart=False)
         log.info("%s: killed one %s at t=%.1f s", app, what, bench.warmup_s)
-        time.sleep(bench.after_s)
+        while (now := time.perf_counter()) < killed + bench.after_s:
+            if now >= killed + bench.settle_s and _settled(out, bench.clients, now - bench.settle_s):
+                break
+            time.sleep(0.25)
+        after = time.perf_counter() - killed
     finally:
         stop.set()
         for t in threads:
@@ -139,8 +148,15 @@ def scenario(serve_cfg: ServeConfig, model_dir: Path, what: str, replicas: int, 
             "longest request s (no retry)": max((r.end - r.start for r in naive), default=0.0),
             "failed (with retry)": sum(not r.ok for r in retried),
             "longest request s (with retry)": max((r.end - r.start for r in retried), default=0.0),
+            "traffic after the kill s": after,
             "killed process gone": not _alive(pid),
             "recovered": all(r.ok for r in last.values())}  # every client's last request succeeded
+
+
+def _settled(out: list[Request], clients: int, since: float) -> bool:
+    """Whether every client sent a request since `since` and all of those it finished succeeded."""
+    recent = [r for r in list(out) if r.start >= since]
+    return all(any(r.client == c for r in recent) for c in range(clients)) and all(r.ok for r in recent)
 
 
 def _alive(pid: int) -> bool:
@@ -163,7 +179,8 @@ def run(serve_cfg: ServeConfig, model_dir: Path, out_dir: Path,
     md = "\n".join(["# Outage benchmark", "",
                     f"{bench.clients} closed-loop clients of one text each (half retry a refused connection "
                     f"or a 5xx every {RETRY_BACKOFF_S} s for up to {bench.retry_budget_s} s), "
-                    f"{bench.warmup_s} s before and {bench.after_s} s after the kill; health check every "
+                    f"{bench.warmup_s} s before the kill and after it until every client's requests of the last "
+                    f"{bench.settle_s} s succeeded (at most {bench.after_s} s); health check every "
                     f"{serve_cfg.health_check_period_s} s.", "", table.to_markdown(floatfmt=".2f"), ""])
     save(out_dir, "outage", md, {"config": bench.model_dump(), "rows": rows})
     return table
