@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from mgh_ray import storage
-from mgh_ray.records import stable_id
+from mgh_ray.records import read_parquet, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def dataset(loc: str | None, num_seeds: int | None = None, check: bool = True):
         validate(loc)
     loc = storage.normalize(loc) if loc is not None else default_location()
     if _format(loc) == "parquet":
-        ds = ray.data.read_parquet(loc)
+        ds = read_parquet(loc)
         parse = _parse_parquet_batch
     else:
         ds = ray.data.read_text(loc, drop_empty_lines=True)
