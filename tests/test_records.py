@@ -73,3 +73,25 @@ def test_gated_view_is_a_dataset_of_training_columns(tmp_path, ray_cluster):
     assert relabelled.columns.tolist()[: len(records.TRAIN_COLS) - 1] == records.TRAIN_COLS[1:]
     assert relabelled.loc["r5", ["neg_1", "neg_4"]].tolist() == ["negative 4 of 5", "negative 1 of 5"]
     assert relabelled.loc["r0", "neg_1"] == "negative 1 of 0"  # already in order: unchanged
+
+
+@pytest.mark.integration
+def test_records_are_read_by_ray_datas_first_parquet_reader(tmp_path, ray_cluster, capsys):
+    """`records.read_parquet` turns Ray 2.60's DataSourceV2 off for its own call (a ListFiles task took
+    3.5 s to list two small shards; its docstring): one read operator, no ListFiles, the columns asked
+    for, and the session's DataContext left as it was."""
+    import ray.data
+
+    folder = str(tmp_path)
+    files = [records.write_shard(_records(3), RunLayout.records(folder))]
+    ray.data.read_parquet(files).explain()  # Ray's default, for contrast
+    assert "ListFiles" in capsys.readouterr().out
+    ctx = ray.data.DataContext.get_current()
+    setting = ctx.use_datasource_v2
+    ds = records.read(folder, columns=["id", "query"])
+    assert ctx.use_datasource_v2 == setting
+    ds.explain()
+    plan = capsys.readouterr().out
+    assert "ReadParquet" in plan and "ListFiles" not in plan, plan
+    df = ds.to_pandas()
+    assert df.columns.tolist() == ["id", "query"] and sorted(df["id"]) == ["r0", "r1", "r2"]

@@ -7,7 +7,11 @@ under new ids, written by a Ray task, so the driver never holds it), then times 
   `records.ShardSink`), the real scoring path of the ablation's mined baseline;
 - training reader: the gated view of those records (`quality.gated`), split across two consumers
   with `streaming_split(equal=True)` and read batch by batch with a local shuffle buffer, one full
-  pass, as `train_data.batch_stream` reads a Ray Train worker's shard on its first pass.
+  pass, as `train_data.batch_stream` reads a Ray Train worker's shard on its first pass;
+- records read: those records' shards materialised by Ray's default parquet reader (DataSourceV2 in
+  Ray 2.60) and by `records.read_parquet` (Ray Data's first reader, what the project reads with), each
+  once untimed first, so that both find warm workers; `default_reader_s_over_this` is the default's
+  seconds over the first reader's.
 
 A thread samples the driver's resident memory (RSS) every 50 ms; the table gives each path's
 seconds, rows/s and the driver's peak RSS, with ratios against the smallest size of the same run.
@@ -32,6 +36,8 @@ from mgh_ray.benchmarks import save
 log = logging.getLogger(__name__)
 
 SIZES = (1_000, 10_000, 100_000)
+READ_DEFAULT = "records read, Ray's default parquet reader"
+READ_FIRST = "records read, records.read_parquet"
 
 
 def _write_seeds(n: int, loc: str) -> int:
@@ -97,7 +103,7 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
     """Time both paths at every size; log and save the table (benchmark_dataplane.{md,json})."""
     import ray
 
-    from mgh_ray import mining, quality
+    from mgh_ray import mining, quality, records
     from mgh_ray.mining import MiningConfig
 
     out_dir = Path(out_dir)
@@ -124,8 +130,18 @@ def run(out_dir: Path, sizes: tuple[int, ...] = SIZES, root: str | None = None,
             return sum(ray.get([consume.remote(s, batch_size) for s in shards]))
 
         rows.append({"path": "training reader (gated view, 2 shards)", "size": n, **_timed(read)})
-        log.info("dataplane %d rows: %s", n, rows[-2:])
+        files = records.shard_files(mined, "records")
+        readers = {READ_DEFAULT: lambda: ray.data.read_parquet(files).materialize().count(),
+                   READ_FIRST: lambda: records.read_parquet(files).materialize().count()}
+        for path, read_with in readers.items():
+            read_with()
+            rows.append({"path": path, "size": n, **_timed(read_with)})
+        log.info("dataplane %d rows: %s", n, rows[-4:])
     table = pd.DataFrame(rows)
+    seconds = table.set_index(["path", "size"])["seconds"]
+    ours = table["path"] == READ_FIRST
+    table.loc[ours, "default_reader_s_over_this"] = [
+        round(seconds[(READ_DEFAULT, n)] / max(seconds[(READ_FIRST, n)], 1e-3), 2) for n in table.loc[ours, "size"]]
     for path, group in table.groupby("path"):
         first = group.iloc[0]
         table.loc[group.index, "rows_per_s_vs_smallest"] = (group["rows_per_s"] / first["rows_per_s"]).round(2)
