@@ -92,7 +92,8 @@ def test_evaluation_on_the_vllm_engine_scores_as_the_encoder_in_process(served, 
     would cost the suite another engine start."""
     from mgh_ray.evaluation import EvalConfig, evaluate_model, score_in_process
 
-    cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1, engine="vllm")
+    # the app's own config serves (engine, truncation); cfg says what to evaluate and how many tasks at once
+    cfg = EvalConfig(tasks=["LeeSTS", "BBCHeadlineRetrieval"], max_rows=16, num_replicas=1)
     results, seen, _ = evaluate_model(cfg, "smol-vllm", ata_dir[0], tmp_path / "vllm", served[0],
                                       app=served[0].app_name)
     assert sum(seen.values()) > 0  # the replica answered
